@@ -109,8 +109,11 @@ class Denoiser:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Denoiser:
         for module in self._modules():
-            current = next(module.parameters()).dtype
-            module.to(device=device, dtype=None if dtype in (None, current) else dtype)
+            changes = {"device": device} if device is not None else {}
+            if dtype is not None and dtype != next(module.parameters()).dtype:
+                changes["dtype"] = dtype  # diffusers warns on any dtype argument, so pass it only when needed
+            if changes:
+                module.to(**changes)
         return self
 
     def _modules(self) -> list[torch.nn.Module]:
@@ -359,6 +362,15 @@ def _text_encoder_dir(source: str) -> Path:
     return resolve_model_dir(source) if not Path(source).is_dir() else Path(source)
 
 
+COMPONENT_LIBRARIES = (None, "diffusers", "transformers", "stable_diffusion")
+
+
+def _is_component_spec(key: str, value: Any) -> bool:
+    """model_index.json lists components as [library, class]; other keys are our settings."""
+    return (not key.startswith("_") and key not in ("class_names", "id2label") and isinstance(value, list)
+            and len(value) == 2 and value[0] in COMPONENT_LIBRARIES)
+
+
 def load_denoiser(model: str | Path, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> Denoiser:
     """Load any supported model from a built-in name, a local pipeline directory or a hub id."""
@@ -367,7 +379,7 @@ def load_denoiser(model: str | Path, device: str | torch.device = "cpu",
         index = json.loads((directory / "model_index.json").read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{directory / 'model_index.json'} is not valid JSON: {exc}") from exc
-    specs = {k: v for k, v in index.items() if isinstance(v, list) and len(v) == 2 and not k.startswith("_")}
+    specs = {k: v for k, v in index.items() if _is_component_spec(k, v)}
     extra = {k: v for k, v in index.items() if k not in specs and not k.startswith("_")}
     for required in ("scheduler",):
         if required not in specs:

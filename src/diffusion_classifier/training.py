@@ -160,6 +160,7 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
                                  extra_config=dict(max_text_length=config.max_text_length, text_attention_mask=True))
         text_cond = probe.embed_conditions(bank.captions)  # [n_captions, L, D] and its mask, computed once
 
+    torch.manual_seed(config.seed)  # weight initialisation
     network = build_network(config, len(class_names), 1,
                             text_encoder.config.hidden_size if text_encoder is not None else 0)
     ema = build_network(config, len(class_names), 1, text_encoder.config.hidden_size if text_encoder else 0)
@@ -225,7 +226,7 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
                 p_ema.lerp_(p, 1 - decay)
         step += 1
         images_seen += len(index)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress:
             elapsed = seconds + time.monotonic() - started
             bar.update(1)

