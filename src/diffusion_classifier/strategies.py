@@ -104,6 +104,23 @@ class Exhaustive(Strategy):
         return {"name": "exhaustive", "n_timesteps": self.n_timesteps}
 
 
+class FixedTimesteps(Strategy):
+    """Every candidate at the given timesteps (ablations, or a grid of your own)."""
+
+    def __init__(self, timesteps: Sequence[int]):
+        self.timesteps = [int(t) for t in timesteps]
+        if not self.timesteps or len(set(self.timesteps)) != len(self.timesteps):
+            raise UserError("timesteps must be a non-empty list without repeats")
+
+    def rounds(self, table, num_train_timesteps, aggregate):
+        if not all(0 <= t < num_train_timesteps for t in self.timesteps):
+            raise UserError(f"timesteps must lie in [0, {num_train_timesteps})")
+        yield Round(tuple(range(table.n_classes)), tuple(self.timesteps))
+
+    def describe(self):
+        return {"name": "fixed", "timesteps": self.timesteps}
+
+
 class Staged(Strategy):
     """The paper's adaptive schedule: stage i scores the remaining candidates at n_samples[i]
     timesteps, then keeps the to_keep[i] best.

