@@ -133,14 +133,23 @@ def _templates(args) -> list[str] | None:
     return validate_templates(templates) if templates else None
 
 
-def _classifier(args, labels):
+def _digest(items) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()
+
+
+def _classifier(args, labels, group=None):
     from .classifier import DiffusionClassifier
     from .denoisers import load_denoiser
     from .runtime import parse_device, parse_dtype
 
     strategy = _strategy(args)  # validate cheap options before loading a model
     templates = _templates(args)
-    denoiser = load_denoiser(args.model, device=parse_device(args.device), dtype=parse_dtype(args.dtype))
+    device = parse_device(args.device)
+    if group is not None:
+        device = group.device(device)
+    denoiser = load_denoiser(args.model, device=device, dtype=parse_dtype(args.dtype))
     if denoiser.conditioning != "text":
         templates = None
     return DiffusionClassifier(denoiser, labels=labels, templates=templates, strategy=strategy, loss=args.loss,
@@ -194,6 +203,7 @@ def cmd_evaluate(args) -> int:
     import time
 
     from .data import load_dataset, read_subset
+    from .distributed import init_from_env, shutdown
     from .evaluation import evaluate
 
     dataset = load_dataset(args.data, args.split)
@@ -208,16 +218,22 @@ def cmd_evaluate(args) -> int:
         from .labels import validate_labels
 
         dataset.class_names = validate_labels(labels, expected=len(dataset.class_names))
-    classifier = _classifier(args, dataset.class_names)
-    run_config = {"model": str(args.model), "data": str(args.data), "split": args.split,
-                  "images": list(dataset.ids)}
-    started = time.perf_counter()
-    metrics = evaluate(classifier, dataset, args.out, run_config, images_per_batch=args.images_per_batch,
-                       progress=not args.quiet)
-    elapsed = time.perf_counter() - started
+    group = init_from_env()
+    try:
+        classifier = _classifier(args, dataset.class_names, group)
+        run_config = {"model": str(args.model), "data": str(args.data), "split": args.split,
+                      "images": len(dataset), "image_ids_sha256": _digest(dataset.ids)}
+        started = time.perf_counter()
+        metrics = evaluate(classifier, dataset, args.out, run_config, images_per_batch=args.images_per_batch,
+                           progress=not args.quiet, group=group)
+        elapsed = time.perf_counter() - started
+    finally:
+        shutdown(group)
+    if metrics is None:  # not rank 0: rank 0 reports for everyone
+        return 0
     print(f"accuracy {metrics['accuracy']:.4f}  mean per-class accuracy {metrics['mean_per_class_accuracy']:.4f}  "
           f"images {metrics['images']} (failed {metrics['failed']})  NFE/image {metrics['nfe_per_image']:.0f}  "
-          f"{metrics['images'] / max(elapsed, 1e-9):.2f} images/s this session"
+          f"{metrics['images_this_run'] / max(elapsed, 1e-9):.2f} images/s in this run"
           if metrics["accuracy"] is not None else f"no image could be classified ({metrics['failed']} failed)")
     if args.json:
         print(json.dumps(metrics))

@@ -17,7 +17,6 @@ import io
 import json
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 
 from .classifier import Classification, DiffusionClassifier
 from .data import LabelledImages, preprocess
+from .distributed import ProcessGroup
 from .errors import UserError
 from .runtime import atomic_write_text
 
@@ -58,7 +58,7 @@ class ResultsStore:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / STORE_NAME
-        self.db = sqlite3.connect(self.path)
+        self.db = sqlite3.connect(self.path, timeout=120)  # other ranks may hold the write lock briefly
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT)")
@@ -135,17 +135,26 @@ def metrics_from_records(records: list[dict], n_classes: int) -> dict:
 
 def evaluate(classifier: DiffusionClassifier, dataset: LabelledImages, run_dir: str | Path,
              run_config: dict, images_per_batch: int = 32, progress: bool = True,
-             on_batch: Callable[[int], None] | None = None) -> dict:
-    """Classify every image of `dataset` not yet in the store; return the metrics of the whole run."""
+             group: ProcessGroup | None = None) -> dict | None:
+    """Classify every image of `dataset` not yet in the store; return the metrics of the whole run.
+
+    Under torch.distributed each rank classifies its share and writes it to the shared store;
+    rank 0 waits for the others and returns the merged metrics (other ranks return None).
+    """
     from tqdm import tqdm
 
-    store = ResultsStore(run_dir, {**run_config, **classifier.describe()})
-    todo = [i for i in range(len(dataset)) if i not in store.done_indices()]
+    group = group or ProcessGroup()
+    config = {**run_config, **classifier.describe()}
+    if group.is_main:
+        ResultsStore(run_dir, config).close()  # creates the store and records the configuration once
+    group.barrier()
+    store = ResultsStore(run_dir, config)
+    done = store.done_indices()
+    todo = group.shard([i for i in range(len(dataset)) if i not in done])
     denoiser = classifier.denoiser
-    bar = tqdm(total=len(dataset), initial=len(dataset) - len(todo), disable=not progress, unit="img",
-               dynamic_ncols=True, desc="evaluate")
-    correct = sum(r["correct"] or 0 for r in store.records())
-    seen = len(dataset) - len(todo)
+    bar = tqdm(total=len(todo), disable=not progress or not group.is_main, unit="img", dynamic_ncols=True,
+               desc="evaluate" if group.world_size == 1 else f"evaluate (rank 0 of {group.world_size})")
+    correct = seen = 0
     try:
         for start in range(0, len(todo), images_per_batch):
             batch = todo[start:start + images_per_batch]
@@ -168,11 +177,15 @@ def evaluate(classifier: DiffusionClassifier, dataset: LabelledImages, run_dir: 
             seen += len(good)
             bar.update(len(batch))
             bar.set_postfix(acc=f"{correct / max(seen, 1):.3f}")
-            if on_batch is not None:
-                on_batch(len(batch))
         bar.close()
-        metrics = metrics_from_records(store.records(), len(classifier.classes_))
+        group.barrier()
+        metrics = None
+        if group.is_main:
+            records = store.records()
+            metrics = metrics_from_records(records, len(classifier.classes_))
+            metrics["images_this_run"] = len(records) - len(done)
     finally:
         store.close()
-    atomic_write_text(json.dumps(metrics, indent=2) + "\n", Path(run_dir) / "metrics.json")
+    if metrics is not None:
+        atomic_write_text(json.dumps(metrics, indent=2) + "\n", Path(run_dir) / "metrics.json")
     return metrics

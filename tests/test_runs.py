@@ -1,0 +1,91 @@
+"""Evaluation runs: resume after a real SIGKILL, torchrun with 2 processes, report regeneration."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffusion_classifier.evaluation import array_from_bytes
+
+from .conftest import random_images
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for c, name in enumerate(["cat", "dog", "bird"]):
+        (root / name).mkdir()
+        for i, img in enumerate(random_images(8, size=12, mode="L", seed=c)):
+            img.save(root / name / f"{i}.png")
+    return root
+
+
+def _evaluate_cmd(model, folder, out, *extra):
+    return [sys.executable, "-m", "diffusion_classifier", "evaluate", "--model", str(model), "--data", str(folder),
+            "--out", str(out), "--timesteps", "20", "--images-per-batch", "2", "--quiet", "--json", *extra]
+
+
+def _store_rows(out: Path) -> dict:
+    db = sqlite3.connect(out / "results.sqlite")
+    rows = {idx: (pred, blob) for idx, pred, blob in db.execute("SELECT idx, prediction, errors FROM results")}
+    db.close()
+    return rows
+
+
+def _assert_same_results(a: dict, b: dict) -> None:
+    """Same images, same predictions, error matrices equal up to float summation order."""
+    assert a.keys() == b.keys()
+    for idx in a:
+        assert a[idx][0] == b[idx][0]
+        np.testing.assert_allclose(array_from_bytes(a[idx][1]), array_from_bytes(b[idx][1]), rtol=1e-5)
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(models, folder, tmp_path):
+    reference = tmp_path / "reference"
+    subprocess.run(_evaluate_cmd(models["pixel_class"], folder, reference), check=True, env=_env(),
+                   capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_evaluate_cmd(models["pixel_class"], folder, killed), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until some, but not all, batches are committed
+        if (killed / "results.sqlite").exists():
+            try:
+                if len(_store_rows(killed)) >= 4:
+                    break
+            except sqlite3.OperationalError:
+                pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = _store_rows(killed)
+    assert 0 < len(partial) < 24, "the kill should land mid-run"
+    out = subprocess.run(_evaluate_cmd(models["pixel_class"], folder, killed), check=True, env=_env(),
+                         capture_output=True, text=True).stdout
+    assert json.loads(out.strip().splitlines()[-1])["images"] == 24
+    _assert_same_results(_store_rows(killed), _store_rows(reference))
+
+
+def test_torchrun_two_processes_equal_one(models, folder, tmp_path):
+    one = tmp_path / "one"
+    subprocess.run(_evaluate_cmd(models["pixel_class"], folder, one), check=True, env=_env(), capture_output=True)
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+           "-m", "diffusion_classifier", *_evaluate_cmd(models["pixel_class"], folder, two)[3:]]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metric_lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(metric_lines) == 1, "only rank 0 prints the merged metrics"
+    assert json.loads(metric_lines[0])["images"] == 24
+    _assert_same_results(_store_rows(one), _store_rows(two))
