@@ -77,3 +77,37 @@ def test_subset_and_label_parsing(tmp_path):
         parse_label_list("a,b", expected=3)
     with pytest.raises(UserError):
         validate_templates(["{} and {}"])
+
+
+def test_csv_and_jsonl_manifests(tmp_path):
+    import json
+
+    from diffusion_classifier.data import load_dataset
+
+    (tmp_path / "img").mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("L", (4, 4)).save(tmp_path / "img" / name)
+    (tmp_path / "m.csv").write_text("path,label\nimg/a.png,dog\nimg/b.png,cat\nimg/c.png,dog\n")
+    ds = load_dataset(str(tmp_path / "m.csv"))
+    assert ds.class_names == ["cat", "dog"] and list(ds.labels) == [1, 0, 1]
+    assert ds.items[0] == tmp_path / "img" / "a.png"
+    lines = [json.dumps({"path": str(tmp_path / "img" / n), "label": lab}) for n, lab in (("a.png", 1), ("b.png", 0))]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    ds = load_dataset(str(tmp_path / "m.jsonl"))
+    assert ds.class_names == ["0", "1"] and list(ds.labels) == [1, 0]
+    (tmp_path / "bad.csv").write_text("file,class\nx,y\n")
+    with pytest.raises(UserError, match="columns 'path' and 'label'"):
+        load_dataset(str(tmp_path / "bad.csv"))
+
+
+def test_saved_hugging_face_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from diffusion_classifier.data import load_dataset
+
+    images = [Image.new("L", (4, 4), v) for v in (0, 100, 200)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"])})
+    ds = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 1]}, features=features)
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "hf"))
+    loaded = load_dataset(str(tmp_path / "hf"), "test")
+    assert loaded.class_names == ["x", "y"] and list(loaded.labels) == [0, 1, 1]
+    assert np.asarray(loaded.subset([2]).items[0]).mean() == 200

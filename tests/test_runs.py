@@ -89,3 +89,24 @@ def test_torchrun_two_processes_equal_one(models, folder, tmp_path):
     assert len(metric_lines) == 1, "only rank 0 prints the merged metrics"
     assert json.loads(metric_lines[0])["images"] == 24
     _assert_same_results(_store_rows(one), _store_rows(two))
+
+
+def test_report_regenerates_metrics_and_plots_from_the_store(models, folder, tmp_path, capsys):
+    from diffusion_classifier.cli import main
+
+    out = tmp_path / "run"
+    subprocess.run(_evaluate_cmd(models["pixel_class"], folder, out), check=True, env=_env(), capture_output=True)
+    stored = json.loads((out / "metrics.json").read_text())
+    assert main(["report", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accuracy"] == pytest.approx(stored["accuracy"])  # same aggregation: same predictions
+    assert np.array(report["confusion_matrix"]).sum() == 24
+    assert [r["timesteps"] for r in report["accuracy_vs_timesteps"]] == [1, 2, 5, 10, 20]
+    assert report["accuracy_vs_timesteps"][-1]["accuracy"] == pytest.approx(stored["accuracy"])
+    assert len(report["error_by_timestep"]["timesteps"]) == 20
+    for name in ("confusion.png", "accuracy_vs_timesteps.png", "error_by_timestep.png", "report.json"):
+        assert (out / "report" / name).stat().st_size > 0
+    # re-scoring with a timestep range uses fewer columns and can change predictions, without the model
+    assert main(["report", str(out), "--t-min", "500", "--json", "--no-plots"]) == 0
+    assert json.loads(capsys.readouterr().out)["rescoring"]["t_min"] == 500
+    assert main(["report", str(tmp_path)]) == 2

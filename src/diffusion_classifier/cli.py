@@ -240,17 +240,51 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="metrics and plots of a stored evaluate run, without the model",
+                       description="Recompute metrics from RUN_DIR/results.sqlite (optionally re-scoring with "
+                                   "another prompt aggregation or a timestep range) and write RUN_DIR/report/ "
+                                   "(report.json, confusion.png, accuracy_vs_timesteps.png, error_by_timestep.png).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by evaluate")
+    p.add_argument("--aggregate", choices=["min", "mean"], help="re-score with this prompt aggregation")
+    p.add_argument("--t-min", type=int, default=0, help="re-score with stored timesteps >= this only")
+    p.add_argument("--t-max", type=int, default=None, help="re-score with stored timesteps <= this only")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def cmd_report(args) -> int:
+    import json
+
+    from .report import build_report
+
+    report = build_report(args.run_dir, args.aggregate, args.t_min, args.t_max, plots=not args.no_plots)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{report['run']}: {report['images']} images ({report['failed']} failed)")
+    print(f"  accuracy {report['accuracy']:.4f}   mean per-class {report['mean_per_class_accuracy']:.4f}   "
+          f"(as stored: {report['stored_accuracy']:.4f})")
+    print(f"  NFE per image mean {report['nfe']['mean']:.0f}, p95 {report['nfe']['p95']:.0f};   "
+          f"seconds per image mean {report['seconds_per_image']['mean']:.3f}")
+    for row in report["accuracy_vs_timesteps"]:
+        print(f"  {row['timesteps']:>4} timesteps: accuracy {row['accuracy']:.4f}")
+    print(f"  written to {args.run_dir}/report/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-classifier",
                                      description="Zero-shot image classification with conditional diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_classify(sub)
     _add_evaluate(sub)
+    _add_report(sub)
     _add_train(sub)
     return parser
 
 
-COMMANDS = {"classify": cmd_classify, "evaluate": cmd_evaluate, "train": cmd_train}
+COMMANDS = {"classify": cmd_classify, "evaluate": cmd_evaluate, "report": cmd_report, "train": cmd_train}
 
 
 def _quiet_libraries() -> None:

@@ -29,6 +29,8 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return img.copy()
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"cannot read image {path}: too large ({exc})".split(" could be")[0]) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"cannot read image {path}: {reason}") from exc
@@ -111,8 +113,21 @@ class LabelledImages:
         bad = [i for i in indices if not 0 <= i < len(self)]
         if bad:
             raise UserError(f"subset index {bad[0]} is out of range for a dataset of {len(self)} images")
-        return LabelledImages([self.items[i] for i in indices], self.labels[indices],
+        return LabelledImages(_View(self.items, indices), self.labels[indices],
                               self.class_names, [self.ids[i] for i in indices])
+
+
+class _View:
+    """Lazy indexed view, so subsets of large datasets do not load every image up front."""
+
+    def __init__(self, items, indices: list[int]):
+        self.items, self.indices = items, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.items[self.indices[i]]
 
 
 def image_folder(root: str | Path) -> LabelledImages:
@@ -176,13 +191,90 @@ def fashion_mnist(split: str = "test") -> LabelledImages:
     return LabelledImages(items, labels, list(FASHION_MNIST_CLASSES), [f"{split}/{i}" for i in range(len(items))])
 
 
+def _labels_to_indices(raw: list, source: str) -> tuple[np.ndarray, list[str]]:
+    names = sorted({str(label) for label in raw}, key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else x))
+    if not names:
+        raise UserError(f"{source} lists no images")
+    index = {name: i for i, name in enumerate(names)}
+    return np.array([index[str(label)] for label in raw]), names
+
+
+def manifest(path: str | Path) -> LabelledImages:
+    """A CSV (columns path,label) or JSONL ({"path": ..., "label": ...}) list of images.
+
+    Relative paths are taken from the manifest's folder; class names are the distinct labels, sorted.
+    """
+    import csv
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"manifest not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        if path.suffix.lower() == ".csv":
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+                raise UserError(f"{path}: a CSV manifest needs the columns 'path' and 'label'")
+            rows = [(r["path"], r["label"]) for r in reader]
+        else:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    rows.append((record["path"], record["label"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{path}:{number}: expected a JSON object with 'path' and 'label'") from None
+    items = [p if Path(p).is_absolute() else path.parent / p for p, _ in rows]
+    labels, names = _labels_to_indices([label for _, label in rows], str(path))
+    return LabelledImages(items, labels, names, [str(p) for p, _ in rows])
+
+
+class _HFImages:
+    def __init__(self, dataset, column: str):
+        self.dataset, self.column = dataset, column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[int(i)][self.column]
+
+
+def hf_dataset(root: str | Path, split: str = "test") -> LabelledImages:
+    """A Hugging Face `datasets` dataset saved with save_to_disk (image and ClassLabel columns)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("reading a saved Hugging Face dataset needs: pip install datasets") from None
+    loaded = datasets.load_from_disk(str(root))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise UserError(f"{root} has splits {', '.join(loaded)}; choose one with --split")
+        loaded = loaded[split]
+    image_cols = [k for k, v in loaded.features.items() if isinstance(v, datasets.Image)]
+    label_cols = [k for k, v in loaded.features.items() if isinstance(v, datasets.ClassLabel)]
+    if not image_cols or not label_cols:
+        raise UserError(f"{root} needs an Image column and a ClassLabel column")
+    labels = np.asarray(loaded[label_cols[0]])
+    return LabelledImages(_HFImages(loaded, image_cols[0]), labels, list(loaded.features[label_cols[0]].names),
+                          [f"{split}/{i}" for i in range(len(loaded))])
+
+
 BUILTIN_DATASETS = {"fashion-mnist": fashion_mnist}
 
 
-def load_dataset(name_or_dir: str, split: str = "test") -> LabelledImages:
-    if name_or_dir in BUILTIN_DATASETS:
-        return BUILTIN_DATASETS[name_or_dir](split)
-    return image_folder(name_or_dir)
+def load_dataset(source: str, split: str = "test") -> LabelledImages:
+    """A built-in name, a CSV/JSONL manifest, a saved Hugging Face dataset, or an ImageFolder directory."""
+    if source in BUILTIN_DATASETS:
+        return BUILTIN_DATASETS[source](split)
+    path = Path(source)
+    if path.suffix.lower() in (".csv", ".jsonl"):
+        return manifest(path)
+    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        return hf_dataset(path, split)
+    return image_folder(path)
 
 
 def read_subset(path: str | Path) -> list[int]:

@@ -1,0 +1,159 @@
+"""Re-analysis of a stored run without the model: metrics, re-scoring, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .evaluation import STORE_NAME, ResultsStore
+from .runtime import atomic_write_text
+
+
+def rescore(errors: np.ndarray, timesteps: list[int], aggregate: str = "min", t_min: int = 0,
+            t_max: int | None = None, columns: np.ndarray | None = None) -> int:
+    """Predicted class from a stored error matrix [classes, prompts, columns], using only some timesteps.
+
+    Classes evaluated at more of the chosen timesteps rank first (they survived pruning), then by
+    mean error; with several prompts, min or mean over the prompts' mean errors.
+    """
+    ts = np.asarray(timesteps)
+    keep = (ts >= t_min) & (ts <= (t_max if t_max is not None else ts.max()))
+    if columns is not None:
+        keep &= np.isin(np.arange(len(ts)), columns)
+    if not keep.any():
+        raise UserError(f"no stored timestep lies in [{t_min}, {t_max}]")
+    chosen = errors[:, :, keep]
+    counts = np.isfinite(chosen).sum(axis=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_prompt = np.where(counts > 0, np.nansum(chosen, axis=2) / np.maximum(counts, 1), np.inf)
+    scores = per_prompt.min(axis=1) if aggregate == "min" else per_prompt.mean(axis=1)
+    return int(np.lexsort((scores, -counts[:, 0]))[0])
+
+
+def _even_subset(n: int, k: int) -> np.ndarray:
+    stride = max(1, n // k)
+    return np.arange(stride // 2, n, stride)[:k]
+
+
+def build_report(run_dir: str | Path, aggregate: str | None = None, t_min: int = 0, t_max: int | None = None,
+                 plots: bool = True) -> dict:
+    run_dir = Path(run_dir)
+    if not (run_dir / STORE_NAME).is_file():
+        raise UserError(f"{run_dir} holds no {STORE_NAME} (not an evaluate run directory)")
+    store = ResultsStore(run_dir)
+    try:
+        config, records, matrices = store.config(), store.records(), store.error_matrices()
+    finally:
+        store.close()
+    labels = config.get("labels") or []
+    n_classes = len(labels)
+    aggregate = aggregate or config.get("aggregate", "min")
+    ok = [r for r in records if r["status"] == "ok"]
+    if not ok:
+        raise UserError(f"{run_dir} has no classified images yet")
+    truth = np.array([r["label"] for r in ok])
+    by_idx = {idx: (m, ts) for idx, m, ts in matrices}
+    predictions = np.array([rescore(*by_idx[r["idx"]], aggregate, t_min, t_max) for r in ok])
+    correct = predictions == truth
+    confusion = np.zeros((n_classes, n_classes), dtype=int)
+    np.add.at(confusion, (truth, predictions), 1)
+    per_class = [float(correct[truth == c].mean()) for c in range(n_classes) if (truth == c).any()]
+    nfe = np.array([r["nfe"] for r in ok])
+    seconds = np.array([r["seconds"] for r in ok])
+    report = {
+        "run": str(run_dir), "model": config.get("model"), "strategy": config.get("strategy"),
+        "rescoring": {"aggregate": aggregate, "t_min": t_min, "t_max": t_max},
+        "accuracy": float(correct.mean()), "mean_per_class_accuracy": float(np.mean(per_class)),
+        "images": len(ok), "failed": len(records) - len(ok),
+        "failures": [{"id": r["id"], "reason": r["error"]} for r in records if r["status"] != "ok"][:50],
+        "stored_accuracy": float(np.mean([r["correct"] for r in ok])),
+        "nfe": {"mean": float(nfe.mean()), "p50": float(np.percentile(nfe, 50)), "p95": float(np.percentile(nfe, 95))},
+        "seconds_per_image": {"mean": float(seconds.mean()), "p95": float(np.percentile(seconds, 95))},
+        "labels": labels, "confusion_matrix": confusion.tolist(),
+    }
+    report["accuracy_vs_timesteps"] = _accuracy_vs_timesteps(ok, by_idx, truth, aggregate)
+    report["error_by_timestep"] = _error_by_timestep(ok, by_idx, truth)
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    atomic_write_text(json.dumps(report, indent=2) + "\n", out / "report.json")
+    if plots:
+        _plots(report, out)
+    return report
+
+
+def _accuracy_vs_timesteps(ok, by_idx, truth, aggregate) -> list[dict]:
+    """For exhaustive runs: accuracy when only k evenly spaced stored timesteps are used."""
+    first, timesteps = by_idx[ok[0]["idx"]]
+    if not np.isfinite(first).all():
+        return []  # pruned candidates: subsets of timesteps are not comparable across classes
+    order = np.argsort(timesteps)
+    n = len(timesteps)
+    rows = []
+    for k in sorted({1, 2, 5, 10, 25, 50, 100, 250, 500, n} & set(range(1, n + 1))):
+        columns = order[_even_subset(n, k)]
+        predictions = [rescore(*by_idx[r["idx"]], aggregate, columns=columns) for r in ok]
+        rows.append({"timesteps": k, "accuracy": float(np.mean(np.array(predictions) == truth))})
+    return rows
+
+
+def _error_by_timestep(ok, by_idx, truth) -> dict:
+    """Mean error at each stored timestep for the true class and for the other classes."""
+    sums: dict[int, list[float]] = {}
+    for r, label in zip(ok, truth):
+        errors, timesteps = by_idx[r["idx"]]
+        per_class = np.nanmin(errors, axis=1)  # best prompt
+        for col, t in enumerate(timesteps):
+            others = np.delete(per_class[:, col], label)
+            entry = sums.setdefault(t, [0.0, 0, 0.0, 0])
+            if np.isfinite(per_class[label, col]):
+                entry[0] += per_class[label, col]
+                entry[1] += 1
+            finite = others[np.isfinite(others)]
+            entry[2] += finite.sum()
+            entry[3] += len(finite)
+    ts = sorted(sums)
+    return {"timesteps": ts,
+            "true_class": [sums[t][0] / sums[t][1] if sums[t][1] else None for t in ts],
+            "other_classes": [sums[t][2] / sums[t][3] if sums[t][3] else None for t in ts]}
+
+
+def _plots(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, confusion = report["labels"], np.array(report["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(1 + 0.45 * len(labels), 1 + 0.45 * len(labels)))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    if len(labels) <= 20:
+        for (i, j), v in np.ndenumerate(confusion):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=6)
+    ax.set(xlabel="predicted", ylabel="true", title=f"accuracy {report['accuracy']:.3f}")
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=120)
+    plt.close(fig)
+
+    if report["accuracy_vs_timesteps"]:
+        rows = report["accuracy_vs_timesteps"]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([r["timesteps"] for r in rows], [r["accuracy"] for r in rows], "o-")
+        ax.set(xscale="log", xlabel="evenly spaced timesteps used", ylabel="accuracy")
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_vs_timesteps.png", dpi=120)
+        plt.close(fig)
+
+    e = report["error_by_timestep"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(e["timesteps"], e["true_class"], label="true class")
+    ax.plot(e["timesteps"], e["other_classes"], label="other classes")
+    ax.set(xlabel="timestep t", ylabel="mean error", title="error by timestep")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "error_by_timestep.png", dpi=120)
+    plt.close(fig)
