@@ -98,3 +98,29 @@ def test_label_files_blank_lines_duplicates(models, tmp_path, capsys, content):
         assert code == 0
     else:
         assert code == 2 and ("duplicate" in err or "empty" in err)
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file if unpickled
+
+
+def test_checkpoints_with_pickled_code_are_refused(models, tmp_path):
+    import pickle
+    import shutil
+
+    from diffusion_classifier import UserError, load_denoiser
+
+    model = tmp_path / "model"
+    shutil.copytree(models["pixel_class"], model)
+    for f in (model / "unet").glob("*.safetensors"):
+        f.unlink()
+    marker = tmp_path / "pwned"
+    with open(model / "unet" / "diffusion_pytorch_model.bin", "wb") as f:
+        pickle.dump({"weight": _Exploit(str(marker))}, f)
+    with pytest.raises(UserError):
+        load_denoiser(model)
+    assert not marker.exists()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -346,8 +347,8 @@ def _load_component(directory: Path, name: str, spec: Sequence[str]) -> Any:
     if not folder.is_dir():
         raise UserError(f"model directory {directory} is missing the {name!r} folder named in model_index.json")
     try:
-        return cls.from_pretrained(folder)
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        return cls.from_pretrained(folder)  # safetensors, or torch.load(weights_only=True): never unpickles code
+    except (OSError, ValueError, json.JSONDecodeError, pickle.UnpicklingError, RuntimeError) as exc:
         raise UserError(f"could not load {name!r} from {folder}: {str(exc).splitlines()[0]}") from exc
 
 
