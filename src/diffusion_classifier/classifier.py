@@ -16,7 +16,15 @@ from .errors import UserError
 from .labels import expand_prompts, validate_labels, validate_templates
 from .runtime import tune_cpu_allocator
 from .scoring import ScoringEngine
-from .strategies import Exhaustive, ScoreTable, Strategy
+from .strategies import Exhaustive, ScoreTable, Strategy, relative_scores
+
+
+def softmax_of_errors(errors: np.ndarray, temperature: float) -> np.ndarray:
+    """Row-wise softmax of -errors / temperature (inf errors get probability 0)."""
+    logits = -errors / temperature
+    logits = logits - logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits)
+    return weights / weights.sum(axis=1, keepdims=True)
 
 
 @dataclass
@@ -160,7 +168,8 @@ class DiffusionClassifier:
         order = table.ranking(self.aggregate)
         return Classification(image=name, prediction=self.classes_[order[0]], prediction_index=int(order[0]),
                               ranking=[(self.classes_[i], float(scores[i])) for i in order], mean_errors=scores,
-                              errors=table.errors, timesteps=list(table.timesteps), nfe=table.nfe, seconds=seconds)
+                              errors=table.errors, timesteps=list(table.timesteps), nfe=table.nfe, seconds=seconds,
+                              extra={"evidence": table.evidence} if table.evidence else {})
 
     def predict(self, images: Sequence) -> np.ndarray:
         """Predicted labels, one per image."""
@@ -171,11 +180,11 @@ class DiffusionClassifier:
         return self.probabilities(self.classify(images))
 
     def probabilities(self, results: Sequence[Classification]) -> np.ndarray:
-        scores = np.stack([r.mean_errors for r in results]) if results else np.zeros((0, len(self.classes_)))
-        logits = -np.nan_to_num(scores, nan=np.inf) / self.temperature
-        logits -= logits.max(axis=1, keepdims=True)
-        weights = np.exp(logits)
-        return weights / weights.sum(axis=1, keepdims=True)
+        """softmax(-(error - leader's error on the same timesteps) / temperature) per image."""
+        if not results:
+            return np.zeros((0, len(self.classes_)))
+        relative = np.stack([relative_scores(r.errors, r.prediction_index, self.aggregate) for r in results])
+        return softmax_of_errors(relative, self.temperature)
 
     def describe(self) -> dict:
         """The settings that determine results (stored with evaluation runs)."""

@@ -77,12 +77,22 @@ def _add_model_options(p, labels_required: bool = False) -> None:
     g.add_argument("--aggregate", choices=["min", "mean"], default="min",
                    help="how a class's prompts combine: min (the paper) or mean of their mean errors")
     g = p.add_argument_group("scoring")
-    g.add_argument("--strategy", choices=["exhaustive", "staged"], default=None,
-                   help="exhaustive: every class at --timesteps; staged: the paper's adaptive schedule")
+    g.add_argument("--strategy", choices=["exhaustive", "staged", "elimination"], default=None,
+                   help="exhaustive: every class at --timesteps; staged: the paper's adaptive schedule; "
+                        "elimination: drop classes once paired statistics rule them out")
     g.add_argument("--timesteps", type=int, default=25, help="timesteps per class (exhaustive)")
     g.add_argument("--n-samples", type=int, nargs="+", help="timesteps per stage (staged), e.g. 50 500")
     g.add_argument("--to-keep", type=int, nargs="+", help="classes kept after each stage (staged), e.g. 5 1")
     g.add_argument("--preset", help="the paper's schedule for a dataset: " + ", ".join(PRESET_NAMES))
+    g.add_argument("--error-rate", type=float, default=0.05,
+                   help="elimination: chance of dropping the best class, per image (default 0.05)")
+    g.add_argument("--max-nfe", type=int, default=None, help="elimination: network evaluations per image at most")
+    g.add_argument("--max-timesteps", type=int, default=100,
+                   help="elimination: size of the even timestep grid it draws from (default 100)")
+    g.add_argument("--shortlist", type=int, default=None,
+                   help="elimination: keep only this many classes after the first round (plain top-k)")
+    g.add_argument("--temperature", type=float, default=None, help="softmax temperature of probabilities")
+    g.add_argument("--calibration", help="calibration.json (or a run directory holding one) from `calibrate`")
     g.add_argument("--loss", choices=["l2", "l1", "huber"], default=None,
                    help="error between true and predicted noise (default l2, or the preset's)")
     g.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same predictions)")
@@ -93,8 +103,12 @@ def _add_model_options(p, labels_required: bool = False) -> None:
 
 
 def _strategy(args):
-    from .strategies import Exhaustive, Staged, preset
+    from .strategies import Elimination, Exhaustive, Staged, preset
 
+    if args.strategy == "elimination":
+        if args.preset or args.n_samples or args.to_keep:
+            raise UserError("--strategy elimination does not take --preset, --n-samples or --to-keep")
+        return Elimination(args.error_rate, args.max_nfe, args.max_timesteps, shortlist=args.shortlist)
     if args.preset:
         if args.strategy == "exhaustive" or args.n_samples or args.to_keep:
             raise UserError("--preset sets the staged schedule; do not combine it with --strategy exhaustive, "
@@ -152,9 +166,14 @@ def _classifier(args, labels, group=None):
     denoiser = load_denoiser(args.model, device=device, dtype=parse_dtype(args.dtype))
     if denoiser.conditioning != "text":
         templates = None
+    temperature = args.temperature or 1.0
+    if args.calibration:
+        from .calibration import read_temperature
+
+        temperature = read_temperature(args.calibration)
     return DiffusionClassifier(denoiser, labels=labels, templates=templates, strategy=strategy, loss=args.loss,
                                aggregate=args.aggregate, seed=args.seed, batch_size=args.batch_size,
-                               interpolation=args.interpolation)
+                               interpolation=args.interpolation, temperature=temperature)
 
 
 def _add_classify(sub) -> None:
@@ -173,13 +192,19 @@ def cmd_classify(args) -> int:
 
     images = [load_image(path) for path in args.images]  # fail fast, naming the bad file
     classifier = _classifier(args, _labels(args))
-    for path, result in zip(args.images, classifier.classify(images, names=args.images)):
+    results = classifier.classify(images, names=args.images)
+    probabilities = classifier.probabilities(results)
+    for path, result, probs in zip(args.images, results, probabilities):
+        by_label = dict(zip(classifier.classes_, probs.tolist()))
         if args.json:
-            print(json.dumps(result.to_dict(args.top_k)))
+            row = result.to_dict(args.top_k)
+            for entry in row["ranking"]:
+                entry["probability"] = by_label[entry["label"]]
+            print(json.dumps(row))
             continue
         print(f"{path}: {result.prediction}   ({result.nfe} network evaluations, {result.seconds:.2f} s)")
         for rank, (label, score) in enumerate(result.ranking[:args.top_k], 1):
-            print(f"  {rank:>2}. {label:<30} mean error {score:.5f}")
+            print(f"  {rank:>2}. {label:<30} mean error {score:.5f}   p {by_label[label]:.3f}")
     return 0
 
 
@@ -273,6 +298,33 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="fit the probability temperature on a labelled evaluate run",
+                       description="Fit the softmax temperature on a seeded part of a stored labelled run and "
+                                   "report NLL and expected calibration error before/after on the rest. Writes "
+                                   "RUN_DIR/calibration.json, which classify/evaluate take with --calibration.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by evaluate")
+    p.add_argument("--fit-fraction", type=float, default=0.5, help="share of images used to fit (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit / held-out split")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def cmd_calibrate(args) -> int:
+    import json
+
+    from .calibration import calibrate_run
+
+    result = calibrate_run(args.run_dir, args.fit_fraction, args.seed)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"temperature {result['temperature']:.5g} (fitted on {result['fit_images']} images)")
+    for when in ("before", "after"):
+        print(f"  {when:<6} on {result['held_out_images']} held-out images: NLL {result[when]['nll']:.4f}  "
+              f"ECE {result[when]['ece']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-classifier",
                                      description="Zero-shot image classification with conditional diffusion models.")
@@ -280,11 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classify(sub)
     _add_evaluate(sub)
     _add_report(sub)
+    _add_calibrate(sub)
     _add_train(sub)
     return parser
 
 
-COMMANDS = {"classify": cmd_classify, "evaluate": cmd_evaluate, "report": cmd_report, "train": cmd_train}
+COMMANDS = {"classify": cmd_classify, "evaluate": cmd_evaluate, "report": cmd_report, "calibrate": cmd_calibrate,
+            "train": cmd_train}
 
 
 def _quiet_libraries() -> None:

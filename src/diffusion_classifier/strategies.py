@@ -34,6 +34,7 @@ class ScoreTable:
         self.errors = np.full((n_classes, n_prompts, 0), np.nan)
         self.timesteps: list[int] = []
         self._column_of: dict[int, int] = {}
+        self.evidence: dict = {}  # strategies may record why they decided (e.g. elimination gaps)
 
     @property
     def n_classes(self) -> int:
@@ -71,6 +72,24 @@ class ScoreTable:
         """Class indices best first: classes that survived longer first, then by lower mean error."""
         scores = np.nan_to_num(self.class_scores(aggregate), nan=np.inf)
         return np.lexsort((scores, -self.evaluated_counts()))
+
+
+def relative_scores(errors: np.ndarray, leader: int, aggregate: str = "min") -> np.ndarray:
+    """Each class's mean error minus the leader's mean error on the same timesteps: [classes].
+
+    With pruning, classes are evaluated at different timestep sets, and mean errors depend strongly on
+    t; comparing each class with the leader on its own timesteps keeps probabilities consistent. For
+    exhaustive runs this equals mean error minus the leader's (softmax is shift-invariant).
+    """
+    out = np.full(errors.shape[0], np.inf)
+    for c in range(errors.shape[0]):
+        columns = np.isfinite(errors[c, 0]) & np.isfinite(errors[leader, 0])
+        if not columns.any():
+            continue
+        per_prompt = errors[:, :, columns].mean(axis=2)
+        scores = per_prompt.min(axis=1) if aggregate == "min" else per_prompt.mean(axis=1)
+        out[c] = scores[c] - scores[leader]
+    return out
 
 
 def even_timesteps(num_train_timesteps: int, n: int) -> list[int]:
@@ -170,6 +189,103 @@ class Staged(Strategy):
 
     def describe(self):
         return {"name": "staged", "n_samples": self.n_samples, "to_keep": self.to_keep}
+
+
+def low_discrepancy_order(n: int) -> list[int]:
+    """Indices 0..n-1 in van der Corput (base 2) order: every prefix spreads evenly over the range."""
+    order, seen, k = [], set(), 0
+    while len(order) < n:
+        k += 1
+        u, denominator, i = 0.0, 1.0, k
+        while i:
+            denominator *= 2
+            u += (i % 2) / denominator
+            i //= 2
+        index = int(u * n)
+        if index not in seen:
+            seen.add(index)
+            order.append(index)
+        if k > 64 * n:  # cannot happen for n >= 1; keeps the loop provably finite
+            order += [i for i in range(n) if i not in seen]
+    return order
+
+
+class Elimination(Strategy):
+    """Anytime elimination with paired statistics (beyond the paper).
+
+    Timesteps come in rounds from an even grid of `max_timesteps` points, in van der Corput order, so
+    every prefix covers the schedule evenly. All surviving candidates are scored at the same (t, eps)
+    pairs, so the per-timestep differences between a candidate and the current leader are paired
+    samples. A candidate is dropped once the lower confidence bound of its mean gap to the leader is
+    above zero. The bound uses a normal quantile at level error_rate / ((n_candidates - 1) * r * (r + 1))
+    at look r (Bonferroni over candidates, and a spending sequence over looks that sums to error_rate).
+    Stops when one candidate is left, the grid is exhausted, or the next round would pass `max_nfe`.
+
+    `shortlist` (optional): after the first round keep only this many best candidates (a plain top-k,
+    not a statistical test: the cheap first pass of the efficiency issue).
+    """
+
+    def __init__(self, error_rate: float = 0.05, max_nfe: int | None = None, max_timesteps: int = 100,
+                 round_size: int = 4, min_timesteps: int = 8, shortlist: int | None = None):
+        if not 0 < error_rate < 1:
+            raise UserError("--error-rate must lie in (0, 1)")
+        if max_nfe is not None and max_nfe < 1:
+            raise UserError("--max-nfe must be positive")
+        if round_size < 1 or min_timesteps < 2 or max_timesteps < 1:
+            raise UserError("round size >= 1, minimum timesteps >= 2 and max timesteps >= 1 are required")
+        if shortlist is not None and shortlist < 1:
+            raise UserError("--shortlist must be at least 1")
+        self.error_rate, self.max_nfe, self.max_timesteps = error_rate, max_nfe, max_timesteps
+        self.round_size, self.min_timesteps, self.shortlist = round_size, min_timesteps, shortlist
+
+    def rounds(self, table, num_train_timesteps, aggregate):
+        from statistics import NormalDist
+
+        grid = even_timesteps(num_train_timesteps, min(self.max_timesteps, num_train_timesteps))
+        order = [grid[i] for i in low_discrepancy_order(len(grid))]
+        alive = list(range(table.n_classes))
+        n_prompts = table.errors.shape[1]
+        comparisons = max(1, table.n_classes - 1)
+        position, look = 0, 0
+        while len(alive) > 1 and position < len(order):
+            size = self.min_timesteps if position == 0 else self.round_size
+            if self.max_nfe is not None:
+                size = min(size, (self.max_nfe - table.nfe) // (len(alive) * n_prompts))
+                if size < 1:
+                    break
+            batch = order[position:position + size]
+            position += len(batch)
+            yield Round(tuple(alive), tuple(batch))
+            look += 1
+            if look == 1 and self.shortlist is not None and self.shortlist < len(alive):
+                scores = table.class_scores(aggregate)[alive]
+                alive = [alive[i] for i in np.argsort(scores, kind="stable")[: self.shortlist]]
+            columns = [table.column(t) for t in order[:position]]
+            per_t = _per_timestep_class_errors(table, alive, columns, aggregate)  # [alive, timesteps]
+            leader = int(np.argmin(per_t.mean(axis=1)))
+            gaps = per_t - per_t[leader]
+            n = gaps.shape[1]
+            mean = gaps.mean(axis=1)
+            stderr = gaps.std(axis=1, ddof=1) / np.sqrt(n) if n > 1 else np.full(len(alive), np.inf)
+            z = NormalDist().inv_cdf(1 - self.error_rate / (comparisons * look * (look + 1)))
+            keep = [i for i in range(len(alive)) if i == leader or n < self.min_timesteps
+                    or mean[i] - z * stderr[i] <= 0]
+            for i in range(len(alive)):
+                table.evidence[int(alive[i])] = {"gap": float(mean[i]), "stderr": float(stderr[i]),
+                                                        "timesteps": n, "eliminated": i not in keep}
+            alive = [alive[i] for i in keep]
+
+    def describe(self):
+        return {"name": "elimination", "error_rate": self.error_rate, "max_nfe": self.max_nfe,
+                "max_timesteps": self.max_timesteps, "round_size": self.round_size,
+                "min_timesteps": self.min_timesteps, "shortlist": self.shortlist}
+
+
+def _per_timestep_class_errors(table: ScoreTable, classes: list[int], columns: list[int],
+                               aggregate: str) -> np.ndarray:
+    """[classes, columns]: each class's error per timestep, prompts combined (min or mean)."""
+    errors = table.errors[np.ix_(classes, range(table.errors.shape[1]), columns)]
+    return errors.min(axis=1) if aggregate == "min" else errors.mean(axis=1)
 
 
 # The paper's per-dataset schedules (to_keep, n_samples, loss).

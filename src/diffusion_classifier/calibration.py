@@ -1,0 +1,105 @@
+"""Temperature calibration of predict_proba, fitted on stored runs (no model needed).
+
+probabilities = softmax(-relative_error / T), relative_error being each class's mean error minus the
+leader's on the same timesteps. T is fitted by minimising the negative log-likelihood of the true
+labels (a 1-D golden-section search on log T), on one part of a labelled run, and judged on the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .classifier import softmax_of_errors
+from .errors import UserError
+from .evaluation import ResultsStore
+from .runtime import atomic_write_text
+from .strategies import relative_scores
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def negative_log_likelihood(relative: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    probs = softmax_of_errors(relative, temperature)
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Top-1 ECE: sum over confidence bins of |accuracy - confidence| weighted by the bin's share."""
+    confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
+    correct = predicted == labels
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def fit_temperature(relative: np.ndarray, labels: np.ndarray, low: float = 1e-6, high: float = 1e2) -> float:
+    """The temperature minimising NLL (golden-section search over log T; NLL is unimodal in log T here)."""
+    a, b = math.log(low), math.log(high)
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    f = lambda log_t: negative_log_likelihood(relative, labels, math.exp(log_t))  # noqa: E731
+    fc, fd = f(c), f(d)
+    for _ in range(100):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = f(d)
+    return math.exp((a + b) / 2)
+
+
+def relative_errors_of_run(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
+    store = ResultsStore(run_dir)
+    try:
+        config, records, matrices = store.config(), store.records(), store.error_matrices()
+    finally:
+        store.close()
+    aggregate = config.get("aggregate", "min")
+    by_idx = {idx: m for idx, m, _ in matrices}
+    ok = [r for r in records if r["status"] == "ok"]
+    if len(ok) < 4:
+        raise UserError(f"{run_dir} has {len(ok)} classified images; calibration needs a labelled run of more")
+    relative = np.stack([relative_scores(by_idx[r["idx"]], r["prediction"], aggregate) for r in ok])
+    return relative, np.array([r["label"] for r in ok]), aggregate
+
+
+def calibrate_run(run_dir: str | Path, fit_fraction: float = 0.5, seed: int = 0) -> dict:
+    """Fit T on a seeded random part of the run; report NLL and ECE before (T=1) and after on the rest."""
+    if not 0 < fit_fraction < 1:
+        raise UserError("--fit-fraction must lie in (0, 1)")
+    relative, labels, _ = relative_errors_of_run(run_dir)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_fit = max(2, int(round(fit_fraction * len(labels))))
+    fit, held = order[:n_fit], order[n_fit:]
+    temperature = fit_temperature(relative[fit], labels[fit])
+
+    def judge(t: float) -> dict:
+        probs = softmax_of_errors(relative[held], t)
+        return {"nll": negative_log_likelihood(relative[held], labels[held], t),
+                "ece": expected_calibration_error(probs, labels[held])}
+
+    result = {"temperature": temperature, "fit_images": int(len(fit)), "held_out_images": int(len(held)),
+              "before": judge(1.0), "after": judge(temperature), "seed": seed}
+    atomic_write_text(json.dumps(result, indent=2) + "\n", Path(run_dir) / CALIBRATION_FILE)
+    return result
+
+
+def read_temperature(path: str | Path) -> float:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CALIBRATION_FILE
+    try:
+        return float(json.loads(path.read_text())["temperature"])
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"cannot read a temperature from {path}: {exc}") from None
