@@ -74,9 +74,8 @@ def test_elimination_with_a_thousand_classes_and_a_shortlist():
 def test_elimination_on_real_models_is_deterministic(models):
     imgs = random_images(2)
     for name, kwargs in (("dit", {}), ("sd", {"labels": ["cat", "dog", "bird"]})):
-        make = lambda: DiffusionClassifier.from_pretrained(  # noqa: E731
-            models[name], strategy=Elimination(max_nfe=60, max_timesteps=20), **kwargs)
-        a, b = make().classify(imgs), make().classify(imgs)
+        a, b = (DiffusionClassifier.from_pretrained(models[name], strategy=Elimination(max_nfe=60, max_timesteps=20),
+                                                    **kwargs).classify(imgs) for _ in range(2))
         for x, y in zip(a, b):
             assert x.prediction == y.prediction and x.nfe == y.nfe <= 60
             np.testing.assert_array_equal(x.errors, y.errors)
