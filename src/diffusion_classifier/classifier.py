@@ -15,7 +15,7 @@ from .denoisers import LOSSES, Denoiser, load_denoiser
 from .errors import UserError
 from .labels import expand_prompts, validate_labels, validate_templates
 from .runtime import tune_cpu_allocator
-from .scoring import ScoringEngine
+from .scoring import ScoringEngine, image_seed
 from .strategies import Exhaustive, ScoreTable, Strategy, relative_scores
 
 
@@ -159,8 +159,6 @@ class DiffusionClassifier:
         return [self._result(name, table, seconds) for name, table in zip(names, tables)]
 
     def _seed_for(self, pixels: torch.Tensor) -> int:
-        from .scoring import image_seed
-
         return image_seed(self.seed, pixels)
 
     def _result(self, name: str, table: ScoreTable, seconds: float) -> Classification:

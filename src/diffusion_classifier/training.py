@@ -14,8 +14,8 @@ the optimizer, the EMA and the step counter.
 from __future__ import annotations
 
 import json
-import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -269,16 +269,8 @@ def export(network, scheduler, out_dir: Path, config: TrainConfig, class_names: 
     for item in tmp.iterdir():  # swap each part in by rename, so a reader never sees a half-written model
         target = out_dir / item.name
         if target.is_dir():
-            import shutil
-
             shutil.rmtree(target)
         os.replace(item, target)
     tmp.rmdir()
     network.train()
 
-
-def default_threads() -> int:
-    return max(1, os.cpu_count() or 1)
-
-
-__all__ = ["ARCHITECTURES", "TrainConfig", "train", "build_network", "build_scheduler", "math"]
