@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import robust
 from .data import preprocess
 from .denoisers import LOSSES, Denoiser, load_denoiser
 from .errors import UserError
@@ -67,7 +68,8 @@ class DiffusionClassifier:
                  templates: Sequence[str] | None = None, prompts: Sequence[Sequence[str]] | None = None,
                  strategy: Strategy | None = None, loss: str | None = None, aggregate: str = "min",
                  seed: int = 0, batch_size: int = 256, temperature: float = 1.0,
-                 interpolation: str = "bicubic", images_per_batch: int = 32):
+                 interpolation: str = "bicubic", images_per_batch: int = 32, noise_aware: bool = False,
+                 normalize_intensity: bool = False, noise_margin: float = 1.0):
         self.denoiser = denoiser
         self.strategy = strategy or Exhaustive(25)
         self.loss = loss or self.strategy.loss or "l2"
@@ -79,6 +81,12 @@ class DiffusionClassifier:
             raise UserError("temperature must be positive")
         self.aggregate, self.seed, self.batch_size = aggregate, seed, batch_size
         self.temperature, self.interpolation, self.images_per_batch = temperature, interpolation, images_per_batch
+        self.noise_aware, self.normalize_intensity, self.noise_margin = noise_aware, normalize_intensity, noise_margin
+        if noise_aware and denoiser.vae is not None:
+            raise UserError("noise-aware scoring is defined for pixel-space models; for latent models (Stable "
+                            "Diffusion, DiT) the pixel noise level does not map to a latent one (see README)")
+        if normalize_intensity and not denoiser.extra_config.get("intensity_stats"):
+            raise UserError("this model has no stored intensity statistics, so it cannot normalise intensities")
         self.classes_, conditions = self._candidates(labels, templates, prompts)
         self.prompts_ = conditions if denoiser.conditioning == "text" else None
         n_prompts = len(conditions[0]) if denoiser.conditioning == "text" else 1
@@ -152,9 +160,15 @@ class DiffusionClassifier:
                         started: float | None = None) -> list[Classification]:
         """Classify preprocessed images ([B, C, H, W] in [-1, 1])."""
         started = time.perf_counter() if started is None else started
-        seeds = [self._seed_for(p) for p in pixels]
+        seeds = [self._seed_for(p) for p in pixels]  # of the input as given, so options never change the noise
+        t_mins = None
+        if self.noise_aware:
+            sigma = robust.estimate_noise_sigma(pixels)
+            t_mins = robust.min_timestep_for(sigma, self.denoiser.alphas_cumprod, self.noise_margin).tolist()
+        if self.normalize_intensity:
+            pixels = robust.normalize_intensity(pixels, self.denoiser.extra_config["intensity_stats"])
         x0 = self.denoiser.encode_images(pixels)
-        tables = self.engine.score(x0, noise=noise, seeds=seeds)
+        tables = self.engine.score(x0, noise=noise, seeds=seeds, t_mins=t_mins)
         seconds = (time.perf_counter() - started) / max(1, len(tables))
         return [self._result(name, table, seconds) for name, table in zip(names, tables)]
 
@@ -189,4 +203,5 @@ class DiffusionClassifier:
         return {"labels": list(self.classes_), "prompts": self.prompts_, "strategy": self.strategy.describe(),
                 "loss": self.loss, "aggregate": self.aggregate, "seed": self.seed,
                 "interpolation": self.interpolation, "conditioning": self.denoiser.conditioning,
+                "noise_aware": self.noise_aware, "normalize_intensity": self.normalize_intensity,
                 "dtype": str(self.denoiser.dtype).replace("torch.", "")}

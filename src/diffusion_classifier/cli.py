@@ -100,6 +100,12 @@ def _add_model_options(p, labels_required: bool = False) -> None:
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
     g.add_argument("--interpolation", default="bicubic", help="resize filter: bicubic, bilinear, lanczos, nearest")
+    g = p.add_argument_group("robustness (pixel-space models)")
+    g.add_argument("--noise-aware", action="store_true",
+                   help="estimate each image's noise level and score only timesteps at or above it")
+    g.add_argument("--normalize-intensity", action="store_true",
+                   help="map each image's mean/std to the model's training statistics (undoes contrast and "
+                        "brightness changes; do not use where absolute intensity matters)")
 
 
 def _strategy(args):
@@ -173,7 +179,8 @@ def _classifier(args, labels, group=None):
         temperature = read_temperature(args.calibration)
     return DiffusionClassifier(denoiser, labels=labels, templates=templates, strategy=strategy, loss=args.loss,
                                aggregate=args.aggregate, seed=args.seed, batch_size=args.batch_size,
-                               interpolation=args.interpolation, temperature=temperature)
+                               interpolation=args.interpolation, temperature=temperature,
+                               noise_aware=args.noise_aware, normalize_intensity=args.normalize_intensity)
 
 
 def _add_classify(sub) -> None:

@@ -85,12 +85,14 @@ class ScoringEngine:
         self.stats = EngineStats()
 
     def score(self, x0: torch.Tensor, noise: Sequence[torch.Tensor | None] | None = None,
-              seeds: Sequence[int] | None = None) -> list[ScoreTable]:
-        """x0: [N, C, H, W] clean samples in the model's space -> one ScoreTable per image."""
+              seeds: Sequence[int] | None = None, t_mins: Sequence[int] | None = None) -> list[ScoreTable]:
+        """x0: [N, C, H, W] clean samples in the model's space -> one ScoreTable per image.
+
+        t_mins: per image, the smallest timestep the strategy may use (noise-aware scoring)."""
         T = self.denoiser.num_train_timesteps
         jobs = []
         for i in range(len(x0)):
-            table = ScoreTable(self.n_classes, self.n_prompts)
+            table = ScoreTable(self.n_classes, self.n_prompts, 0 if t_mins is None else int(t_mins[i]))
             explicit = None if noise is None or noise[i] is None else torch.as_tensor(noise[i]).to(x0.device)
             seed = seeds[i] if seeds is not None else image_seed(self.seed, x0[i])
             jobs.append(_ImageJob(x0[i], seed, table, self.strategy.rounds(table, T, self.aggregate), explicit))

@@ -30,7 +30,8 @@ class ScoreTable:
     image uses noise i, as in the original implementation's saved-noise layout).
     """
 
-    def __init__(self, n_classes: int, n_prompts: int):
+    def __init__(self, n_classes: int, n_prompts: int, t_min: int = 0):
+        self.t_min = int(t_min)  # strategies lay their grids over [t_min, T) (noise-aware scoring)
         self.errors = np.full((n_classes, n_prompts, 0), np.nan)
         self.timesteps: list[int] = []
         self._column_of: dict[int, int] = {}
@@ -92,12 +93,14 @@ def relative_scores(errors: np.ndarray, leader: int, aggregate: str = "min") -> 
     return out
 
 
-def even_timesteps(num_train_timesteps: int, n: int) -> list[int]:
-    """The paper's grid: range(T // n // 2, T, T // n), first n entries."""
+def even_timesteps(num_train_timesteps: int, n: int, t_min: int = 0) -> list[int]:
+    """The paper's grid: range(T // n // 2, T, T // n), first n entries; laid over [t_min, T) if t_min > 0."""
     if not 1 <= n <= num_train_timesteps:
         raise UserError(f"number of timesteps must lie in [1, {num_train_timesteps}], got {n}")
-    step = num_train_timesteps // n
-    return list(range(step // 2, num_train_timesteps, step))[:n]
+    span = num_train_timesteps - t_min
+    n = min(n, span)
+    step = span // n
+    return list(range(t_min + step // 2, num_train_timesteps, step))[:n]
 
 
 class Strategy:
@@ -117,7 +120,8 @@ class Exhaustive(Strategy):
         self.n_timesteps = int(n_timesteps)
 
     def rounds(self, table, num_train_timesteps, aggregate):
-        yield Round(tuple(range(table.n_classes)), tuple(even_timesteps(num_train_timesteps, self.n_timesteps)))
+        grid = even_timesteps(num_train_timesteps, self.n_timesteps, table.t_min)
+        yield Round(tuple(range(table.n_classes)), tuple(grid))
 
     def describe(self):
         return {"name": "exhaustive", "n_timesteps": self.n_timesteps}
@@ -134,7 +138,8 @@ class FixedTimesteps(Strategy):
     def rounds(self, table, num_train_timesteps, aggregate):
         if not all(0 <= t < num_train_timesteps for t in self.timesteps):
             raise UserError(f"timesteps must lie in [0, {num_train_timesteps})")
-        yield Round(tuple(range(table.n_classes)), tuple(self.timesteps))
+        chosen = [t for t in self.timesteps if t >= table.t_min] or [max(self.timesteps)]
+        yield Round(tuple(range(table.n_classes)), tuple(chosen))
 
     def describe(self):
         return {"name": "fixed", "timesteps": self.timesteps}
@@ -159,9 +164,9 @@ class Staged(Strategy):
             raise UserError("--to-keep must not increase between stages and --n-samples must be positive")
         self.n_samples, self.to_keep, self.loss = n_samples, to_keep, loss
 
-    def stage_timesteps(self, num_train_timesteps: int) -> list[list[int]]:
+    def stage_timesteps(self, num_train_timesteps: int, t_min: int = 0) -> list[list[int]]:
         """The new timesteps each stage evaluates (before any candidate is pruned)."""
-        finest = even_timesteps(num_train_timesteps, max(self.n_samples))
+        finest = even_timesteps(num_train_timesteps, max(self.n_samples), t_min)
         seen: set[int] = set()
         stages = []
         for n in self.n_samples:
@@ -180,7 +185,7 @@ class Staged(Strategy):
 
     def rounds(self, table, num_train_timesteps, aggregate):
         remaining = list(range(table.n_classes))
-        for grid, keep in zip(self.stage_timesteps(num_train_timesteps), self.to_keep):
+        for grid, keep in zip(self.stage_timesteps(num_train_timesteps, table.t_min), self.to_keep):
             if grid:
                 yield Round(tuple(remaining), tuple(grid))
             scores = table.class_scores(aggregate)[remaining]
@@ -241,7 +246,7 @@ class Elimination(Strategy):
     def rounds(self, table, num_train_timesteps, aggregate):
         from statistics import NormalDist
 
-        grid = even_timesteps(num_train_timesteps, min(self.max_timesteps, num_train_timesteps))
+        grid = even_timesteps(num_train_timesteps, min(self.max_timesteps, num_train_timesteps), table.t_min)
         order = [grid[i] for i in low_discrepancy_order(len(grid))]
         alive = list(range(table.n_classes))
         n_prompts = table.errors.shape[1]

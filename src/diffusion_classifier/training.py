@@ -27,6 +27,7 @@ from tqdm import tqdm
 from .data import LabelledImages, preprocess
 from .denoisers import ClassUNetDenoiser, TextUNetDenoiser, _text_encoder_dir
 from .errors import UserError
+from .robust import intensity_stats
 from .runtime import atomic_torch_save, tune_cpu_allocator
 
 ARCHITECTURES = {
@@ -140,6 +141,7 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
     if config.threads:
         torch.set_num_threads(config.threads)
     images = preprocess(dataset.items, config.resolution, channels=1)  # [-1, 1], once, in memory
+    stats = intensity_stats(images)
     labels = torch.as_tensor(dataset.labels, dtype=torch.long)
     n = len(images)
     if n == 0:
@@ -234,11 +236,11 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
                             epoch=f"{images_seen / n:.2f}")
         if time.monotonic() - last_checkpoint > config.checkpoint_minutes * 60:
             save_checkpoint()
-            export(ema, scheduler, out_dir, config, class_names, tokenizer, text_encoder)
+            export(ema, scheduler, out_dir, config, class_names, tokenizer, text_encoder, stats)
             last_checkpoint = time.monotonic()
     bar.close()
     save_checkpoint()
-    export(ema, scheduler, out_dir, config, class_names, tokenizer, text_encoder)
+    export(ema, scheduler, out_dir, config, class_names, tokenizer, text_encoder, stats)
     total_seconds = seconds + time.monotonic() - started
     summary = dict(steps=step, images_seen=images_seen, epochs=images_seen / n, train_seconds=round(total_seconds, 1),
                    final_loss=float(np.mean(losses[-500:])) if losses else None,
@@ -254,10 +256,12 @@ def _comparable(config: TrainConfig) -> dict:
 
 
 def export(network, scheduler, out_dir: Path, config: TrainConfig, class_names: list[str], tokenizer=None,
-           text_encoder=None) -> None:
+           text_encoder=None, stats: dict | None = None) -> None:
     """Save the EMA weights as a pipeline that `load_denoiser` reads (class names in model_index.json)."""
     network = network.eval()
     extra = {"class_names": class_names, "id2label": {str(i): n for i, n in enumerate(class_names)}}
+    if stats:
+        extra["intensity_stats"] = stats
     if config.conditioning == "class":
         denoiser = ClassUNetDenoiser(network, scheduler, extra_config=extra)
     else:

@@ -1,0 +1,95 @@
+"""Noise-aware timesteps and intensity normalisation."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from diffusion_classifier import DiffusionClassifier, Exhaustive, Staged, UserError, load_denoiser
+from diffusion_classifier.robust import (
+    estimate_noise_sigma,
+    intensity_stats,
+    min_timestep_for,
+    noise_levels,
+    normalize_intensity,
+)
+from diffusion_classifier.strategies import even_timesteps
+
+from .conftest import random_images
+
+
+def _smooth_images(n=8, size=64, seed=0):
+    """Piecewise-smooth images in [-1, 1] (gradients and a bright disc), like real photos' low noise."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    g = torch.Generator().manual_seed(seed)
+    images = []
+    for _ in range(n):
+        a, b, r = torch.rand(3, generator=g)
+        disc = ((xx - a + 0.5) ** 2 + (yy - b + 0.5) ** 2 < (0.3 + 0.3 * r) ** 2).float()
+        images.append((0.4 * xx * a + 0.3 * yy * b + 0.5 * disc - 0.2).clamp(-0.9, 0.9))
+    return torch.stack(images)[:, None]
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.1, 0.2, 0.4])
+def test_noise_estimate_recovers_a_known_sigma_within_15_percent(sigma):
+    clean = _smooth_images()
+    noisy = clean + sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
+    estimate = estimate_noise_sigma(noisy)
+    assert ((estimate - sigma).abs() / sigma).max() < 0.15
+    assert estimate_noise_sigma(clean).max() < 0.02
+
+
+def test_min_timestep_matches_the_noise_level_definition():
+    abar = DDPMScheduler().alphas_cumprod
+    t = min_timestep_for(torch.tensor([0.0, 0.2, 1.0]), abar)
+    levels = noise_levels(abar)
+    assert t[0] == 0
+    for sigma, ti in zip((0.2, 1.0), t[1:].tolist()):
+        assert levels[ti] >= sigma > levels[ti - 1]
+
+
+def test_restricted_grids_keep_the_count_and_the_range():
+    assert even_timesteps(1000, 25, 0) == list(range(20, 1000, 40))
+    grid = even_timesteps(1000, 25, 400)
+    assert len(grid) == 25 and min(grid) >= 400 and max(grid) < 1000
+    stages = Staged([10, 40], [2, 1]).stage_timesteps(1000, 300)
+    assert all(t >= 300 for stage in stages for t in stage)
+
+
+def test_noise_aware_scoring_keeps_the_pairing_and_skips_small_timesteps(models):
+    clean = random_images(2, size=8, mode="L")
+    noisy = [np.clip(np.asarray(im, dtype=float) + np.random.default_rng(0).normal(0, 60, (8, 8)), 0, 255)
+             .astype(np.uint8) for im in clean]
+    clf = DiffusionClassifier.from_pretrained(models["pixel_class"], strategy=Exhaustive(10), noise_aware=True)
+    for r in clf.classify(noisy):
+        assert min(r.timesteps) > 0 and len(r.timesteps) == 10
+        assert np.isfinite(r.errors).all()  # every class at every chosen (t, eps): still paired
+
+
+def test_options_off_give_exactly_the_plain_results(models):
+    imgs = random_images(2, size=8, mode="L")
+    plain = DiffusionClassifier.from_pretrained(models["pixel_class"], strategy=Exhaustive(5)).classify(imgs)
+    off = DiffusionClassifier.from_pretrained(models["pixel_class"], strategy=Exhaustive(5), noise_aware=False,
+                                              normalize_intensity=False).classify(imgs)
+    for a, b in zip(plain, off):
+        np.testing.assert_array_equal(a.errors, b.errors)
+
+
+def test_normalisation_is_the_identity_on_in_distribution_images():
+    images = _smooth_images(32)
+    stats = intensity_stats(images)
+    out = normalize_intensity(images, stats)
+    # each image keeps its shape; only its mean/std move to the averages, which in-distribution are close
+    assert (out - images).abs().mean() < 0.1
+    image = images[:1]
+    matched = normalize_intensity(image, intensity_stats(image))
+    torch.testing.assert_close(matched, image, atol=1e-5, rtol=0)
+    low_contrast = 0.5 * (image - image.mean()) + image.mean()
+    torch.testing.assert_close(normalize_intensity(low_contrast, intensity_stats(image)), image, atol=1e-4, rtol=0)
+
+
+def test_options_are_refused_where_they_do_not_apply(models):
+    with pytest.raises(UserError, match="pixel-space"):
+        DiffusionClassifier.from_pretrained(models["sd"], labels=["a", "b"], noise_aware=True)
+    with pytest.raises(UserError, match="intensity statistics"):
+        DiffusionClassifier(load_denoiser(models["pixel_class"]), normalize_intensity=True)
