@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS, test_subset, to_pixels
 
 from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, Staged, load_denoiser, preset
 from diffusion_classifier.data import fashion_mnist_arrays
@@ -28,13 +28,11 @@ from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
 from diffusion_classifier.scoring import image_seed, noise_for
 from diffusion_classifier.strategies import even_timesteps
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
 
 def test_images(n: int) -> tuple[torch.Tensor, np.ndarray]:
-    subset = np.sort(np.random.default_rng(0).permutation(10000)[:n])
+    subset = test_subset(n)
     images, labels = fashion_mnist_arrays("test")
-    return torch.from_numpy(images[subset]).float().div(127.5).sub(1).unsqueeze(1), labels[subset]
+    return to_pixels(images[subset]), labels[subset]
 
 
 def run_strategy(clf: DiffusionClassifier, pixels: torch.Tensor, labels: np.ndarray, chunk: int = 64) -> dict:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from common import RESULTS, accuracy_of, cnn_accuracy, cnn_reference, test_subset, to_pixels  # benchmarks/
+from shifts import SHIFTS
 
 from diffusion_classifier import DiffusionClassifier, Exhaustive, Staged, load_denoiser
 from diffusion_classifier.data import FASHION_MNIST_CLASSES, fashion_mnist_arrays
@@ -29,120 +30,8 @@ from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
 from diffusion_classifier.strategies import FixedTimesteps
 
 ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
 RESOURCES = ROOT.parent / "src" / "diffusion_classifier" / "resources" / "fashion_mnist.json"
 SECTIONS = ["accuracy", "wordings", "cnn", "shift", "ablation", "coldstart"]
-
-
-def test_subset(n: int) -> np.ndarray:
-    return np.sort(np.random.default_rng(0).permutation(10000)[:n])
-
-
-def to_pixels(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)  # [N, 1, 28, 28] in [-1, 1]
-
-
-def accuracy_of(clf: DiffusionClassifier, pixels: torch.Tensor, labels: np.ndarray, chunk: int = 64) -> dict:
-    started = time.perf_counter()
-    predictions, nfe = [], []
-    for i in range(0, len(pixels), chunk):
-        for r in clf.classify_pixels(pixels[i:i + chunk], [str(j) for j in range(i, i + chunk)]):
-            predictions.append(r.prediction_index)
-            nfe.append(r.nfe)
-    seconds = time.perf_counter() - started
-    return {"accuracy": float(np.mean(np.array(predictions) == labels)), "nfe_per_image": float(np.mean(nfe)),
-            "seconds_per_image": seconds / len(pixels), "images": len(pixels)}
-
-
-# ----- the discriminative reference ---------------------------------------------------
-
-class SmallCNN(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
-        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64 * 7 * 7, 128), torch.nn.ReLU(),
-                                        torch.nn.Linear(128, 10))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def cnn_reference(minutes: float, seed: int = 0) -> tuple[SmallCNN, dict]:
-    """Train (or load the cached) CNN on the full training set for a fixed CPU time budget."""
-    path = RESULTS / "cnn_reference.pt"
-    model = SmallCNN()
-    if path.exists():
-        state = torch.load(path, weights_only=True)
-        if state["minutes"] == minutes:
-            model.load_state_dict(state["model"])
-            return model.eval(), state["info"]
-    images, labels = fashion_mnist_arrays("train")
-    x, y = to_pixels(images), torch.from_numpy(labels)
-    torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    deadline, step, seen = time.monotonic() + minutes * 60, 0, 0
-    while time.monotonic() < deadline:
-        index = torch.randint(0, len(x), (128,))
-        loss = F.cross_entropy(model(x[index]), y[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        step, seen = step + 1, seen + 128
-    info = {"minutes": minutes, "steps": step, "images_seen": seen, "epochs": seen / len(x),
-            "augmentation": "none"}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "minutes": minutes, "info": info}, path)
-    return model.eval(), info
-
-
-@torch.inference_mode()
-def cnn_accuracy(model: SmallCNN, pixels: torch.Tensor, labels: np.ndarray) -> float:
-    predictions = torch.cat([model(pixels[i:i + 500]).argmax(1) for i in range(0, len(pixels), 500)])
-    return float((predictions.numpy() == labels).mean())
-
-
-# ----- shifts, on [-1, 1] tensors ---------------------------------------------------------
-
-def gaussian_noise(x, sigma, seed=0):
-    return (x + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))).clamp(-1, 1)
-
-
-def contrast(x, factor):
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return mean + factor * (x - mean)
-
-
-def blur(x, sigma):
-    radius = int(3 * sigma + 0.5)
-    grid = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-grid**2 / (2 * sigma**2))
-    kernel = (kernel / kernel.sum()).view(1, 1, 1, -1)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel)
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.transpose(2, 3))
-
-
-def rotate(x, degrees):
-    angle = torch.tensor(degrees * np.pi / 180)
-    theta = torch.tensor([[torch.cos(angle), -torch.sin(angle), 0], [torch.sin(angle), torch.cos(angle), 0]])
-    grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
-    return F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1  # background stays black
-
-
-def translate(x, pixels):
-    out = torch.full_like(x, -1.0)
-    out[..., pixels:, pixels:] = x[..., :-pixels, :-pixels]
-    return out
-
-
-SHIFTS = {
-    "gaussian noise 0.2": lambda x: gaussian_noise(x, 0.2),
-    "contrast x0.5": lambda x: contrast(x, 0.5),
-    "blur sigma 1": lambda x: blur(x, 1.0),
-    "rotation 15 deg": lambda x: rotate(x, 15),
-    "translation 2 px": lambda x: translate(x, 2),
-}
 
 
 # ----- sections ---------------------------------------------------------------------------

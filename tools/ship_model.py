@@ -6,9 +6,12 @@ Copies model_index.json, the network and scheduler folders; leaves checkpoint.pt
 (see checkpoints/ for resuming training) and keeps the model card (README.md) if present.
 """
 
+import json
 import shutil
 import sys
 from pathlib import Path
+
+import torch
 
 PACKAGE_MODELS = Path(__file__).resolve().parents[1] / "src" / "diffusion_classifier" / "models"
 
@@ -25,7 +28,21 @@ def ship(run_dir: Path, name: str) -> Path:
             shutil.copytree(item, destination)
         else:
             shutil.copy2(item, destination)
+    add_intensity_stats(target / "model_index.json")
     return target
+
+
+def add_intensity_stats(index_path: Path) -> None:
+    """Runs trained before `train` stored intensity statistics get them from the same training images."""
+    index = json.loads(index_path.read_text())
+    if "intensity_stats" in index:
+        return
+    from diffusion_classifier.data import fashion_mnist_arrays
+    from diffusion_classifier.robust import intensity_stats
+
+    images, _ = fashion_mnist_arrays("train")
+    index["intensity_stats"] = intensity_stats(torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1))
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,84 @@
+"""Shared by the benchmarks: the fixed test subset, accuracy of a classifier, and the CNN reference."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffusion_classifier import DiffusionClassifier
+from diffusion_classifier.data import fashion_mnist_arrays
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def test_subset(n: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(0).permutation(10000)[:n])
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(images)).float().div(127.5).sub(1).unsqueeze(1)  # [N, 1, 28, 28] in [-1, 1]
+
+
+def accuracy_of(clf: DiffusionClassifier, pixels: torch.Tensor, labels: np.ndarray, chunk: int = 64) -> dict:
+    started = time.perf_counter()
+    predictions, nfe = [], []
+    for i in range(0, len(pixels), chunk):
+        for r in clf.classify_pixels(pixels[i:i + chunk], [str(j) for j in range(i, i + chunk)]):
+            predictions.append(r.prediction_index)
+            nfe.append(r.nfe)
+    seconds = time.perf_counter() - started
+    return {"accuracy": float(np.mean(np.array(predictions) == labels)), "nfe_per_image": float(np.mean(nfe)),
+            "seconds_per_image": seconds / len(pixels), "images": len(pixels)}
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64 * 7 * 7, 128), torch.nn.ReLU(),
+                                        torch.nn.Linear(128, 10))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def cnn_reference(minutes: float, seed: int = 0) -> tuple[SmallCNN, dict]:
+    """Train (or load the cached) CNN on the full training set for a fixed CPU time budget."""
+    path = RESULTS / "cnn_reference.pt"
+    model = SmallCNN()
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        if state["minutes"] == minutes:
+            model.load_state_dict(state["model"])
+            return model.eval(), state["info"]
+    images, labels = fashion_mnist_arrays("train")
+    x, y = to_pixels(images), torch.from_numpy(labels)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    deadline, step, seen = time.monotonic() + minutes * 60, 0, 0
+    while time.monotonic() < deadline:
+        index = torch.randint(0, len(x), (128,))
+        loss = F.cross_entropy(model(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step, seen = step + 1, seen + 128
+    info = {"minutes": minutes, "steps": step, "images_seen": seen, "epochs": seen / len(x),
+            "augmentation": "none"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "minutes": minutes, "info": info}, path)
+    return model.eval(), info
+
+
+@torch.inference_mode()
+def cnn_accuracy(model: SmallCNN, pixels: torch.Tensor, labels: np.ndarray) -> float:
+    predictions = torch.cat([model(pixels[i:i + 500]).argmax(1) for i in range(0, len(pixels), 500)])
+    return float((predictions.numpy() == labels).mean())
+
+

@@ -1,0 +1,76 @@
+"""Render the README's results tables (markdown) from the benchmarks' JSON files.
+
+    python benchmarks/render_tables.py
+"""
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load(name):
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def strategy_name(config: dict) -> str:
+    if config["name"] == "exhaustive":
+        return f"exhaustive, {config['n_timesteps']} timesteps"
+    if config["name"] == "staged":
+        return f"staged {'/'.join(map(str, config['n_samples']))} keep {'/'.join(map(str, config['to_keep']))}"
+    return config["name"]
+
+
+def main():
+    fm = load("fashion_mnist")
+    if fm and "accuracy" in fm:
+        n = fm["meta"]["accuracy"]["images"]
+        print(f"**Accuracy vs cost** ({n} Fashion-MNIST test images, fixed seeded subset; 2 CPU threads)\n")
+        print("| model | strategy | NFE / image | accuracy | s / image |")
+        print("|---|---|---|---|---|")
+        for r in fm["accuracy"]:
+            print(f"| {r['model']} | {strategy_name(r['strategy'])} | {r['nfe_per_image']:.0f} | "
+                  f"{100 * r['accuracy']:.1f}% | {r['seconds_per_image']:.2f} |")
+        print()
+    if fm and "cnn" in fm:
+        c = fm["cnn"]
+        print(f"CNN reference (same images): {100 * c['accuracy']:.1f}% after {c['minutes']} min "
+              f"({c['epochs']:.1f} epochs, no augmentation).\n")
+    if fm and "wordings" in fm:
+        print("**Text model, wordings** (exhaustive)\n")
+        print("| wording | NFE / image | accuracy |")
+        print("|---|---|---|")
+        for r in fm["wordings"]:
+            print(f"| {r['wording']} | {r['nfe_per_image']:.0f} | {100 * r['accuracy']:.1f}% |")
+        print()
+    if fm and "shift" in fm:
+        print(f"**Distribution shift** (class model, {fm['shift']['timesteps']} timesteps)\n")
+        print("| shift | diffusion classifier | CNN |")
+        print("|---|---|---|")
+        for r in fm["shift"]["rows"]:
+            print(f"| {r['shift']} | {100 * r['diffusion']:.1f}% | {100 * r['cnn']:.1f}% |")
+        print()
+    if fm and "ablation" in fm:
+        a = fm["ablation"]
+        print("**Single-timestep accuracy** (class model): " + ", ".join(
+            f"t={r['t']}: {100 * r['accuracy']:.1f}%" for r in a["single_timestep"]))
+        s = a["spacing"]
+        print(f"\n{s['n_timesteps']} timesteps evenly spaced: {100 * s['even']:.1f}%, "
+              f"random: {100 * s['random']:.1f}%\n")
+    if fm and "coldstart" in fm:
+        print("**Cold start** of `classify` on one image, 25 timesteps\n")
+        print("| model | CLI wall | imports | loading | scoring |")
+        print("|---|---|---|---|---|")
+        for r in fm["coldstart"]:
+            print(f"| {r['model']} | {r['cli_seconds']:.1f} s | {r['imports']:.1f} s | {r['loading']:.1f} s | "
+                  f"{r['scoring_25_timesteps']:.1f} s |")
+        print()
+    mem = load("memory")
+    if mem:
+        print("**Memory**: " + ", ".join(f"{r['images']} images: peak RSS {r['peak_rss_mib']:.0f} MiB"
+                                         for r in mem["rows"]) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Effective robustness on Fashion-MNIST: plain vs robust diffusion classifier vs a CNN reference.
+
+    python benchmarks/robustness.py --images 1000
+    python benchmarks/robustness.py --images 200 --families "gaussian noise" contrast brightness
+
+Same test images (the fixed seeded subset of benchmarks/common.py) for every row. For each shift
+family and severity (benchmarks/shifts.py): accuracy of the plain diffusion classifier, of the robust
+one (--noise-aware and --normalize-intensity, each also alone), and of the CNN reference. Clean accuracy
+of every variant is reported too, so robustness bought with clean accuracy shows. Writes
+benchmarks/results/robustness.json and robustness.png (accuracy under shift against clean accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from common import RESULTS, accuracy_of, cnn_accuracy, cnn_reference, test_subset, to_pixels
+from shifts import FAMILIES
+
+from diffusion_classifier import DiffusionClassifier, Exhaustive, load_denoiser
+from diffusion_classifier.data import fashion_mnist_arrays
+from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
+
+VARIANTS = {"plain": {}, "noise-aware": {"noise_aware": True}, "normalized": {"normalize_intensity": True},
+            "robust (both)": {"noise_aware": True, "normalize_intensity": True}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--model", default="fashion-mnist-class")
+    parser.add_argument("--timesteps", type=int, default=25)
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--cnn-minutes", type=float, default=10.0)
+    parser.add_argument("--batch-size", type=int, default=500)
+    args = parser.parse_args()
+    tune_cpu_allocator()
+    subset = test_subset(args.images)
+    images, labels = fashion_mnist_arrays("test")
+    pixels, labels = to_pixels(images[subset]), labels[subset]
+    cnn, cnn_info = cnn_reference(args.cnn_minutes)
+    denoiser = load_denoiser(args.model)
+    classifiers = {name: DiffusionClassifier(denoiser, strategy=Exhaustive(args.timesteps), batch_size=args.batch_size,
+                                             **options) for name, options in VARIANTS.items() if name in args.variants}
+    conditions = [("clean", "", lambda x: x)] + [(family, label, fn) for family in args.families
+                                                  for label, fn in FAMILIES[family]]
+    rows = []
+    header = f"{'shift':<28}" + "".join(f"{name:>16}" for name in classifiers) + f"{'CNN':>10}"
+    print(header, flush=True)
+    for family, severity, shift in conditions:
+        shifted = shift(pixels)
+        row = {"family": family, "severity": severity, "cnn": cnn_accuracy(cnn, shifted, labels)}
+        for name, clf in classifiers.items():
+            row[name] = accuracy_of(clf, shifted, labels)["accuracy"]
+        rows.append(row)
+        print(f"{(family + ' ' + severity).strip():<28}" + "".join(f"{row[n]:>16.4f}" for n in classifiers)
+              + f"{row['cnn']:>10.4f}", flush=True)
+    clean = rows[0]
+    drops = {name: {f"{r['family']} {r['severity']}": clean[name] - r[name] for r in rows[1:]}
+             for name in list(classifiers) + ["cnn"]}
+    out = {"model": args.model, "timesteps": args.timesteps, "images": len(subset),
+           "test_indices_rule": "np.sort(np.random.default_rng(0).permutation(10000)[:N])", "cnn": cnn_info,
+           "rows": rows, "accuracy_drop_from_clean": drops, "date": time.strftime("%Y-%m-%d %H:%M"),
+           "threads": torch.get_num_threads()}
+    RESULTS.mkdir(exist_ok=True)
+    atomic_write_text(json.dumps(out, indent=2) + "\n", RESULTS / "robustness.json")
+    plot(rows, list(classifiers))
+
+
+def plot(rows, variants):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for name in variants + ["cnn"]:
+        clean = rows[0][name]
+        ax.scatter([clean] * (len(rows) - 1), [r[name] for r in rows[1:]], label=name, s=14)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.5)
+    ax.set(xlabel="clean accuracy", ylabel="accuracy under shift (each point a shift)", xlim=(0.6, 1),
+           ylim=(0, 1), title="Fashion-MNIST effective robustness")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "robustness.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
