@@ -120,7 +120,7 @@ def test_checkpoints_with_pickled_code_are_refused(models, tmp_path):
         f.unlink()
     marker = tmp_path / "pwned"
     with open(model / "unet" / "diffusion_pytorch_model.bin", "wb") as f:
-        pickle.dump({"weight": _Exploit(str(marker))}, f)
+        pickle.dump({"weight": _Exploit(str(marker))}, f, protocol=2)
     with pytest.raises(UserError):
         load_denoiser(model)
     assert not marker.exists()

@@ -180,8 +180,8 @@ class DiffusionClassifier:
         order = table.ranking(self.aggregate)
         return Classification(image=name, prediction=self.classes_[order[0]], prediction_index=int(order[0]),
                               ranking=[(self.classes_[i], float(scores[i])) for i in order], mean_errors=scores,
-                              errors=table.errors, timesteps=list(table.timesteps), nfe=table.nfe, seconds=seconds,
-                              extra={"evidence": table.evidence} if table.evidence else {})
+                              errors=table.errors.copy(), timesteps=list(table.timesteps), nfe=table.nfe,
+                              seconds=seconds, extra={"evidence": table.evidence} if table.evidence else {})
 
     def predict(self, images: Sequence) -> np.ndarray:
         """Predicted labels, one per image."""

@@ -105,6 +105,7 @@ class ScoringEngine:
                     work.append((job, next(job.rounds)))
                 except StopIteration:
                     job.done = True
+                    job.noise_cache.clear()  # finished images release their noise (large for latent models)
             if not work:
                 return [job.table for job in jobs]
             self._evaluate(work)

@@ -32,22 +32,29 @@ class ScoreTable:
 
     def __init__(self, n_classes: int, n_prompts: int, t_min: int = 0):
         self.t_min = int(t_min)  # strategies lay their grids over [t_min, T) (noise-aware scoring)
-        self.errors = np.full((n_classes, n_prompts, 0), np.nan)
+        self._buffer = np.full((n_classes, n_prompts, 8), np.nan)  # grows by doubling
         self.timesteps: list[int] = []
         self._column_of: dict[int, int] = {}
         self.evidence: dict = {}  # strategies may record why they decided (e.g. elimination gaps)
 
     @property
-    def n_classes(self) -> int:
-        return self.errors.shape[0]
+    def errors(self) -> np.ndarray:
+        """[classes, prompts, columns] view (writable) of the errors measured so far."""
+        return self._buffer[:, :, : len(self.timesteps)]
 
     def column(self, t: int) -> int:
         if t not in self._column_of:
+            if len(self.timesteps) == self._buffer.shape[2]:
+                grown = np.full(self._buffer.shape[:2] + (2 * self._buffer.shape[2],), np.nan)
+                grown[:, :, : self._buffer.shape[2]] = self._buffer
+                self._buffer = grown
             self._column_of[t] = len(self.timesteps)
             self.timesteps.append(t)
-            pad = np.full(self.errors.shape[:2] + (1,), np.nan)
-            self.errors = np.concatenate([self.errors, pad], axis=2)
         return self._column_of[t]
+
+    @property
+    def n_classes(self) -> int:
+        return self.errors.shape[0]
 
     @property
     def nfe(self) -> int:
