@@ -94,7 +94,7 @@ def per_image_loop(denoiser, pixels, n_timesteps: int, batch_size: int, seed: in
     for image in pixels:
         x0 = denoiser.encode_images(image[None])
         s = image_seed(seed, image)
-        noise = torch.stack([noise_for(s, i, x0.shape[1:]) for i in range(len(grid))])
+        noise = torch.stack([noise_for(s, t, x0.shape[1:]) for t in grid])
         pairs = [(c, i) for c in range(10) for i in range(len(grid))]
         errors = np.zeros((10, len(grid)))
         for start in range(0, len(pairs), batch_size):

@@ -95,7 +95,7 @@ def test_explicit_noise_reproduces_errors_and_matches_a_hand_computation(models)
     pixels = preprocess(img, 16, 3)
     x0 = clf.denoiser.encode_images(pixels)
     seed = clf._seed_for(pixels[0])
-    noise = torch.stack([noise_for(seed, i, x0.shape[1:]) for i in range(3)])
+    noise = torch.stack([noise_for(seed, t, x0.shape[1:]) for t in default.timesteps])
     (explicit,) = clf.classify(img, noise=[noise])
     np.testing.assert_allclose(explicit.errors, default.errors, rtol=1e-6)
 
@@ -173,3 +173,31 @@ def test_class_labels_must_exist(models):
         DiffusionClassifier.from_pretrained(models["dit"], labels=[7])
     with pytest.raises(UserError, match="templates"):
         DiffusionClassifier.from_pretrained(models["dit"], templates=["a {}"])
+
+
+def test_strategies_share_errors_at_common_timesteps(models):
+    """Noise is keyed by timestep, so different strategies agree wherever they evaluate the same (class, t)."""
+    img = random_images(1, mode="L")
+    a = DiffusionClassifier.from_pretrained(models["pixel_class"], strategy=Exhaustive(10)).classify(img)[0]
+    b = DiffusionClassifier.from_pretrained(models["pixel_class"], strategy=Staged([5, 10], [2, 1])).classify(img)[0]
+    common = sorted(set(a.timesteps) & set(b.timesteps))
+    assert common
+    for t in common:
+        col_a, col_b = a.timesteps.index(t), b.timesteps.index(t)
+        evaluated = np.isfinite(b.errors[:, 0, col_b])
+        np.testing.assert_allclose(a.errors[evaluated, 0, col_a], b.errors[evaluated, 0, col_b], rtol=1e-5)
+
+
+def test_replaying_a_strategy_on_a_stored_exhaustive_run_equals_running_it(models):
+    from diffusion_classifier.replay import replay
+
+    imgs = random_images(3, mode="L")
+    full = DiffusionClassifier.from_pretrained(models["pixel_class"], strategy=Exhaustive(20)).classify(imgs)
+    staged = Staged([5, 20], [2, 1])  # its finest grid is the 20-point grid
+    direct = DiffusionClassifier.from_pretrained(models["pixel_class"], strategy=staged).classify(imgs)
+    for f, d in zip(full, direct):
+        table = replay(staged, f.errors, f.timesteps)
+        assert table.nfe == d.nfe and table.ranking()[0] == d.prediction_index
+        np.testing.assert_allclose(table.errors, d.errors, rtol=1e-5)
+    with pytest.raises(UserError, match="stored grid"):
+        replay(Exhaustive(7), full[0].errors, full[0].timesteps)

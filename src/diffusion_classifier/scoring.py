@@ -1,9 +1,12 @@
 """The scoring engine: runs strategies for many images at once, in shared network batches.
 
 For each image, every candidate is scored with the same (t, eps) pairs (a paired
-comparison). Noise for the i-th distinct timestep of an image comes from a generator
-seeded by (seed, image content, i), so results do not depend on batch size, on which
-images share a batch, on the number of processes, or on image order.
+comparison). The noise used at timestep t comes from a generator seeded by (seed, image
+content, t), so results do not depend on batch size, on which images share a batch, on the
+number of processes or on image order; and two strategies that evaluate the same (class, t)
+of an image get the same error there, so their results are paired too (and a stored
+exhaustive run can replay any strategy on its grid exactly). Explicit noise follows the
+original code's layout instead: entry i goes with the i-th distinct timestep evaluated.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ def image_seed(seed: int, pixels: torch.Tensor) -> int:
     return _hash_to_seed(str(seed).encode(), data)
 
 
-def noise_for(seed: int, column: int, shape: Sequence[int]) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(_hash_to_seed(str(seed).encode(), str(column).encode()))
+def noise_for(seed: int, t: int, shape: Sequence[int]) -> torch.Tensor:
+    """The noise an image (its seed from image_seed) gets at timestep t."""
+    generator = torch.Generator().manual_seed(_hash_to_seed(str(seed).encode(), str(t).encode()))
     return torch.randn(tuple(shape), generator=generator)
 
 
@@ -47,7 +51,7 @@ class _ImageJob:
     noise_cache: dict = field(default_factory=dict)
     done: bool = False
 
-    def noise(self, column: int) -> torch.Tensor:
+    def noise(self, column: int, t: int) -> torch.Tensor:
         if column not in self.noise_cache:
             if self.explicit_noise is not None:
                 if column >= len(self.explicit_noise):
@@ -55,7 +59,7 @@ class _ImageJob:
                                     f"evaluates more distinct timesteps than that")
                 self.noise_cache[column] = self.explicit_noise[column]
             else:
-                self.noise_cache[column] = noise_for(self.seed, column, self.x0.shape)
+                self.noise_cache[column] = noise_for(self.seed, t, self.x0.shape)
         return self.noise_cache[column]
 
 
@@ -125,7 +129,7 @@ class ScoringEngine:
         for start in range(0, len(items), self.batch_size):
             chunk = items[start:start + self.batch_size]
             x0 = torch.stack([job.x0 for job, *_ in chunk])
-            noise = torch.stack([job.noise(col) for job, _, _, col, _, _ in chunk]).to(device)
+            noise = torch.stack([job.noise(col, t) for job, _, t, col, _, _ in chunk]).to(device)
             t = torch.tensor([item[2] for item in chunk], device=device)
             rows = torch.tensor([item[1] for item in chunk], device=device)
             cond = {key: value[rows] for key, value in self.conditions.items()}
