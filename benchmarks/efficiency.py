@@ -3,10 +3,13 @@
     python benchmarks/efficiency.py --images 500
     python benchmarks/efficiency.py --images 200 --sections throughput
 
-Same test images (fashion_mnist.py's fixed seeded subset) and seeds for every row. Rows: exhaustive
-evaluation, the paper's staged schedule (its CIFAR-10 preset, 50/500 keep 5/1, and the faster 25/250
-variant), and the elimination strategy at several error rates. For each: accuracy, mean and
-95th-percentile NFE per image, and wall seconds per image. Also: images/s of the batched engine vs a
+Same test images (the fixed seeded subset of common.py) and seeds for every row. One exhaustive pass
+over an even grid of --grid timesteps is stored; every strategy on that grid is then replayed on the
+stored errors, which gives exactly its decisions and NFE (noise is keyed by image and timestep). Rows:
+exhaustive subsets, the paper's staged schedule (the 25/250 keep 5/1 variant on the 250 grid; its
+CIFAR-10 preset, 50/500, runs directly with --with-cifar-preset), and the elimination strategy at
+several error rates (one also run directly). For each: accuracy, mean and 95th-percentile NFE per
+image, and seconds per image. Also: images/s of the batched engine vs a
 per-image loop of the same algorithm (one image at a time, batches of (class, timestep) pairs, as the
 original code does), and the share of wall time spent in the network forward.
 Writes benchmarks/results/efficiency.json and efficiency.png.
@@ -24,9 +27,10 @@ from common import RESULTS, test_subset, to_pixels
 
 from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, Staged, load_denoiser, preset
 from diffusion_classifier.data import fashion_mnist_arrays
+from diffusion_classifier.replay import replay
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
 from diffusion_classifier.scoring import image_seed, noise_for
-from diffusion_classifier.strategies import even_timesteps
+from diffusion_classifier.strategies import FixedTimesteps, even_timesteps
 
 
 def test_images(n: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -48,23 +52,57 @@ def run_strategy(clf: DiffusionClassifier, pixels: torch.Tensor, labels: np.ndar
 
 
 def section_strategies(pixels, labels, args, out):
+    """One exhaustive pass over the finest grid, then every strategy replayed on its stored errors.
+
+    Noise is keyed by (image, timestep), so replaying a strategy on the stored errors gives exactly the
+    decisions and NFE of running it (tests/test_scoring.py checks this). Seconds per image of replayed
+    rows are NFE times the measured seconds per network evaluation of the exhaustive pass; the
+    elimination row at --direct-error-rate is also run directly to check that estimate.
+    """
     denoiser = load_denoiser(args.model)
-    strategies = {"exhaustive 25": Exhaustive(25), "exhaustive 100": Exhaustive(100),
-                  "staged 25/250 keep 5/1 (paper, fast)": Staged([25, 250], [5, 1], loss="l2"),
-                  "staged cifar10 preset 50/500 keep 5/1": Staged(preset("cifar10").n_samples,
-                                                                  preset("cifar10").to_keep, loss="l2")}
+    grid_size = args.grid
+    clf = DiffusionClassifier(denoiser, strategy=Exhaustive(grid_size), loss="l2", batch_size=args.batch_size)
+    started = time.perf_counter()
+    full = []
+    for i in range(0, len(pixels), 64):
+        full += clf.classify_pixels(pixels[i:i + 64], [str(j) for j in range(i, i + 64)])
+    seconds_per_nfe = (time.perf_counter() - started) / sum(r.nfe for r in full)
+    grid = full[0].timesteps
+    strategies = {f"exhaustive {k} (every {grid_size // k}th of the grid)":
+                  FixedTimesteps(grid[(grid_size // k) // 2::grid_size // k][:k]) for k in args.exhaustive}
+    strategies[f"exhaustive {grid_size}"] = Exhaustive(grid_size)
+    strategies[f"staged {grid_size // 10}/{grid_size} keep 5/1 (paper's fast variant)"] = Staged(
+        [grid_size // 10, grid_size], [5, 1])
     for rate in args.error_rates:
-        strategies[f"elimination error_rate={rate}"] = Elimination(error_rate=rate, max_timesteps=250)
+        strategies[f"elimination error_rate={rate}"] = Elimination(error_rate=rate, max_timesteps=grid_size)
     rows = []
     for name, strategy in strategies.items():
-        if name in args.skip:
-            continue
-        clf = DiffusionClassifier(denoiser, strategy=strategy, loss="l2", batch_size=args.batch_size)
-        row = {"strategy": name, "config": strategy.describe(), **run_strategy(clf, pixels, labels)}
+        tables = [replay(strategy, r.errors, r.timesteps) for r in full]
+        nfe = np.array([t.nfe for t in tables])
+        correct = np.array([t.ranking()[0] for t in tables]) == labels
+        row = {"strategy": name, "config": strategy.describe(), "accuracy": float(correct.mean()),
+               "nfe_mean": float(nfe.mean()), "nfe_p95": float(np.percentile(nfe, 95)),
+               "seconds_per_image": float(nfe.mean() * seconds_per_nfe), "seconds": "estimated from NFE",
+               "images": len(tables)}
         rows.append(row)
-        print(f"{name:<42} acc {row['accuracy']:.4f}  NFE mean {row['nfe_mean']:7.1f}  p95 {row['nfe_p95']:7.1f}  "
-              f"{row['seconds_per_image']:.3f} s/img", flush=True)
+        print(f"{name:<48} acc {row['accuracy']:.4f}  NFE mean {row['nfe_mean']:7.1f}  p95 {row['nfe_p95']:7.1f}  "
+              f"~{row['seconds_per_image']:.3f} s/img", flush=True)
+    direct = DiffusionClassifier(denoiser, strategy=Elimination(error_rate=args.direct_error_rate,
+                                                                max_timesteps=grid_size), batch_size=args.batch_size)
+    row = {"strategy": f"elimination error_rate={args.direct_error_rate} (run directly)",
+           "config": direct.strategy.describe(), **run_strategy(direct, pixels, labels)}
+    row["nfe_mean"], row["seconds"] = row.pop("nfe_mean"), "measured"
+    rows.append(row)
+    print(f"{row['strategy']:<48} acc {row['accuracy']:.4f}  NFE mean {row['nfe_mean']:7.1f}  "
+          f"{row['seconds_per_image']:.3f} s/img (measured)", flush=True)
+    if args.with_cifar_preset:
+        cifar = DiffusionClassifier(denoiser, strategy=preset("cifar10"), loss="l2", batch_size=args.batch_size)
+        row = {"strategy": "staged cifar10 preset 50/500 keep 5/1 (run directly, l2)",
+               "config": cifar.strategy.describe(), **run_strategy(cifar, pixels, labels), "seconds": "measured"}
+        rows.append(row)
+        print(f"{row['strategy']:<48} acc {row['accuracy']:.4f}  NFE mean {row['nfe_mean']:7.1f}", flush=True)
     out["strategies"] = rows
+    out["seconds_per_nfe"] = seconds_per_nfe
     plot(rows)
 
 
@@ -76,7 +114,7 @@ def plot(rows):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
-        marker = {"exhaustive": "o", "staged": "s", "elimination": "^"}[row["config"]["name"]]
+        marker = {"exhaustive": "o", "fixed": "o", "staged": "s", "elimination": "^"}[row["config"]["name"]]
         ax.scatter(row["nfe_mean"], row["accuracy"], marker=marker)
         ax.annotate(row["strategy"], (row["nfe_mean"], row["accuracy"]), fontsize=6, xytext=(3, 2),
                     textcoords="offset points")
@@ -136,8 +174,11 @@ def main():
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--model", default="fashion-mnist-class")
     parser.add_argument("--sections", nargs="+", default=["strategies", "throughput"])
+    parser.add_argument("--grid", type=int, default=250, help="timesteps of the exhaustive pass")
+    parser.add_argument("--exhaustive", type=int, nargs="+", default=[10, 25, 50], help="exhaustive rows (subsets)")
     parser.add_argument("--error-rates", type=float, nargs="+", default=[0.01, 0.05, 0.2])
-    parser.add_argument("--skip", nargs="*", default=[], help="strategy row names to skip")
+    parser.add_argument("--direct-error-rate", type=float, default=0.05)
+    parser.add_argument("--with-cifar-preset", action="store_true", help="also run the 2,750-NFE preset directly")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--loop-batch-size", type=int, default=32, help="the original code's default")
     parser.add_argument("--throughput-timesteps", type=int, default=25)
