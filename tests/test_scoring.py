@@ -166,6 +166,19 @@ def test_input_types_give_the_same_result(models):
     np.testing.assert_allclose(results[0].errors, results[2].errors, rtol=1e-5)
 
 
+def test_class_labels_match_full_names_or_comma_separated_synonyms(models, tmp_path):
+    import json
+    import shutil
+
+    dit = tmp_path / "dit"
+    shutil.copytree(models["dit"], dit)
+    index = json.loads((dit / "model_index.json").read_text())
+    index["id2label"] = {"0": "tench, Tinca tinca", "1": "goldfish, Carassius auratus", "2": "shark", "3": "ray"}
+    (dit / "model_index.json").write_text(json.dumps(index))
+    clf = DiffusionClassifier.from_pretrained(dit, labels=["goldfish", "tench, Tinca tinca", 3])
+    assert clf.classes_ == ["goldfish, Carassius auratus", "tench, Tinca tinca", "ray"]
+
+
 def test_class_labels_must_exist(models):
     with pytest.raises(UserError, match="not one of the model's classes"):
         DiffusionClassifier.from_pretrained(models["dit"], labels=["unicorn"])

@@ -60,8 +60,8 @@ class DiffusionClassifier:
         names (default: all of them) or integer class ids.
     strategy: Exhaustive(n_timesteps), Staged(n_samples, to_keep) or preset(name).
     loss: l2 (default), l1 or huber, on the noise. aggregate: min or mean over prompts.
-    temperature: predict_proba is softmax(-mean_error / temperature). It is NOT calibrated
-        unless the temperature was fitted on held-out data.
+    temperature: predict_proba is softmax(-(error - leader's error) / temperature). It is NOT
+        calibrated unless the temperature was fitted on held-out data (`calibrate`).
     """
 
     def __init__(self, denoiser: Denoiser, labels: Sequence[str | int] | None = None,
@@ -116,13 +116,17 @@ class DiffusionClassifier:
         names = denoiser.class_names or [str(i) for i in range(denoiser.num_classes)]
         if labels is None:
             return list(names), list(range(len(names)))
+        lookup: dict[str, int] = {}  # full names, and each comma-separated synonym (ImageNet's "tench, Tinca tinca")
+        for i, name in enumerate(names):
+            for key in [name] + [part.strip() for part in name.split(",")]:
+                lookup.setdefault(key, i)
         ids = []
         for label in labels:
             if isinstance(label, (int, np.integer)) or (isinstance(label, str) and label.isdigit()
-                                                         and label not in names):
+                                                         and label not in lookup):
                 ids.append(int(label))
-            elif label in names:
-                ids.append(names.index(label))
+            elif label in lookup:
+                ids.append(lookup[label])
             else:
                 raise UserError(f"label {label!r} is not one of the model's classes "
                                 f"({', '.join(names[:12])}{', ...' if len(names) > 12 else ''})")
