@@ -26,7 +26,8 @@ def main():
     fm = load("fashion_mnist")
     if fm and "accuracy" in fm:
         n = fm["meta"]["accuracy"]["images"]
-        print(f"**Accuracy vs cost** ({n} Fashion-MNIST test images, fixed seeded subset; 2 CPU threads)\n")
+        print(f"**Accuracy vs cost** ({n} Fashion-MNIST test images, fixed seeded subset; "
+              "1 torch thread per process)\n")
         print("| model | strategy | NFE / image | accuracy | s / image |")
         print("|---|---|---|---|---|")
         for r in fm["accuracy"]:
@@ -59,7 +60,8 @@ def main():
         print(f"\n{s['n_timesteps']} timesteps evenly spaced: {100 * s['even']:.1f}%, "
               f"random: {100 * s['random']:.1f}%\n")
     if fm and "coldstart" in fm:
-        print("**Cold start** of `classify` on one image, 25 timesteps\n")
+        print("**Cold start** of `classify` on one image, 25 timesteps "
+              "(measured while another benchmark process ran)\n")
         print("| model | CLI wall | imports | loading | scoring |")
         print("|---|---|---|---|---|")
         for r in fm["coldstart"]:

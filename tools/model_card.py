@@ -23,11 +23,13 @@ def main() -> None:
     config = summary["config"]
     index = json.loads((MODELS / args.name / "model_index.json").read_text())
     unet = json.loads((MODELS / args.name / "unet" / "config.json").read_text())
+    conditioning = ("class ids" if config["conditioning"] == "class"
+                    else "text captions through the frozen all-MiniLM-L6-v2 encoder")
     lines = [
         f"# {args.name}",
         "",
         f"A {summary['parameters'] / 1e6:.2f}M-parameter pixel-space {unet['_class_name']} "
-        f"({'class ids' if config['conditioning'] == 'class' else 'text captions through the frozen all-MiniLM-L6-v2 encoder'}) "
+        f"({conditioning}) "
         f"trained with epsilon prediction on the 60,000 Fashion-MNIST training images (28x28, grayscale, "
         f"scaled to [-1, 1]; Debian's dataset-fashion-mnist), DDPM linear schedule with 1,000 steps. "
         f"Weights are the EMA (decay {config['ema_decay']}).",
