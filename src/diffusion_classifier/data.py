@@ -17,7 +17,6 @@ from .errors import UserError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                   "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
-ImageInput = "str | Path | Image.Image | np.ndarray | torch.Tensor"
 
 
 def load_image(path: str | Path) -> Image.Image:
