@@ -2,6 +2,7 @@
 
     python benchmarks/efficiency.py --images 500
     python benchmarks/efficiency.py --images 200 --sections throughput
+    python benchmarks/efficiency.py --sections calibration --calibration-images 2000
 
 Same test images (the fixed seeded subset of common.py) and seeds for every row. One exhaustive pass
 over an even grid of --grid timesteps is stored; every strategy on that grid is then replayed on the
@@ -11,7 +12,8 @@ CIFAR-10 preset, 50/500, runs directly with --with-cifar-preset), and the elimin
 several error rates (one also run directly). For each: accuracy, mean and 95th-percentile NFE per
 image, and seconds per image. Also: images/s of the batched engine vs a
 per-image loop of the same algorithm (one image at a time, batches of (class, timestep) pairs, as the
-original code does), and the share of wall time spent in the network forward.
+original code does), and the share of wall time spent in the network forward. And calibration: a
+temperature fitted on half of a labelled set, with NLL and ECE before and after on the other half.
 Writes benchmarks/results/efficiency.json and efficiency.png.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +34,9 @@ from diffusion_classifier.replay import replay
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
 from diffusion_classifier.scoring import image_seed, noise_for
 from diffusion_classifier.strategies import FixedTimesteps, even_timesteps
+
+GRID_CACHE = RESULTS / "efficiency_grid.npz"  # the exhaustive pass's errors (not committed: a cache)
+CLASS_TREE = Path(__file__).resolve().parents[1] / "examples" / "fashion-mnist" / "class_tree.json"
 
 
 def test_images(n: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -61,13 +67,7 @@ def section_strategies(pixels, labels, args, out):
     """
     denoiser = load_denoiser(args.model)
     grid_size = args.grid
-    clf = DiffusionClassifier(denoiser, strategy=Exhaustive(grid_size), loss="l2", batch_size=args.batch_size)
-    started = time.perf_counter()
-    full = []
-    for i in range(0, len(pixels), 64):
-        full += clf.classify_pixels(pixels[i:i + 64], [str(j) for j in range(i, i + 64)])
-    seconds_per_nfe = (time.perf_counter() - started) / sum(r.nfe for r in full)
-    grid = full[0].timesteps
+    errors, grid, seconds_per_nfe = grid_pass(denoiser, pixels, args)
     strategies = {f"exhaustive {k} (every {grid_size // k}th of the grid)":
                   FixedTimesteps(grid[(grid_size // k) // 2::grid_size // k][:k]) for k in args.exhaustive}
     strategies[f"exhaustive {grid_size}"] = Exhaustive(grid_size)
@@ -75,9 +75,13 @@ def section_strategies(pixels, labels, args, out):
         [grid_size // 10, grid_size], [5, 1])
     for rate in args.error_rates:
         strategies[f"elimination error_rate={rate}"] = Elimination(error_rate=rate, max_timesteps=grid_size)
+    strategies["elimination error_rate=0.05, shortlist 3"] = Elimination(0.05, max_timesteps=grid_size, shortlist=3)
+    tree = json.loads(CLASS_TREE.read_text())
+    strategies["elimination error_rate=0.05, class tree keep 2"] = Elimination(
+        0.05, max_timesteps=grid_size, class_tree=tree, keep_groups=2).resolve(denoiser.class_names)
     rows = []
     for name, strategy in strategies.items():
-        tables = [replay(strategy, r.errors, r.timesteps) for r in full]
+        tables = [replay(strategy, e, grid) for e in errors]
         nfe = np.array([t.nfe for t in tables])
         correct = np.array([t.ranking()[0] for t in tables]) == labels
         row = {"strategy": name, "config": strategy.describe(), "accuracy": float(correct.mean()),
@@ -106,6 +110,27 @@ def section_strategies(pixels, labels, args, out):
     plot(rows)
 
 
+def grid_pass(denoiser, pixels, args) -> tuple[np.ndarray, list[int], float]:
+    """Errors of every class at every timestep of the grid, per image; cached in results/ by settings."""
+    key = {"model": args.model, "images": len(pixels), "grid": args.grid, "seed": 0, "loss": "l2"}
+    if GRID_CACHE.exists():
+        cached = np.load(GRID_CACHE, allow_pickle=False)
+        if json.loads(str(cached["key"])) == key:
+            print("reusing the stored grid pass", GRID_CACHE, flush=True)
+            return cached["errors"], cached["grid"].tolist(), float(cached["seconds_per_nfe"])
+    clf = DiffusionClassifier(denoiser, strategy=Exhaustive(args.grid), loss="l2", batch_size=args.batch_size)
+    started = time.perf_counter()
+    full = []
+    for i in range(0, len(pixels), 64):
+        full += clf.classify_pixels(pixels[i:i + 64], [str(j) for j in range(i, i + 64)])
+    seconds_per_nfe = (time.perf_counter() - started) / sum(r.nfe for r in full)
+    errors, grid = np.stack([r.errors for r in full]), full[0].timesteps
+    tmp = GRID_CACHE.with_suffix(".tmp.npz")
+    np.savez(tmp, errors=errors, grid=np.array(grid), seconds_per_nfe=seconds_per_nfe, key=json.dumps(key))
+    tmp.replace(GRID_CACHE)
+    return errors, grid, seconds_per_nfe
+
+
 def plot(rows):
     import matplotlib
 
@@ -121,6 +146,42 @@ def plot(rows):
     ax.set(xscale="log", xlabel="mean NFE per image", ylabel="accuracy", title="accuracy vs cost")
     fig.tight_layout()
     fig.savefig(RESULTS / "efficiency.png", dpi=120)
+
+
+def section_calibration(pixels, labels, args, out):
+    """Temperature fitted on one half of a labelled set, judged (NLL, ECE) on the other half.
+
+    Uses its own, larger image set (--calibration-images) scored exhaustively at
+    --calibration-timesteps: ECE over a few hundred images is too noisy to judge a 0.03 target.
+    """
+    from diffusion_classifier.calibration import expected_calibration_error, fit_temperature, negative_log_likelihood
+    from diffusion_classifier.classifier import softmax_of_errors
+    from diffusion_classifier.strategies import relative_scores
+
+    pixels, labels = test_images(args.calibration_images)
+    clf = DiffusionClassifier(load_denoiser(args.model), strategy=Exhaustive(args.calibration_timesteps),
+                              batch_size=args.batch_size)
+    results = []
+    for i in range(0, len(pixels), 64):
+        results += clf.classify_pixels(pixels[i:i + 64], [str(j) for j in range(i, i + 64)])
+    relative = np.stack([relative_scores(r.errors, r.prediction_index) for r in results])
+    order = np.random.default_rng(0).permutation(len(labels))
+    fit, held = order[: len(order) // 2], order[len(order) // 2:]
+    temperature = fit_temperature(relative[fit], labels[fit])
+
+    def judge(t: float) -> dict:
+        probs = softmax_of_errors(relative[held], t)
+        return {"nll": negative_log_likelihood(relative[held], labels[held], t),
+                "ece": expected_calibration_error(probs, labels[held]),
+                "mean_confidence": float(probs.max(axis=1).mean())}
+
+    out["calibration"] = {"strategy": clf.strategy.describe(), "images": len(labels), "fit_images": len(fit),
+                          "held_out_images": len(held), "temperature": temperature,
+                          "accuracy_held_out": float(np.mean(relative[held].argmin(axis=1) == labels[held])),
+                          "before (T=1)": judge(1.0), "after": judge(temperature)}
+    c = out["calibration"]
+    print(f"calibration on {len(held)} held-out images: T={temperature:.4g}; NLL {c['before (T=1)']['nll']:.3f} -> "
+          f"{c['after']['nll']:.3f}, ECE {c['before (T=1)']['ece']:.3f} -> {c['after']['ece']:.3f}", flush=True)
 
 
 @torch.inference_mode()
@@ -173,7 +234,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--model", default="fashion-mnist-class")
-    parser.add_argument("--sections", nargs="+", default=["strategies", "throughput"])
+    parser.add_argument("--sections", nargs="+", default=["strategies", "throughput", "calibration"],
+                        choices=["strategies", "throughput", "calibration"])
     parser.add_argument("--grid", type=int, default=250, help="timesteps of the exhaustive pass")
     parser.add_argument("--exhaustive", type=int, nargs="+", default=[10, 25, 50], help="exhaustive rows (subsets)")
     parser.add_argument("--error-rates", type=float, nargs="+", default=[0.01, 0.05, 0.2])
@@ -182,6 +244,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--loop-batch-size", type=int, default=32, help="the original code's default")
     parser.add_argument("--throughput-timesteps", type=int, default=25)
+    parser.add_argument("--calibration-images", type=int, default=2000)
+    parser.add_argument("--calibration-timesteps", type=int, default=10)
     args = parser.parse_args()
     tune_cpu_allocator()
     pixels, labels = test_images(args.images)

@@ -158,7 +158,7 @@ def main():
     parser.add_argument("--timesteps", type=int, nargs="+", default=[10, 25, 50], help="exhaustive rows")
     parser.add_argument("--wording-timesteps", type=int, default=25)
     parser.add_argument("--shift-timesteps", type=int, default=25)
-    parser.add_argument("--cnn-minutes", type=float, default=10.0)
+    parser.add_argument("--cnn-minutes", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--out", default=str(RESULTS / "fashion_mnist.json"))
     args = parser.parse_args()

@@ -3,7 +3,8 @@
     python benchmarks/robustness.py --images 1000
     python benchmarks/robustness.py --images 200 --families "gaussian noise" contrast brightness
 
-Same test images (the fixed seeded subset of benchmarks/common.py) for every row. For each shift
+Same test images (the fixed seeded subset of benchmarks/common.py) for every row. Rows are saved as
+they finish; a rerun with the same model, timesteps and images reuses them (add families in later runs). For each shift
 family and severity (benchmarks/shifts.py): accuracy of the plain diffusion classifier, of the robust
 one (--noise-aware and --normalize-intensity, each also alone), and of the CNN reference. Clean accuracy
 of every variant is reported too, so robustness bought with clean accuracy shows. Writes
@@ -35,7 +36,7 @@ def main():
     parser.add_argument("--timesteps", type=int, default=25)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--cnn-minutes", type=float, default=10.0)
+    parser.add_argument("--cnn-minutes", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=500)
     args = parser.parse_args()
     tune_cpu_allocator()
@@ -48,27 +49,47 @@ def main():
                                              **options) for name, options in VARIANTS.items() if name in args.variants}
     conditions = [("clean", "", lambda x: x)] + [(family, label, fn) for family in args.families
                                                   for label, fn in FAMILIES[family]]
+    done = previous_rows(args, len(subset), list(classifiers))
     rows = []
     header = f"{'shift':<28}" + "".join(f"{name:>16}" for name in classifiers) + f"{'CNN':>10}"
     print(header, flush=True)
     for family, severity, shift in conditions:
-        shifted = shift(pixels)
-        row = {"family": family, "severity": severity, "cnn": cnn_accuracy(cnn, shifted, labels)}
-        for name, clf in classifiers.items():
-            row[name] = accuracy_of(clf, shifted, labels)["accuracy"]
+        row = done.pop((family, severity), None)
+        if row is None:
+            shifted = shift(pixels)
+            row = {"family": family, "severity": severity, "cnn": cnn_accuracy(cnn, shifted, labels)}
+            for name, clf in classifiers.items():
+                row[name] = accuracy_of(clf, shifted, labels)["accuracy"]
         rows.append(row)
         print(f"{(family + ' ' + severity).strip():<28}" + "".join(f"{row[n]:>16.4f}" for n in classifiers)
               + f"{row['cnn']:>10.4f}", flush=True)
+        # after every row, with the earlier run's other rows: a stopped run keeps its rows and resumes
+        save(args, len(subset), cnn_info, rows + list(done.values()), list(classifiers))
+    rows += list(done.values())
+    plot(rows, list(classifiers))
+
+
+def previous_rows(args, n_images: int, variants: list[str]) -> dict:
+    """Rows of an earlier run with the same model, timesteps, images and variants, keyed by shift."""
+    path = RESULTS / "robustness.json"
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    if (old.get("model"), old.get("timesteps"), old.get("images")) != (args.model, args.timesteps, n_images):
+        return {}
+    return {(r["family"], r["severity"]): r for r in old["rows"] if all(v in r for v in variants)}
+
+
+def save(args, n_images: int, cnn_info: dict, rows: list[dict], variants: list[str]) -> None:
     clean = rows[0]
     drops = {name: {f"{r['family']} {r['severity']}": clean[name] - r[name] for r in rows[1:]}
-             for name in list(classifiers) + ["cnn"]}
-    out = {"model": args.model, "timesteps": args.timesteps, "images": len(subset),
+             for name in variants + ["cnn"]}
+    out = {"model": args.model, "timesteps": args.timesteps, "images": n_images,
            "test_indices_rule": "np.sort(np.random.default_rng(0).permutation(10000)[:N])", "cnn": cnn_info,
            "rows": rows, "accuracy_drop_from_clean": drops, "date": time.strftime("%Y-%m-%d %H:%M"),
            "threads": torch.get_num_threads()}
     RESULTS.mkdir(exist_ok=True)
     atomic_write_text(json.dumps(out, indent=2) + "\n", RESULTS / "robustness.json")
-    plot(rows, list(classifiers))
 
 
 def plot(rows, variants):

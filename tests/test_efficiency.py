@@ -9,7 +9,12 @@ from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, U
 from diffusion_classifier.calibration import expected_calibration_error, fit_temperature
 from diffusion_classifier.classifier import softmax_of_errors
 from diffusion_classifier.cli import main
-from diffusion_classifier.strategies import ScoreTable, low_discrepancy_order, relative_scores
+from diffusion_classifier.strategies import (
+    ScoreTable,
+    class_tree_indices,
+    low_discrepancy_order,
+    relative_scores,
+)
 
 from .conftest import random_images
 
@@ -69,6 +74,49 @@ def test_elimination_with_a_thousand_classes_and_a_shortlist():
     table = run_synthetic(Elimination(max_timesteps=100, shortlist=20), means, noise_sd=0.01)
     assert table.ranking()[0] == 0
     assert table.nfe < 1000 * 8 + 20 * 100
+
+
+def test_class_tree_descends_one_level_per_round_and_saves_evaluations():
+    # 40 classes in 8 groups of 5; class 0 is best, its siblings 1-4 close, the other groups too close to
+    # be ruled out by the statistics after one round
+    means = np.concatenate([[0.0, 0.004, 0.006, 0.008, 0.01], np.random.default_rng(2).uniform(0.012, 0.03, 35)])
+    tree = [list(range(g * 5, g * 5 + 5)) for g in range(8)]
+    plain = run_synthetic(Elimination(max_timesteps=100, min_timesteps=8), means, noise_sd=0.01)
+    grouped = run_synthetic(Elimination(max_timesteps=100, min_timesteps=8, class_tree=tree, keep_groups=1),
+                            means, noise_sd=0.01)
+    assert grouped.ranking()[0] == plain.ranking()[0] == 0
+    assert grouped.nfe < plain.nfe
+    dropped_by_tree = {c for c, v in grouped.evidence.items() if v.get("by") == "class tree"}
+    assert dropped_by_tree == set(range(5, 40))  # whole groups go after the first round; siblings stay
+
+
+def test_class_tree_by_name_with_unlisted_classes_and_mistakes():
+    labels = ["cat", "dog", "car", "bus", "tree"]
+    tree = {"animals": ["cat", "dog"], "vehicles": {"road": ["car", "bus"]}}
+    assert class_tree_indices(tree, labels) == [[0, 1], [[2, 3]], 4]  # "tree" is a group of its own
+    for bad, message in (({"a": ["cat", "cow"]}, "not one of"), (["cat", ["cat"]], "twice"),
+                         ({"a": []}, "no members"), ("cat", "object or list")):
+        with pytest.raises(UserError, match=message):
+            class_tree_indices(bad, labels)
+    with pytest.raises(UserError, match="not both"):
+        Elimination(shortlist=3, class_tree=tree)
+
+
+def test_class_tree_from_the_cli(models, tmp_path, capsys):
+    tree = tmp_path / "tree.json"
+    tree.write_text(json.dumps({"tops": ["T-shirt/top", "Pullover", "Coat", "Shirt", "Dress"],
+                                "footwear": ["Sandal", "Sneaker", "Ankle boot"]}))
+    image = tmp_path / "x.png"
+    random_images(1, size=28, mode="L")[0].save(image)
+    args = ["classify", str(image), "--model", "fashion-mnist-class", "--strategy", "elimination",
+            "--max-timesteps", "20", "--class-tree", str(tree), "--keep-groups", "1", "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["nfe"] < 10 * 20
+    tree.write_text("{not json")
+    assert main(args) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main(args[:-5] + ["--class-tree", str(tmp_path / "missing.json")]) == 2
 
 
 def test_elimination_on_real_models_is_deterministic(models):

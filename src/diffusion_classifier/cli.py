@@ -36,6 +36,9 @@ def _add_train(sub) -> None:
                    help="frozen text encoder: package name, local directory or hub id")
     p.add_argument("--captions-file", default="", help="JSON with train_synonyms and train_templates")
     p.add_argument("--empty-caption-prob", type=float, default=0.1, help="share of empty captions (text models)")
+    p.add_argument("--text-pooling", choices=["tokens", "mean"], default="tokens",
+                   help="text models: cross-attend to the encoder's token states, or to its mean-pooled "
+                        "sentence embedding (generalises better to unseen wordings)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -57,7 +60,7 @@ def cmd_train(args) -> int:
                          ema_decay=args.ema_decay, max_steps=args.max_steps, max_minutes=args.max_minutes,
                          checkpoint_minutes=args.checkpoint_minutes, seed=args.seed, text_encoder=args.text_encoder,
                          captions_file=args.captions_file, empty_caption_prob=args.empty_caption_prob,
-                         threads=args.threads)
+                         text_pooling=args.text_pooling, threads=args.threads)
     summary = train(dataset, args.out, config, progress=not args.quiet)
     summary.pop("config")
     print(json.dumps(summary))
@@ -91,6 +94,9 @@ def _add_model_options(p, labels_required: bool = False) -> None:
                    help="elimination: size of the even timestep grid it draws from (default 100)")
     g.add_argument("--shortlist", type=int, default=None,
                    help="elimination: keep only this many classes after the first round (plain top-k)")
+    g.add_argument("--class-tree", help="elimination: JSON file grouping the class names (nested); after round r "
+                   "only the --keep-groups best groups at depth r go on")
+    g.add_argument("--keep-groups", type=int, default=2, help="elimination with --class-tree: groups kept per level")
     g.add_argument("--temperature", type=float, default=None, help="softmax temperature of probabilities")
     g.add_argument("--calibration", help="calibration.json (or a run directory holding one) from `calibrate`")
     g.add_argument("--loss", choices=["l2", "l1", "huber"], default=None,
@@ -102,10 +108,12 @@ def _add_model_options(p, labels_required: bool = False) -> None:
     g.add_argument("--interpolation", default="bicubic", help="resize filter: bicubic, bilinear, lanczos, nearest")
     g = p.add_argument_group("robustness (pixel-space models)")
     g.add_argument("--noise-aware", action="store_true",
-                   help="estimate each image's noise level and score only timesteps at or above it")
+                   help="estimate each image's noise level and score only timesteps whose noise level is "
+                        "at least --noise-margin times it")
+    g.add_argument("--noise-margin", type=float, default=2.0, help="with --noise-aware (default 2)")
     g.add_argument("--normalize-intensity", action="store_true",
-                   help="map each image's mean/std to the model's training statistics (undoes contrast and "
-                        "brightness changes; do not use where absolute intensity matters)")
+                   help="stretch each image's intensity range onto the training images' range (undoes "
+                        "contrast and brightness changes; for range-normalised data such as Fashion-MNIST)")
 
 
 def _strategy(args):
@@ -114,7 +122,11 @@ def _strategy(args):
     if args.strategy == "elimination":
         if args.preset or args.n_samples or args.to_keep:
             raise UserError("--strategy elimination does not take --preset, --n-samples or --to-keep")
-        return Elimination(args.error_rate, args.max_nfe, args.max_timesteps, shortlist=args.shortlist)
+        tree = _read_json(args.class_tree, "class tree") if args.class_tree else None
+        return Elimination(args.error_rate, args.max_nfe, args.max_timesteps, shortlist=args.shortlist,
+                           class_tree=tree, keep_groups=args.keep_groups)
+    if args.class_tree:
+        raise UserError("--class-tree needs --strategy elimination")
     if args.preset:
         if args.strategy == "exhaustive" or args.n_samples or args.to_keep:
             raise UserError("--preset sets the staged schedule; do not combine it with --strategy exhaustive, "
@@ -125,6 +137,18 @@ def _strategy(args):
             raise UserError("the staged strategy needs both --n-samples and --to-keep")
         return Staged(args.n_samples, args.to_keep)
     return Exhaustive(args.timesteps)
+
+
+def _read_json(path: str, what: str):
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"cannot read the {what} {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"the {what} {path} is not valid JSON: {exc}") from None
 
 
 def _labels(args) -> list[str] | None:
@@ -180,7 +204,8 @@ def _classifier(args, labels, group=None):
     return DiffusionClassifier(denoiser, labels=labels, templates=templates, strategy=strategy, loss=args.loss,
                                aggregate=args.aggregate, seed=args.seed, batch_size=args.batch_size,
                                interpolation=args.interpolation, temperature=temperature,
-                               noise_aware=args.noise_aware, normalize_intensity=args.normalize_intensity)
+                               noise_aware=args.noise_aware, normalize_intensity=args.normalize_intensity,
+                               noise_margin=args.noise_margin)
 
 
 def _add_classify(sub) -> None:

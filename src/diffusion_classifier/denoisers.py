@@ -225,7 +225,10 @@ class TextUNetDenoiser(Denoiser):
             ids = tokens.input_ids.to(self.text_encoder.device)
             mask = tokens.attention_mask.to(self.text_encoder.device)
             out = self.text_encoder(ids, attention_mask=mask if self.uses_attention_mask else None)
-            hidden.append(out[0].to(self.dtype))
+            states = out[0]
+            if self.extra_config.get("text_pooling") == "mean":
+                states, mask = _sentence_embedding(states, mask), mask[:, :1]
+            hidden.append(states.to(self.dtype))
             masks.append(mask)
         cond = {"encoder_hidden_states": torch.cat(hidden)}
         if self.uses_attention_mask:
@@ -235,6 +238,14 @@ class TextUNetDenoiser(Denoiser):
     def _network(self, x_t, t, cond):
         return self.network(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"],
                             encoder_attention_mask=cond.get("encoder_attention_mask")).sample
+
+
+def _sentence_embedding(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, L, D] token states -> [B, 1, D]: masked mean, L2-normalised (sentence-transformers' pooling for
+    all-MiniLM-L6-v2), times sqrt(D) so its entries have about unit scale like token states."""
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+    return torch.nn.functional.normalize(pooled, dim=-1).unsqueeze(1) * states.shape[-1] ** 0.5
 
 
 class ClassConditionalDenoiser(Denoiser):

@@ -8,13 +8,20 @@ the cost is unchanged and every candidate still shares the same (t, eps) pairs).
 
 The estimator is Donoho and Johnstone's: the median absolute finest-scale diagonal wavelet coefficient
 divided by 0.6745 (scikit-image's estimate_sigma does the same with a Daubechies wavelet and needs
-PyWavelets; we use the Haar wavelet, vectorised in torch).
+PyWavelets; we use the Haar wavelet, vectorised in torch). The classifier's default margin is 2: only
+timesteps whose noise level is at least twice the estimate are used. At a margin of 1 the model still
+sees mostly the input's own noise, and the estimate runs low on noise clipped at black or white. Tuned
+on 120 Fashion-MNIST *training* images with the class model, 10 timesteps: noise sigma 0.2 gave 79%
+at margin 1, 88% at 1.5 and 2, 88% at 3; sigma 0.3 gave 82%, 82%, 85%, 85%.
 
-Intensity normalisation: map each image's mean and standard deviation to the averages of the model's
-training images (stored in its config as `intensity_stats`). It undoes global contrast and brightness
-changes; it should not be used where the absolute intensity is informative for the classes, and it
-changes clean inputs whose statistics are far from the average (its cost on clean accuracy is reported
-by benchmarks/robustness.py).
+Intensity normalisation: stretch each image's intensity range [min, max] affinely onto the range the
+model's training images have (the averages of their per-image minimum and maximum, stored in the
+model's config as `intensity_stats`). Many datasets are range-normalised per image (every
+Fashion-MNIST image spans 0 to 240-255), so this is close to the identity on in-distribution images
+and undoes global contrast and brightness changes. Do not use it where the training images are not
+range-normalised (natural photos: a dark scene would be brightened), where absolute intensity tells
+the classes apart, or on images with a few outlying pixels (salt noise, borders): min and max are
+not robust statistics. Its cost on clean accuracy is reported by benchmarks/robustness.py.
 """
 
 from __future__ import annotations
@@ -48,16 +55,17 @@ def min_timestep_for(sigma: torch.Tensor, alphas_cumprod: torch.Tensor, margin: 
 
 
 def intensity_stats(pixels: torch.Tensor) -> dict:
-    """Average per-image mean and standard deviation of training images in [-1, 1]."""
+    """Average per-image minimum and maximum of training images in [-1, 1] (what normalisation targets)."""
     flat = pixels.float().flatten(1)
-    return {"mean": float(flat.mean(dim=1).mean()), "std": float(flat.std(dim=1).mean())}
+    return {"low": float(flat.min(dim=1).values.mean()), "high": float(flat.max(dim=1).values.mean())}
 
 
 def normalize_intensity(pixels: torch.Tensor, stats: dict | None) -> torch.Tensor:
-    if not stats:
-        raise UserError("this model has no stored intensity statistics (intensity_stats in model_index.json); "
-                        "intensity normalisation needs them")
+    """Map each image's [min, max] affinely onto the training range [stats["low"], stats["high"]]."""
+    if not stats or not {"low", "high"} <= stats.keys():
+        raise UserError("this model has no stored intensity range (intensity_stats with low and high in "
+                        "model_index.json); intensity normalisation needs it")
     flat = pixels.float().flatten(1)
-    mean = flat.mean(dim=1).view(-1, 1, 1, 1)
-    std = flat.std(dim=1).clamp_min(1e-3).view(-1, 1, 1, 1)
-    return ((pixels - mean) / std * stats["std"] + stats["mean"]).clamp(-1, 1)
+    low = flat.min(dim=1).values.view(-1, 1, 1, 1)
+    span = (flat.max(dim=1).values.view(-1, 1, 1, 1) - low).clamp_min(1e-3)
+    return ((pixels - low) / span * (stats["high"] - stats["low"]) + stats["low"]).clamp(-1, 1)

@@ -8,6 +8,7 @@ Decisions between rounds read the table, so strategies never touch the model.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -101,9 +102,16 @@ def relative_scores(errors: np.ndarray, leader: int, aggregate: str = "min") -> 
 
 
 def even_timesteps(num_train_timesteps: int, n: int, t_min: int = 0) -> list[int]:
-    """The paper's grid: range(T // n // 2, T, T // n), first n entries; laid over [t_min, T) if t_min > 0."""
+    """The paper's grid: range(T // n // 2, T, T // n), first n entries.
+
+    With t_min above the grid's first point (noise-aware scoring), the n points are laid over
+    [t_min, T) instead; a t_min that excludes no point leaves the paper's grid, and so the plain results,
+    unchanged.
+    """
     if not 1 <= n <= num_train_timesteps:
         raise UserError(f"number of timesteps must lie in [1, {num_train_timesteps}], got {n}")
+    if t_min <= num_train_timesteps // n // 2:
+        t_min = 0
     span = num_train_timesteps - t_min
     n = min(n, span)
     step = span // n
@@ -112,6 +120,10 @@ def even_timesteps(num_train_timesteps: int, n: int, t_min: int = 0) -> list[int
 
 class Strategy:
     loss: str | None = None  # a preset may carry its paper loss
+
+    def resolve(self, labels: Sequence[str]) -> Strategy:
+        """The strategy bound to the candidates' names (for strategies configured by name)."""
+        return self
 
     def rounds(self, table: ScoreTable, num_train_timesteps: int, aggregate: str) -> Iterator[Round]:
         raise NotImplementedError
@@ -235,10 +247,17 @@ class Elimination(Strategy):
 
     `shortlist` (optional): after the first round keep only this many best candidates (a plain top-k,
     not a statistical test: the cheap first pass of the efficiency issue).
+
+    `class_tree` (optional, for many classes): groups of classes, nested, as class names or indices
+    (e.g. {"footwear": ["Sandal", "Sneaker"], "tops": [...]}; classes left out are groups of their
+    own). After look r, only the `keep_groups` best groups at depth r survive (a group scores as its
+    best member), so the search descends one level of the tree per round and confusable siblings stay
+    together until the statistics separate them. Like the shortlist this is a top-k, not a test.
     """
 
     def __init__(self, error_rate: float = 0.05, max_nfe: int | None = None, max_timesteps: int = 100,
-                 round_size: int = 4, min_timesteps: int = 8, shortlist: int | None = None):
+                 round_size: int = 4, min_timesteps: int = 8, shortlist: int | None = None,
+                 class_tree: list | dict | None = None, keep_groups: int = 2):
         if not 0 < error_rate < 1:
             raise UserError("--error-rate must lie in (0, 1)")
         if max_nfe is not None and max_nfe < 1:
@@ -247,8 +266,20 @@ class Elimination(Strategy):
             raise UserError("round size >= 1, minimum timesteps >= 2 and max timesteps >= 1 are required")
         if shortlist is not None and shortlist < 1:
             raise UserError("--shortlist must be at least 1")
+        if class_tree is not None and shortlist is not None:
+            raise UserError("give a shortlist or a class tree, not both")
+        if keep_groups < 1:
+            raise UserError("--keep-groups must be at least 1")
         self.error_rate, self.max_nfe, self.max_timesteps = error_rate, max_nfe, max_timesteps
         self.round_size, self.min_timesteps, self.shortlist = round_size, min_timesteps, shortlist
+        self.class_tree, self.keep_groups = class_tree, keep_groups
+
+    def resolve(self, labels):
+        if self.class_tree is None:
+            return self
+        resolved = copy.copy(self)
+        resolved.class_tree = class_tree_indices(self.class_tree, labels)
+        return resolved
 
     def rounds(self, table, num_train_timesteps, aggregate):
         from statistics import NormalDist
@@ -259,6 +290,7 @@ class Elimination(Strategy):
         n_prompts = table.errors.shape[1]
         comparisons = max(1, table.n_classes - 1)
         position, look = 0, 0
+        groups = class_tree_indices(self.class_tree, range(table.n_classes)) if self.class_tree else None
         while len(alive) > 1 and position < len(order):
             size = self.min_timesteps if position == 0 else self.round_size
             if self.max_nfe is not None:
@@ -272,6 +304,16 @@ class Elimination(Strategy):
             if look == 1 and self.shortlist is not None and self.shortlist < len(alive):
                 scores = table.class_scores(aggregate)[alive]
                 alive = [alive[i] for i in np.argsort(scores, kind="stable")[: self.shortlist]]
+            if groups is not None and any(isinstance(g, list) for g in groups):
+                scores = np.full(table.n_classes, np.inf)
+                scores[alive] = table.class_scores(aggregate)[alive]  # equal footing: same timesteps
+                groups = _best_groups(groups, scores, self.keep_groups)
+                kept = set(_leaves(groups))
+                for c in alive:
+                    if c not in kept:
+                        table.evidence[int(c)] = {"eliminated": True, "by": "class tree", "timesteps": position}
+                alive = [c for c in alive if c in kept]
+                groups = [child for g in groups for child in (g if isinstance(g, list) else [g])]
             columns = [table.column(t) for t in order[:position]]
             per_t = _per_timestep_class_errors(table, alive, columns, aggregate)  # [alive, timesteps]
             leader = int(np.argmin(per_t.mean(axis=1)))
@@ -290,7 +332,47 @@ class Elimination(Strategy):
     def describe(self):
         return {"name": "elimination", "error_rate": self.error_rate, "max_nfe": self.max_nfe,
                 "max_timesteps": self.max_timesteps, "round_size": self.round_size,
-                "min_timesteps": self.min_timesteps, "shortlist": self.shortlist}
+                "min_timesteps": self.min_timesteps, "shortlist": self.shortlist,
+                "class_tree": self.class_tree, "keep_groups": self.keep_groups}
+
+
+def class_tree_indices(tree: list | dict, labels: Sequence) -> list:
+    """A class tree of names (or indices) -> nested lists of class indices; unlisted classes are appended.
+
+    A group is a list of members or an object whose values are its members (keys name the groups).
+    """
+    index = {label: i for i, label in enumerate(labels)}
+    index.update({i: i for i in range(len(index))})
+    seen: set[int] = set()
+
+    def build(node):
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
+            if not node:
+                raise UserError("class tree: a group has no members")
+            return [build(child) for child in node]
+        if isinstance(node, bool) or node not in index:
+            raise UserError(f"class tree names {node!r}, which is not one of the candidate labels")
+        if index[node] in seen:
+            raise UserError(f"class tree names {node!r} twice")
+        seen.add(index[node])
+        return index[node]
+
+    if not isinstance(tree, (dict, list)):
+        raise UserError("a class tree is a JSON object or list of groups")
+    top = build(tree)
+    return top + [i for i in range(len(labels)) if i not in seen]
+
+
+def _leaves(node) -> list[int]:
+    return [leaf for child in node for leaf in _leaves(child)] if isinstance(node, list) else [node]
+
+
+def _best_groups(groups: list, class_scores: np.ndarray, keep: int) -> list:
+    """The `keep` groups whose best member has the lowest score (a lone class is a group of one)."""
+    best = [class_scores[_leaves(g)].min() for g in groups]
+    return [groups[i] for i in np.argsort(best, kind="stable")[:keep]]
 
 
 def _per_timestep_class_errors(table: ScoreTable, classes: list[int], columns: list[int],

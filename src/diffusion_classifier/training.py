@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +65,7 @@ class TrainConfig:
     max_text_length: int = 16
     empty_caption_prob: float = 0.1
     captions_file: str = ""  # JSON with class synonyms and templates (default: built-in Fashion-MNIST)
+    text_pooling: str = "tokens"  # "tokens": cross-attend to token states; "mean": to the sentence embedding
     threads: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -70,6 +73,8 @@ class TrainConfig:
         if self.conditioning not in ("class", "text"):
             raise UserError("--conditioning must be 'class' or 'text'")
         self.architecture = self.architecture or f"{self.conditioning}-small"
+        if self.text_pooling not in ("tokens", "mean"):
+            raise UserError("--text-pooling must be 'tokens' or 'mean'")
         if self.architecture not in ARCHITECTURES:
             raise UserError(f"unknown architecture {self.architecture!r}; choose from {', '.join(ARCHITECTURES)}")
 
@@ -129,6 +134,30 @@ def load_captions(path: str, class_names: list[str]) -> tuple[list[list[str]], l
     return synonyms, templates
 
 
+class _StopRequest:
+    """Turns the first SIGINT/SIGTERM into a flag the training loop polls; a second one aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step: saving the checkpoint (signal again to abort)", file=sys.stderr,
+              flush=True)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def _lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
 
@@ -159,7 +188,7 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
         bank = CaptionBank(class_names, synonyms, templates)
         probe = TextUNetDenoiser(build_network(config, 0, 1, text_encoder.config.hidden_size), build_scheduler(config),
                                  tokenizer, text_encoder,
-                                 extra_config=dict(max_text_length=config.max_text_length, text_attention_mask=True))
+                                 extra_config=_text_config(config))
         text_cond = probe.embed_conditions(bank.captions)  # [n_captions, L, D] and its mask, computed once
 
     torch.manual_seed(config.seed)  # weight initialisation
@@ -176,7 +205,8 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
     step, images_seen, seconds, losses = 0, 0, 0.0, []
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if state["config"] != _comparable(config):
+        stored = {**_comparable(TrainConfig(conditioning=config.conditioning)), **state["config"]}  # newer fields
+        if stored != _comparable(config):
             raise UserError(f"{checkpoint_path} was made with another configuration; use a new output directory")
         network.load_state_dict(state["network"])
         ema.load_state_dict(state["ema"])
@@ -197,47 +227,51 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
                                step=step, images_seen=images_seen, seconds=seconds + time.monotonic() - started,
                                losses=losses, config=_comparable(config)), checkpoint_path)
 
-    while step < config.max_steps and time.monotonic() < deadline:
-        epoch, position = divmod(step, steps_per_epoch)
-        if epoch != epoch_of_permutation:
-            permutation = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
-            epoch_of_permutation = epoch
-        index = permutation[position * config.batch_size:(position + 1) * config.batch_size]
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        x0, y = images[index], labels[index]
-        t = torch.randint(0, config.num_train_timesteps, (len(index),), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        abar = alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        if text_cond is None:
-            pred = network(x_t, t, class_labels=y).sample
-        else:
-            caption = bank.sample(y, gen, config.empty_caption_prob)
-            pred = network(x_t, t, encoder_hidden_states=text_cond["encoder_hidden_states"][caption],
-                           encoder_attention_mask=text_cond["encoder_attention_mask"][caption]).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            for p_ema, p in zip(ema.parameters(), network.parameters()):
-                p_ema.lerp_(p, 1 - decay)
-        step += 1
-        images_seen += len(index)
-        losses.append(loss.item())
-        if progress:
-            elapsed = seconds + time.monotonic() - started
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}", img_s=f"{images_seen / max(elapsed, 1e-9):.0f}",
-                            epoch=f"{images_seen / n:.2f}")
-        if time.monotonic() - last_checkpoint > config.checkpoint_minutes * 60:
-            save_checkpoint()
-            export(ema, scheduler, out_dir, config, class_names, tokenizer, text_encoder, stats)
-            last_checkpoint = time.monotonic()
+    stop = _StopRequest()  # Ctrl-C or SIGTERM: finish the step, then checkpoint, export and summarise
+    try:
+        while step < config.max_steps and time.monotonic() < deadline and not stop.requested:
+            epoch, position = divmod(step, steps_per_epoch)
+            if epoch != epoch_of_permutation:
+                permutation = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
+                epoch_of_permutation = epoch
+            index = permutation[position * config.batch_size:(position + 1) * config.batch_size]
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            x0, y = images[index], labels[index]
+            t = torch.randint(0, config.num_train_timesteps, (len(index),), generator=gen)
+            noise = torch.randn(x0.shape, generator=gen)
+            abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+            x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+            if text_cond is None:
+                pred = network(x_t, t, class_labels=y).sample
+            else:
+                caption = bank.sample(y, gen, config.empty_caption_prob)
+                pred = network(x_t, t, encoder_hidden_states=text_cond["encoder_hidden_states"][caption],
+                               encoder_attention_mask=text_cond["encoder_attention_mask"][caption]).sample
+            loss = torch.nn.functional.mse_loss(pred, noise)
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+            optimizer.step()
+            with torch.no_grad():
+                decay = min(config.ema_decay, (1 + step) / (10 + step))
+                for p_ema, p in zip(ema.parameters(), network.parameters()):
+                    p_ema.lerp_(p, 1 - decay)
+            step += 1
+            images_seen += len(index)
+            losses.append(loss.item())
+            if progress:
+                elapsed = seconds + time.monotonic() - started
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}", img_s=f"{images_seen / max(elapsed, 1e-9):.0f}",
+                                epoch=f"{images_seen / n:.2f}")
+            if time.monotonic() - last_checkpoint > config.checkpoint_minutes * 60:
+                save_checkpoint()
+                export(ema, scheduler, out_dir, config, class_names, tokenizer, text_encoder, stats)
+                last_checkpoint = time.monotonic()
+    finally:
+        stop.restore()
     bar.close()
     save_checkpoint()
     export(ema, scheduler, out_dir, config, class_names, tokenizer, text_encoder, stats)
@@ -247,6 +281,14 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
                    parameters=sum(p.numel() for p in network.parameters()), config=asdict(config))
     (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _text_config(config: TrainConfig) -> dict:
+    """How the text model reads the encoder (stored in model_index.json, so scoring reads it the same way)."""
+    out = {"max_text_length": config.max_text_length, "text_attention_mask": True}
+    if config.text_pooling != "tokens":
+        out["text_pooling"] = config.text_pooling
+    return out
 
 
 def _comparable(config: TrainConfig) -> dict:
@@ -265,8 +307,7 @@ def export(network, scheduler, out_dir: Path, config: TrainConfig, class_names: 
     if config.conditioning == "class":
         denoiser = ClassUNetDenoiser(network, scheduler, extra_config=extra)
     else:
-        extra.update(text_encoder_source=config.text_encoder, max_text_length=config.max_text_length,
-                     text_attention_mask=True)
+        extra.update(text_encoder_source=config.text_encoder, **_text_config(config))
         denoiser = TextUNetDenoiser(network, scheduler, tokenizer, text_encoder, extra_config=extra)
     tmp = out_dir / ".export-tmp"
     denoiser.save_pretrained(tmp)
