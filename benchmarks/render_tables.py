@@ -68,10 +68,56 @@ def main():
             print(f"| {r['model']} | {r['cli_seconds']:.1f} s | {r['imports']:.1f} s | {r['loading']:.1f} s | "
                   f"{r['scoring_25_timesteps']:.1f} s |")
         print()
+    render_efficiency(load("efficiency"))
+    render_robustness(load("robustness"))
     mem = load("memory")
     if mem:
         print("**Memory**: " + ", ".join(f"{r['images']} images: peak RSS {r['peak_rss_mib']:.0f} MiB"
                                          for r in mem["rows"]) + "\n")
+
+
+def render_efficiency(eff):
+    if not eff:
+        return
+    if "strategies" in eff:
+        meta = eff["meta"]["strategies"]
+        print(f"**Strategies** ({meta['images']} test images, {meta['model']}, same images and noise for every row; "
+              "seconds per image estimated from NFE unless measured)\n")
+        print("| strategy | accuracy | mean NFE | p95 NFE | s / image |")
+        print("|---|---|---|---|---|")
+        for r in eff["strategies"]:
+            seconds = f"{r['seconds_per_image']:.2f}" + (" (measured)" if r.get("seconds") == "measured" else "")
+            print(f"| {r['strategy']} | {100 * r['accuracy']:.1f}% | {r['nfe_mean']:.0f} | {r['nfe_p95']:.0f} | "
+                  f"{seconds} |")
+        print()
+    if "throughput" in eff:
+        t = eff["throughput"]
+        print(f"**Engine throughput** ({t['images']} images, {t['timesteps']} timesteps, one process): batched "
+              f"engine {t['engine_images_per_s']:.2f} images/s vs per-image loop {t['loop_images_per_s']:.2f} "
+              f"images/s ({t['speedup']:.2f}x); network forward {100 * t['network_share_of_wall']:.0f}% of the "
+              f"engine's wall time; predictions agree on {100 * t['prediction_agreement']:.0f}% of images.\n")
+    if "calibration" in eff:
+        c = eff["calibration"]
+        b, a = c["before (T=1)"], c["after"]
+        print(f"**Calibration** (exhaustive {c['strategy'].get('n_timesteps')} timesteps; temperature fitted on "
+              f"{c['fit_images']} test images, judged on {c['held_out_images']} others): T = {c['temperature']:.3g}; "
+              f"NLL {b['nll']:.3f} -> {a['nll']:.3f}; ECE {b['ece']:.3f} -> {a['ece']:.3f}.\n")
+
+
+def render_robustness(rob):
+    if not rob:
+        return
+    variants = [k for k in rob["rows"][0] if k not in ("family", "severity", "cnn")]
+    print(f"**Robustness** ({rob['images']} test images, class model, {rob['timesteps']} timesteps; "
+          "accuracy, and in brackets the change from clean)\n")
+    print("| shift | " + " | ".join(variants) + " | CNN |")
+    print("|---|" + "---|" * (len(variants) + 1))
+    clean = rob["rows"][0]
+    for r in rob["rows"]:
+        cells = [f"{100 * r[v]:.1f}%" + ("" if r is clean else f" ({100 * (r[v] - clean[v]):+.1f})")
+                 for v in variants + ["cnn"]]
+        print(f"| {(r['family'] + ' ' + r['severity']).strip()} | " + " | ".join(cells) + " |")
+    print()
 
 
 if __name__ == "__main__":

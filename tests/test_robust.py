@@ -77,17 +77,32 @@ def test_options_off_give_exactly_the_plain_results(models):
 
 def test_normalisation_is_the_identity_on_in_distribution_images():
     images = _smooth_images(32)
-    images = (images - images.amin(dim=(1, 2, 3), keepdim=True)) / (
-        images.amax(dim=(1, 2, 3), keepdim=True) - images.amin(dim=(1, 2, 3), keepdim=True)) * 1.9 - 0.95
-    stats = intensity_stats(images)  # range-normalised like Fashion-MNIST: every image spans [-0.95, 0.95]
-    assert stats == pytest.approx({"low": -0.95, "high": 0.95}, abs=1e-5)
-    torch.testing.assert_close(normalize_intensity(images, stats), images, atol=1e-5, rtol=0)
+    lo, hi = images.amin(dim=(1, 2, 3), keepdim=True), images.amax(dim=(1, 2, 3), keepdim=True)
+    levels = torch.round((images - lo) / (hi - lo) * 255)  # 8-bit images spanning 0-255, like Fashion-MNIST
+    images = levels / 127.5 - 1
+    stats = intensity_stats(images)
+    assert stats["low"] == -1 and stats["high"] == 1
+    assert torch.equal(normalize_intensity(images, stats), images)  # in band: untouched, bit for bit
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
-    low_contrast = 0.5 * (images - mean) + mean
-    torch.testing.assert_close(normalize_intensity(low_contrast, stats), images, atol=1e-5, rtol=0)
-    torch.testing.assert_close(normalize_intensity(images + 0.04, stats), images, atol=1e-5, rtol=0)
+    for shifted in (0.5 * (images - mean) + mean, 0.8 * images + 0.1):  # contrast, and contrast + brightness
+        assert torch.equal(normalize_intensity(shifted, stats), images)  # recovered bit for bit
     # a dark image of another distribution is stretched, not kept: the documented reason not to use it there
-    assert (normalize_intensity(0.3 * images - 0.6, stats) - (0.3 * images - 0.6)).abs().max() > 0.5
+    dark = 0.3 * images - 0.6
+    assert (normalize_intensity(dark, stats) - dark).abs().max() > 0.5
+
+
+def test_normalised_inputs_share_the_noise_of_the_image_they_recover(models, tmp_path):
+    from diffusion_classifier.denoisers import load_denoiser as load
+
+    denoiser = load(models["pixel_class"])
+    x = torch.round(torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 255)
+    x[:, :, 0, 0], x[:, :, 0, 1] = 0, 255
+    x = x / 127.5 - 1
+    denoiser.extra_config["intensity_stats"] = intensity_stats(x)
+    clf = DiffusionClassifier(denoiser, strategy=Exhaustive(5), normalize_intensity=True)
+    clean, faded = (clf.classify_pixels(p, ["a", "b"]) for p in (x, 0.6 * x))
+    for a, b in zip(clean, faded):
+        np.testing.assert_array_equal(a.errors, b.errors)
 
 
 def test_options_are_refused_where_they_do_not_apply(models):

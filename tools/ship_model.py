@@ -35,7 +35,7 @@ def ship(run_dir: Path, name: str) -> Path:
 def add_intensity_stats(index_path: Path) -> None:
     """Runs trained before `train` stored the intensity range get it from the same training images."""
     index = json.loads(index_path.read_text())
-    if {"low", "high"} <= index.get("intensity_stats", {}).keys():
+    if {"low", "high", "low_band", "high_band"} <= index.get("intensity_stats", {}).keys():
         return
     from diffusion_classifier.data import fashion_mnist_arrays
     from diffusion_classifier.robust import intensity_stats

@@ -167,9 +167,9 @@ class DiffusionClassifier:
                         started: float | None = None) -> list[Classification]:
         """Classify preprocessed images ([B, C, H, W] in [-1, 1])."""
         started = time.perf_counter() if started is None else started
-        seeds = [self._seed_for(p) for p in pixels]  # of the input as given, so options never change the noise
         if self.normalize_intensity:
             pixels = robust.normalize_intensity(pixels, self.denoiser.extra_config["intensity_stats"])
+        seeds = [self._seed_for(p) for p in pixels]  # of what the model scores: same pixels, same noise
         t_mins = None
         if self.noise_aware:  # after normalisation: the level the model sees
             sigma = robust.estimate_noise_sigma(pixels)

@@ -14,14 +14,17 @@ sees mostly the input's own noise, and the estimate runs low on noise clipped at
 on 120 Fashion-MNIST *training* images with the class model, 10 timesteps: noise sigma 0.2 gave 79%
 at margin 1, 88% at 1.5 and 2, 88% at 3; sigma 0.3 gave 82%, 82%, 85%, 85%.
 
-Intensity normalisation: stretch each image's intensity range [min, max] affinely onto the range the
-model's training images have (the averages of their per-image minimum and maximum, stored in the
-model's config as `intensity_stats`). Many datasets are range-normalised per image (every
-Fashion-MNIST image spans 0 to 240-255), so this is close to the identity on in-distribution images
-and undoes global contrast and brightness changes. Do not use it where the training images are not
-range-normalised (natural photos: a dark scene would be brightened), where absolute intensity tells
-the classes apart, or on images with a few outlying pixels (salt noise, borders): min and max are
-not robust statistics. Its cost on clean accuracy is reported by benchmarks/robustness.py.
+Intensity normalisation: images whose intensity range [min, max] already looks like the training
+images' (both inside the 1st-99th percentile band of the training images' per-image minimum and
+maximum, stored in the model's config as `intensity_stats`) are left exactly as they are. Others are
+stretched affinely so that min and max land on the training images' typical (median) values, and
+quantised to 256 levels like the 8-bit images the model was trained on; a contrast-reduced copy of an
+8-bit image thus comes back as that image, bit for bit (and so gets its noise: seeds follow the pixels
+the model scores). Many datasets are range-normalised per image (every Fashion-MNIST image spans 0 to
+240-255), so this undoes global contrast and brightness changes there. Do not use it where the training
+images are not range-normalised (natural photos: a dark scene would be brightened), where absolute
+intensity tells the classes apart, or on images with a few outlying pixels (salt noise, borders): min
+and max are not robust statistics. Its cost on clean accuracy is reported by benchmarks/robustness.py.
 """
 
 from __future__ import annotations
@@ -55,17 +58,25 @@ def min_timestep_for(sigma: torch.Tensor, alphas_cumprod: torch.Tensor, margin: 
 
 
 def intensity_stats(pixels: torch.Tensor) -> dict:
-    """Average per-image minimum and maximum of training images in [-1, 1] (what normalisation targets)."""
+    """Training images' per-image intensity range: typical (median) min and max, and their 1-99% bands."""
     flat = pixels.float().flatten(1)
-    return {"low": float(flat.min(dim=1).values.mean()), "high": float(flat.max(dim=1).values.mean())}
+    lows, highs = flat.min(dim=1).values, flat.max(dim=1).values
+    band = torch.tensor([0.01, 0.99])
+    return {"low": float(lows.median()), "high": float(highs.median()),
+            "low_band": lows.quantile(band).tolist(), "high_band": highs.quantile(band).tolist()}
 
 
 def normalize_intensity(pixels: torch.Tensor, stats: dict | None) -> torch.Tensor:
-    """Map each image's [min, max] affinely onto the training range [stats["low"], stats["high"]]."""
-    if not stats or not {"low", "high"} <= stats.keys():
-        raise UserError("this model has no stored intensity range (intensity_stats with low and high in "
-                        "model_index.json); intensity normalisation needs it")
+    """Leave in-band images untouched; stretch the others' [min, max] onto [low, high], on 256 levels."""
+    if not stats or not {"low", "high", "low_band", "high_band"} <= stats.keys():
+        raise UserError("this model has no stored intensity range (intensity_stats with low, high and their "
+                        "bands in model_index.json); intensity normalisation needs it")
     flat = pixels.float().flatten(1)
-    low = flat.min(dim=1).values.view(-1, 1, 1, 1)
-    span = (flat.max(dim=1).values.view(-1, 1, 1, 1) - low).clamp_min(1e-3)
-    return ((pixels - low) / span * (stats["high"] - stats["low"]) + stats["low"]).clamp(-1, 1)
+    low, high = flat.min(dim=1).values, flat.max(dim=1).values
+    eps = 1e-6
+    in_band = ((low >= stats["low_band"][0] - eps) & (low <= stats["low_band"][1] + eps)
+               & (high >= stats["high_band"][0] - eps) & (high <= stats["high_band"][1] + eps))
+    span = (high - low).clamp_min(1e-3).view(-1, 1, 1, 1)
+    stretched = (pixels.float() - low.view(-1, 1, 1, 1)) / span * (stats["high"] - stats["low"]) + stats["low"]
+    stretched = torch.round((stretched.clamp(-1, 1) + 1) * 127.5).div(127.5).sub(1).to(pixels.dtype)
+    return torch.where(in_band.view(-1, 1, 1, 1), pixels, stretched)
