@@ -6,13 +6,19 @@ smaller t measure the corruption rather than the class. We estimate sigma per im
 timesteps at or above that level (the strategy's grid is laid over [t_min, T) with the same count, so
 the cost is unchanged and every candidate still shares the same (t, eps) pairs).
 
-The estimator is Donoho and Johnstone's: the median absolute finest-scale diagonal wavelet coefficient
-divided by 0.6745 (scikit-image's estimate_sigma does the same with a Daubechies wavelet and needs
-PyWavelets; we use the Haar wavelet, vectorised in torch). The classifier's default margin is 2: only
+The estimator follows Donoho and Johnstone's (scikit-image's estimate_sigma: the median absolute
+finest-scale diagonal wavelet coefficient / 0.6745, with a Daubechies wavelet from PyWavelets), with
+the Haar wavelet in torch and the lower quartile instead of the median (/ 0.3186, the quartile of
+|N(0, 1)|): noise covers the whole image, texture only the object, so the lower quartile ignores the
+texture of clean images. On 1,000 Fashion-MNIST training images the 99th percentile of the estimate on
+clean images is 0.025 (median estimator: 0.113), and at sigma 0.1 / 0.2 / 0.3 the median estimate is
+0.079 / 0.143 / 0.200 (median estimator: 0.087 / 0.155 / 0.218; both run low because the noise is
+clipped at black). The classifier's default margin is 2: only
 timesteps whose noise level is at least twice the estimate are used. At a margin of 1 the model still
 sees mostly the input's own noise, and the estimate runs low on noise clipped at black or white. Tuned
-on 120 Fashion-MNIST *training* images with the class model, 10 timesteps: noise sigma 0.2 gave 79%
-at margin 1, 88% at 1.5 and 2, 88% at 3; sigma 0.3 gave 82%, 82%, 85%, 85%.
+on 120 Fashion-MNIST *training* images with the class model, 10 timesteps, with the median estimator
+(the quartile one reads about 8% lower): noise sigma 0.2 gave 79% at margin 1, 88% at 1.5 and 2, 88%
+at 3; sigma 0.3 gave 82%, 82%, 85%, 85%.
 
 Intensity normalisation: images whose intensity range [min, max] already looks like the training
 images' (both inside the 1st-99th percentile band of the training images' per-image minimum and
@@ -33,7 +39,7 @@ import torch
 
 from .errors import UserError
 
-MAD_TO_SIGMA = 0.6745
+QUARTILE_TO_SIGMA = 0.3186  # lower quartile of |N(0, 1)|
 
 
 def estimate_noise_sigma(pixels: torch.Tensor) -> torch.Tensor:
@@ -41,7 +47,7 @@ def estimate_noise_sigma(pixels: torch.Tensor) -> torch.Tensor:
     h, w = pixels.shape[-2] // 2 * 2, pixels.shape[-1] // 2 * 2
     x = pixels[..., :h, :w].float()
     diagonal = (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2] + x[..., 1::2, 1::2]) / 2
-    return diagonal.abs().flatten(1).median(dim=1).values / MAD_TO_SIGMA
+    return diagonal.abs().flatten(1).quantile(0.25, dim=1) / QUARTILE_TO_SIGMA
 
 
 def noise_levels(alphas_cumprod: torch.Tensor) -> torch.Tensor:
