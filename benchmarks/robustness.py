@@ -35,6 +35,8 @@ def main():
     parser.add_argument("--model", default="fashion-mnist-class")
     parser.add_argument("--timesteps", type=int, default=25)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--shifts", nargs="+", default=None,
+                        help='only these shifts, named "FAMILY SEVERITY" as in the table (e.g. "blur sigma 1.0")')
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--cnn-minutes", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=500)
@@ -48,7 +50,8 @@ def main():
     classifiers = {name: DiffusionClassifier(denoiser, strategy=Exhaustive(args.timesteps), batch_size=args.batch_size,
                                              **options) for name, options in VARIANTS.items() if name in args.variants}
     conditions = [("clean", "", lambda x: x)] + [(family, label, fn) for family in args.families
-                                                  for label, fn in FAMILIES[family]]
+                                                  for label, fn in FAMILIES[family]
+                                                  if not args.shifts or f"{family} {label}" in args.shifts]
     done = previous_rows(args, len(subset), list(classifiers))
     rows = []
     header = f"{'shift':<28}" + "".join(f"{name:>16}" for name in classifiers) + f"{'CNN':>10}"
@@ -81,6 +84,8 @@ def previous_rows(args, n_images: int, variants: list[str]) -> dict:
 
 
 def save(args, n_images: int, cnn_info: dict, rows: list[dict], variants: list[str]) -> None:
+    order = ["clean "] + [f"{family} {label}" for family in FAMILIES for label, _ in FAMILIES[family]]
+    rows = sorted(rows, key=lambda r: order.index(f"{r['family']} {r['severity']}"))
     clean = rows[0]
     drops = {name: {f"{r['family']} {r['severity']}": clean[name] - r[name] for r in rows[1:]}
              for name in variants + ["cnn"]}

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, UserError
-from diffusion_classifier.calibration import expected_calibration_error, fit_temperature
+from diffusion_classifier.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    fit_timestep_weights,
+    weighted_probabilities,
+)
 from diffusion_classifier.classifier import softmax_of_errors
 from diffusion_classifier.cli import main
 from diffusion_classifier.strategies import (
@@ -150,6 +155,15 @@ def test_calibration_recovers_a_known_temperature():
     fitted = fit_temperature(errors, labels)
     assert fitted == pytest.approx(true_t, rel=0.1)
     assert expected_calibration_error(softmax_of_errors(errors, fitted), labels) < 0.03
+
+
+def test_per_timestep_weights_recover_known_weights():
+    rng = np.random.default_rng(0)
+    gaps = rng.normal(0, 1, (4000, 5, 3))
+    true_w = np.array([2.0, 0.2, 1.0])  # timestep 0 informative, timestep 1 nearly noise
+    labels = np.array([rng.choice(5, p=p) for p in weighted_probabilities(gaps, true_w)])
+    fitted = fit_timestep_weights(gaps, labels)
+    np.testing.assert_allclose(fitted, true_w, atol=0.15)
 
 
 def test_calibrate_command_on_a_stored_run(models, tmp_path, capsys):

@@ -59,6 +59,38 @@ def fit_temperature(relative: np.ndarray, labels: np.ndarray, low: float = 1e-6,
     return math.exp((a + b) / 2)
 
 
+def fit_timestep_weights(gaps: np.ndarray, labels: np.ndarray, steps: int = 200) -> np.ndarray:
+    """Per-timestep weights w for probabilities softmax(-sum_t w_t gap[c, t]), fitted by NLL.
+
+    gaps: [images, classes, timesteps], each class's error minus the leader's at each shared timestep
+    (exhaustive runs: every class at the same timesteps). A temperature is the special case of equal
+    weights 1/(T n); free weights let informative timesteps count more and noisy ones less.
+    """
+    import torch
+
+    x = torch.as_tensor(gaps, dtype=torch.float64)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    scale = float(x.abs().mean()) or 1.0  # start from a sensible temperature, in the data's units
+    w = torch.full((x.shape[2],), 1.0 / (scale * x.shape[2]), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(-(x * w).sum(dim=2), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return w.detach().numpy()
+
+
+def weighted_probabilities(gaps: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    logits = -(gaps * weights).sum(axis=-1)
+    logits -= logits.max(axis=-1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
 def relative_errors_of_run(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
     store = ResultsStore(run_dir)
     try:
