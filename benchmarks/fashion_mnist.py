@@ -1,8 +1,8 @@
 """Fashion-MNIST benchmark of the shipped models: accuracy vs NFE, zero-shot wordings, a CNN
-reference, distribution shift, a timestep ablation, and the cold-start time of `classify`.
+reference, a timestep ablation, and the cold-start time of `classify`.
 
     python benchmarks/fashion_mnist.py --images 2000            # everything
-    python benchmarks/fashion_mnist.py --images 500 --sections accuracy shift
+    python benchmarks/fashion_mnist.py --images 500 --sections accuracy cnn
 
 Test images: a fixed subset of the 10k test set, numpy.random.default_rng(0).permutation(10000)[:N],
 sorted; the indices are written to the JSON. Each section merges its results into
@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import RESULTS, accuracy_of, cnn_accuracy, cnn_reference, test_subset, to_pixels  # benchmarks/
-from shifts import SHIFTS
 
 from diffusion_classifier import DiffusionClassifier, Exhaustive, Staged, load_denoiser
 from diffusion_classifier.data import FASHION_MNIST_CLASSES, fashion_mnist_arrays
@@ -31,7 +30,7 @@ from diffusion_classifier.strategies import FixedTimesteps
 
 ROOT = Path(__file__).resolve().parent
 RESOURCES = ROOT.parent / "src" / "diffusion_classifier" / "resources" / "fashion_mnist.json"
-SECTIONS = ["accuracy", "wordings", "cnn", "shift", "ablation", "coldstart"]
+SECTIONS = ["accuracy", "wordings", "cnn", "ablation", "coldstart"]
 
 
 # ----- sections ---------------------------------------------------------------------------
@@ -79,43 +78,6 @@ def section_cnn(pixels, labels, args, out):
     print(f"CNN reference ({info['epochs']:.1f} epochs in {args.cnn_minutes} min): acc {out['cnn']['accuracy']:.4f}")
 
 
-def section_shift(pixels, labels, args, out):
-    model, _ = cnn_reference(args.cnn_minutes)
-    clf = DiffusionClassifier(load_denoiser("fashion-mnist-class"), strategy=Exhaustive(args.shift_timesteps),
-                              batch_size=args.batch_size)
-    rows = [{"shift": "clean", "diffusion": accuracy_of(clf, pixels, labels)["accuracy"],
-             "cnn": cnn_accuracy(model, pixels, labels)}]
-    for name, shift in SHIFTS.items():
-        shifted = shift(pixels)
-        rows.append({"shift": name, "diffusion": accuracy_of(clf, shifted, labels)["accuracy"],
-                     "cnn": cnn_accuracy(model, shifted, labels)})
-    for row in rows:
-        print(f"{row['shift']:<22} diffusion {row['diffusion']:.4f}   CNN {row['cnn']:.4f}", flush=True)
-    out["shift"] = {"model": "fashion-mnist-class", "timesteps": args.shift_timesteps, "rows": rows}
-    plot_shift(out["shift"])
-
-
-def plot_shift(shift):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = shift["rows"]
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for key, marker in (("diffusion", "o"), ("cnn", "s")):
-        clean = rows[0][key]
-        ax.scatter([clean] * (len(rows) - 1), [r[key] for r in rows[1:]], marker=marker, label=key)
-        for r in rows[1:]:
-            ax.annotate(r["shift"], (clean, r[key]), fontsize=6, xytext=(3, 0), textcoords="offset points")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.5)
-    ax.set(xlabel="clean accuracy", ylabel="accuracy under shift", xlim=(0.5, 1), ylim=(0, 1),
-           title="Fashion-MNIST: shifted vs clean accuracy")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "fashion_mnist_shift.png", dpi=120)
-
-
 def section_ablation(pixels, labels, args, out):
     denoiser = load_denoiser("fashion-mnist-class")
     single = []
@@ -123,7 +85,7 @@ def section_ablation(pixels, labels, args, out):
         clf = DiffusionClassifier(denoiser, strategy=FixedTimesteps([t]), batch_size=args.batch_size)
         single.append({"t": t, "accuracy": accuracy_of(clf, pixels, labels)["accuracy"]})
         print(f"single timestep t={t:<4} acc {single[-1]['accuracy']:.4f}", flush=True)
-    n = args.shift_timesteps
+    n = args.ablation_timesteps
     random_ts = sorted(np.random.default_rng(0).choice(1000, n, replace=False).tolist())
     even = DiffusionClassifier(denoiser, strategy=Exhaustive(n), batch_size=args.batch_size)
     rand = DiffusionClassifier(denoiser, strategy=FixedTimesteps(random_ts), batch_size=args.batch_size)
@@ -157,7 +119,8 @@ def main():
     parser.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
     parser.add_argument("--timesteps", type=int, nargs="+", default=[10, 25, 50], help="exhaustive rows")
     parser.add_argument("--wording-timesteps", type=int, default=25)
-    parser.add_argument("--shift-timesteps", type=int, default=25)
+    parser.add_argument("--ablation-timesteps", type=int, default=25,
+                        help="timesteps of the even-vs-random spacing comparison")
     parser.add_argument("--cnn-minutes", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--out", default=str(RESULTS / "fashion_mnist.json"))

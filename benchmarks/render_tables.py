@@ -45,13 +45,6 @@ def main():
         for r in fm["wordings"]:
             print(f"| {r['wording']} | {r['nfe_per_image']:.0f} | {100 * r['accuracy']:.1f}% |")
         print()
-    if fm and "shift" in fm:
-        print(f"**Distribution shift** (class model, {fm['shift']['timesteps']} timesteps)\n")
-        print("| shift | diffusion classifier | CNN |")
-        print("|---|---|---|")
-        for r in fm["shift"]["rows"]:
-            print(f"| {r['shift']} | {100 * r['diffusion']:.1f}% | {100 * r['cnn']:.1f}% |")
-        print()
     if fm and "ablation" in fm:
         a = fm["ablation"]
         print("**Single-timestep accuracy** (class model): " + ", ".join(
@@ -101,7 +94,9 @@ def render_efficiency(eff):
         b, a = c["before (T=1)"], c["after"]
         print(f"**Calibration** (exhaustive {c['strategy'].get('n_timesteps')} timesteps; temperature fitted on "
               f"{c['fit_images']} test images, judged on {c['held_out_images']} others): T = {c['temperature']:.3g}; "
-              f"NLL {b['nll']:.3f} -> {a['nll']:.3f}; ECE {b['ece']:.3f} -> {a['ece']:.3f}.\n")
+              f"NLL {b['nll']:.3f} -> {a['nll']:.3f}; ECE {b['ece']:.3f} -> {a['ece']:.3f}." + (
+                  f" Per-timestep weights instead: NLL {c['per_timestep_weights']['nll']:.3f}, ECE "
+                  f"{c['per_timestep_weights']['ece']:.3f}." if "per_timestep_weights" in c else "") + "\n")
 
 
 def render_robustness(rob):

@@ -41,15 +41,6 @@ def translate(x, pixels):
     return out
 
 
-SHIFTS = {
-    "gaussian noise 0.2": lambda x: gaussian_noise(x, 0.2),
-    "contrast x0.5": lambda x: contrast(x, 0.5),
-    "blur sigma 1": lambda x: blur(x, 1.0),
-    "rotation 15 deg": lambda x: rotate(x, 15),
-    "translation 2 px": lambda x: translate(x, 2),
-}
-
-
 def brightness(x, delta):
     return (x + delta).clamp(-1, 1)
 

@@ -186,6 +186,17 @@ def test_calibrate_command_on_a_stored_run(models, tmp_path, capsys):
     ranking = json.loads(capsys.readouterr().out)["ranking"]
     assert sum(r["probability"] for r in ranking) == pytest.approx(1)
 
+    assert main(["calibrate", str(run), "--per-timestep", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["timesteps"]) == len(result["timestep_weights"]) == 4 and "after_per_timestep" in result
+    classify = ["classify", str(image), "--model", str(models["pixel_class"]), "--labels", "cat,dog",
+                "--calibration", str(run), "--json"]
+    assert main(classify + ["--timesteps", "4"]) == 0
+    ranking = json.loads(capsys.readouterr().out)["ranking"]
+    assert sum(r["probability"] for r in ranking) == pytest.approx(1)
+    assert main(classify + ["--timesteps", "5"]) == 2  # weights fitted for other timesteps
+    assert "fitted at timesteps" in capsys.readouterr().err
+
 
 def test_elimination_options_are_validated(models, capsys):
     with pytest.raises(UserError):

@@ -106,32 +106,71 @@ def relative_errors_of_run(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray,
     return relative, np.array([r["label"] for r in ok]), aggregate
 
 
-def calibrate_run(run_dir: str | Path, fit_fraction: float = 0.5, seed: int = 0) -> dict:
-    """Fit T on a seeded random part of the run; report NLL and ECE before (T=1) and after on the rest."""
+def timestep_gaps(errors: np.ndarray, timesteps: list[int], leader: int, aggregate: str = "min") -> np.ndarray:
+    """[classes, timesteps sorted]: each class's error minus the leader's at each timestep (prompts combined).
+
+    Needs every class at every timestep (an exhaustive run); per-timestep weights are defined on those.
+    """
+    per_t = errors.min(axis=1) if aggregate == "min" else errors.mean(axis=1)
+    if np.isnan(per_t).any():
+        raise UserError("per-timestep calibration needs every class scored at every timestep (an exhaustive "
+                        "strategy); this run pruned classes")
+    order = np.argsort(timesteps)
+    return (per_t - per_t[leader])[:, order]
+
+
+def calibrate_run(run_dir: str | Path, fit_fraction: float = 0.5, seed: int = 0, per_timestep: bool = False) -> dict:
+    """Fit T (and optionally per-timestep weights) on a seeded random part of the run; report NLL and ECE
+    before (T=1) and after on the rest."""
     if not 0 < fit_fraction < 1:
         raise UserError("--fit-fraction must lie in (0, 1)")
-    relative, labels, _ = relative_errors_of_run(run_dir)
+    relative, labels, aggregate = relative_errors_of_run(run_dir)
     order = np.random.default_rng(seed).permutation(len(labels))
     n_fit = max(2, int(round(fit_fraction * len(labels))))
     fit, held = order[:n_fit], order[n_fit:]
     temperature = fit_temperature(relative[fit], labels[fit])
 
-    def judge(t: float) -> dict:
-        probs = softmax_of_errors(relative[held], t)
-        return {"nll": negative_log_likelihood(relative[held], labels[held], t),
+    def judge(probs: np.ndarray) -> dict:
+        return {"nll": float(-np.mean(np.log(np.clip(probs[np.arange(len(held)), labels[held]], 1e-12, None)))),
                 "ece": expected_calibration_error(probs, labels[held])}
 
     result = {"temperature": temperature, "fit_images": int(len(fit)), "held_out_images": int(len(held)),
-              "before": judge(1.0), "after": judge(temperature), "seed": seed}
+              "before": judge(softmax_of_errors(relative[held], 1.0)),
+              "after": judge(softmax_of_errors(relative[held], temperature)), "seed": seed}
+    if per_timestep:
+        gaps, timesteps = _gaps_of_run(run_dir, aggregate)
+        weights = fit_timestep_weights(gaps[fit], labels[fit])
+        result.update(timesteps=timesteps, timestep_weights=weights.tolist(),
+                      after_per_timestep=judge(weighted_probabilities(gaps[held], weights)))
     atomic_write_text(json.dumps(result, indent=2) + "\n", Path(run_dir) / CALIBRATION_FILE)
     return result
 
 
-def read_temperature(path: str | Path) -> float:
+def _gaps_of_run(run_dir: str | Path, aggregate: str) -> tuple[np.ndarray, list[int]]:
+    store = ResultsStore(run_dir)
+    try:
+        records, matrices = store.records(), store.error_matrices()
+    finally:
+        store.close()
+    by_idx = {idx: (m, ts) for idx, m, ts in matrices}
+    ok = [r for r in records if r["status"] == "ok"]
+    grids = {tuple(sorted(by_idx[r["idx"]][1])) for r in ok}
+    if len(grids) != 1:
+        raise UserError("per-timestep calibration needs the same timesteps for every image (an exhaustive run)")
+    gaps = np.stack([timestep_gaps(*by_idx[r["idx"]], r["prediction"], aggregate) for r in ok])
+    return gaps, list(grids.pop())
+
+
+def read_calibration(path: str | Path) -> dict:
+    """calibration.json (or a run directory holding one): temperature, and per-timestep weights if fitted."""
     path = Path(path)
     if path.is_dir():
         path = path / CALIBRATION_FILE
     try:
-        return float(json.loads(path.read_text())["temperature"])
+        data = json.loads(path.read_text())
+        out = {"temperature": float(data["temperature"])}
+        if "timestep_weights" in data:
+            out["timestep_weights"] = dict(zip(map(int, data["timesteps"]), map(float, data["timestep_weights"])))
+        return out
     except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise UserError(f"cannot read a temperature from {path}: {exc}") from None
+        raise UserError(f"cannot read a calibration from {path}: {exc}") from None

@@ -69,7 +69,8 @@ class DiffusionClassifier:
                  strategy: Strategy | None = None, loss: str | None = None, aggregate: str = "min",
                  seed: int = 0, batch_size: int = 256, temperature: float = 1.0,
                  interpolation: str = "bicubic", images_per_batch: int = 32, noise_aware: bool = False,
-                 normalize_intensity: bool = False, noise_margin: float = 2.0):
+                 normalize_intensity: bool = False, noise_margin: float = 2.0,
+                 timestep_weights: dict[int, float] | None = None):
         self.denoiser = denoiser
         self.strategy = strategy or Exhaustive(25)
         self.loss = loss or self.strategy.loss or "l2"
@@ -83,6 +84,7 @@ class DiffusionClassifier:
             raise UserError("the noise margin must be positive")
         self.aggregate, self.seed, self.batch_size = aggregate, seed, batch_size
         self.temperature, self.interpolation, self.images_per_batch = temperature, interpolation, images_per_batch
+        self.timestep_weights = dict(timestep_weights) if timestep_weights else None
         self.noise_aware, self.normalize_intensity, self.noise_margin = noise_aware, normalize_intensity, noise_margin
         if noise_aware and denoiser.vae is not None:
             raise UserError("noise-aware scoring is defined for pixel-space models; for latent models (Stable "
@@ -202,8 +204,20 @@ class DiffusionClassifier:
         """softmax(-(error - leader's error on the same timesteps) / temperature) per image."""
         if not results:
             return np.zeros((0, len(self.classes_)))
+        if self.timestep_weights:
+            return np.stack([self._weighted_probabilities(r) for r in results])
         relative = np.stack([relative_scores(r.errors, r.prediction_index, self.aggregate) for r in results])
         return softmax_of_errors(relative, self.temperature)
+
+    def _weighted_probabilities(self, result: Classification) -> np.ndarray:
+        from .calibration import timestep_gaps, weighted_probabilities
+
+        if sorted(result.timesteps) != sorted(self.timestep_weights):
+            raise UserError(f"the per-timestep calibration was fitted at timesteps {sorted(self.timestep_weights)}; "
+                            f"this strategy evaluated {sorted(result.timesteps)}: use the same exhaustive strategy")
+        gaps = timestep_gaps(result.errors, result.timesteps, result.prediction_index, self.aggregate)
+        weights = np.array([self.timestep_weights[t] for t in sorted(result.timesteps)])
+        return weighted_probabilities(gaps, weights)
 
     def describe(self) -> dict:
         """The settings that determine results (stored with evaluation runs)."""

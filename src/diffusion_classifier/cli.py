@@ -196,14 +196,15 @@ def _classifier(args, labels, group=None):
     denoiser = load_denoiser(args.model, device=device, dtype=parse_dtype(args.dtype))
     if denoiser.conditioning != "text":
         templates = None
-    temperature = args.temperature or 1.0
+    calibration = {"temperature": args.temperature or 1.0}
     if args.calibration:
-        from .calibration import read_temperature
+        from .calibration import read_calibration
 
-        temperature = read_temperature(args.calibration)
+        calibration = read_calibration(args.calibration)
     return DiffusionClassifier(denoiser, labels=labels, templates=templates, strategy=strategy, loss=args.loss,
                                aggregate=args.aggregate, seed=args.seed, batch_size=args.batch_size,
-                               interpolation=args.interpolation, temperature=temperature,
+                               interpolation=args.interpolation, temperature=calibration["temperature"],
+                               timestep_weights=calibration.get("timestep_weights"),
                                noise_aware=args.noise_aware, normalize_intensity=args.normalize_intensity,
                                noise_margin=args.noise_margin)
 
@@ -338,6 +339,8 @@ def _add_calibrate(sub) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by evaluate")
     p.add_argument("--fit-fraction", type=float, default=0.5, help="share of images used to fit (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fit / held-out split")
+    p.add_argument("--per-timestep", action="store_true",
+                   help="also fit one weight per timestep (exhaustive runs; classify must use the same timesteps)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -346,14 +349,15 @@ def cmd_calibrate(args) -> int:
 
     from .calibration import calibrate_run
 
-    result = calibrate_run(args.run_dir, args.fit_fraction, args.seed)
+    result = calibrate_run(args.run_dir, args.fit_fraction, args.seed, per_timestep=args.per_timestep)
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"temperature {result['temperature']:.5g} (fitted on {result['fit_images']} images)")
-    for when in ("before", "after"):
-        print(f"  {when:<6} on {result['held_out_images']} held-out images: NLL {result[when]['nll']:.4f}  "
-              f"ECE {result[when]['ece']:.4f}")
+    for when in ("before", "after", "after_per_timestep"):
+        if when in result:
+            print(f"  {when:<18} on {result['held_out_images']} held-out images: NLL {result[when]['nll']:.4f}  "
+                  f"ECE {result[when]['ece']:.4f}")
     return 0
 
 
