@@ -53,7 +53,7 @@ def section_accuracy(pixels, labels, args, out):
 
 def section_wordings(pixels, labels, args, out):
     spec = json.loads(RESOURCES.read_text())
-    denoiser = load_denoiser("fashion-mnist-text")
+    denoiser = load_denoiser(args.text_model)
     variants = {
         "training wording: class names, 'a photo of a {}.'": (FASHION_MNIST_CLASSES, ["a photo of a {}."]),
         "training wording: first synonym, '{}'": ([s[0] for s in spec["train_synonyms"]], ["{}"]),
@@ -119,6 +119,7 @@ def main():
     parser.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
     parser.add_argument("--timesteps", type=int, nargs="+", default=[10, 25, 50], help="exhaustive rows")
     parser.add_argument("--wording-timesteps", type=int, default=25)
+    parser.add_argument("--text-model", default="fashion-mnist-text", help="text model of the wordings section")
     parser.add_argument("--ablation-timesteps", type=int, default=25,
                         help="timesteps of the even-vs-random spacing comparison")
     parser.add_argument("--cnn-minutes", type=float, default=4.0)
