@@ -149,13 +149,13 @@ def plot(rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in rows:
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, row in enumerate(rows, start=1):
         marker = {"exhaustive": "o", "fixed": "o", "staged": "s", "elimination": "^"}[row["config"]["name"]]
-        ax.scatter(row["nfe_mean"], row["accuracy"], marker=marker)
-        ax.annotate(row["strategy"], (row["nfe_mean"], row["accuracy"]), fontsize=6, xytext=(3, 2),
-                    textcoords="offset points")
+        ax.scatter(row["nfe_mean"], row["accuracy"], marker=marker, label=f"{i}. {row['strategy']}")
+        ax.annotate(str(i), (row["nfe_mean"], row["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set(xscale="log", xlabel="mean NFE per image", ylabel="accuracy", title="accuracy vs cost")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(RESULTS / "efficiency.png", dpi=120)
 
