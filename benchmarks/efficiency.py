@@ -171,6 +171,7 @@ def section_calibration(pixels, labels, args, out):
         fit_temperature,
         fit_timestep_weights,
         negative_log_likelihood,
+        timestep_gaps,
         weighted_probabilities,
     )
     from diffusion_classifier.classifier import softmax_of_errors
@@ -192,7 +193,8 @@ def section_calibration(pixels, labels, args, out):
         cache.with_suffix(".tmp.npz").replace(cache)
     leaders = errors.mean(axis=2).argmin(axis=1)
     relative = np.stack([relative_scores(e[:, None], int(k)) for e, k in zip(errors, leaders)])
-    gaps = errors - errors[np.arange(len(errors)), leaders][:, None, :]  # per timestep, vs the leader
+    grid = list(range(errors.shape[2]))  # columns are already in timestep order
+    gaps = np.stack([timestep_gaps(e[:, None], grid, int(k)) for e, k in zip(errors, leaders)])
     order = np.random.default_rng(0).permutation(len(labels))
     fit, held = order[: len(order) // 2], order[len(order) // 2:]
     temperature = fit_temperature(relative[fit], labels[fit])

@@ -85,10 +85,9 @@ def fit_timestep_weights(gaps: np.ndarray, labels: np.ndarray, steps: int = 200)
 
 
 def weighted_probabilities(gaps: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    logits = -(gaps * weights).sum(axis=-1)
-    logits -= logits.max(axis=-1, keepdims=True)
-    p = np.exp(logits)
-    return p / p.sum(axis=-1, keepdims=True)
+    """softmax(-sum_t w_t gap[..., c, t]) over classes."""
+    scores = (gaps * weights).sum(axis=-1)
+    return softmax_of_errors(scores.reshape(-1, scores.shape[-1]), 1.0).reshape(scores.shape)
 
 
 def relative_errors_of_run(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
