@@ -12,7 +12,8 @@ CIFAR-10 preset, 50/500, runs directly with --with-cifar-preset), and the elimin
 several error rates (one also run directly). For each: accuracy, mean and 95th-percentile NFE per
 image, and seconds per image. Also: images/s of the batched engine vs a
 per-image loop of the same algorithm (one image at a time, batches of (class, timestep) pairs, as the
-original code does), and the share of wall time spent in the network forward. And calibration: a
+original code does), the share of wall time spent in the network forward, and the forward's own
+throughput at several batch sizes (which bounds what batching can gain on this device). And calibration: a
 temperature fitted on half of a labelled set, with NLL and ECE before and after on the other half.
 Writes benchmarks/results/efficiency.json and efficiency.png.
 """
@@ -247,6 +248,29 @@ def per_image_loop(denoiser, pixels, n_timesteps: int, batch_size: int, seed: in
     return predictions
 
 
+@torch.inference_mode()
+def forward_throughput(denoiser, batch_sizes: list[int], evaluations: int = 2000) -> dict[str, float]:
+    """Network evaluations per second of `denoiser.error` alone, at each batch size (same total work).
+
+    If this curve is flat, batching cannot make the engine much faster than a loop with small
+    batches: the forward is compute-bound and both pay the same per evaluation."""
+    cond = denoiser.embed_conditions([0] if denoiser.conditioning == "class" else ["a photo of a shirt"])
+    generator = torch.Generator().manual_seed(0)
+    rates = {}
+    for b in batch_sizes:
+        x0 = torch.rand((b, *denoiser.latent_shape), generator=generator) * 2 - 1
+        noise = torch.randn((b, *denoiser.latent_shape), generator=generator)
+        t = torch.randint(0, denoiser.num_train_timesteps, (b,), generator=generator)
+        batch_cond = {k: v.expand(b, *v.shape[1:]) for k, v in cond.items()}
+        denoiser.error(x0, noise, t, batch_cond)  # warm-up
+        reps = max(2, evaluations // b)
+        started = time.perf_counter()
+        for _ in range(reps):
+            denoiser.error(x0, noise, t, batch_cond)
+        rates[str(b)] = reps * b / (time.perf_counter() - started)
+    return rates
+
+
 def section_throughput(pixels, labels, args, out):
     pixels = pixels[: args.throughput_images]
     denoiser = load_denoiser(args.model)
@@ -263,11 +287,14 @@ def section_throughput(pixels, labels, args, out):
     out["throughput"] = {"timesteps": n, "images": len(pixels), "engine_images_per_s": len(pixels) / engine_wall,
                          "loop_images_per_s": len(pixels) / loop_wall, "speedup": loop_wall / engine_wall,
                          "engine_batch_size": args.batch_size, "loop_batch_size": args.loop_batch_size,
-                         "network_share_of_wall": network_share, "prediction_agreement": agree}
+                         "network_share_of_wall": network_share, "prediction_agreement": agree,
+                         "forward_nfe_per_s_by_batch": forward_throughput(denoiser, args.forward_batch_sizes)}
     t = out["throughput"]
     print(f"engine {t['engine_images_per_s']:.2f} img/s (batch {args.batch_size}), per-image loop "
           f"{t['loop_images_per_s']:.2f} img/s (batch {args.loop_batch_size}): {t['speedup']:.2f}x; "
           f"network forward {100 * network_share:.1f}% of engine wall time; predictions agree {100 * agree:.1f}%")
+    print("forward alone, NFE/s by batch size: " + ", ".join(
+        f"{b}: {rate:.0f}" for b, rate in t["forward_nfe_per_s_by_batch"].items()))
 
 
 def main():
@@ -287,6 +314,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--loop-batch-size", type=int, default=32, help="the original code's default")
     parser.add_argument("--throughput-timesteps", type=int, default=25)
+    parser.add_argument("--forward-batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128, 500],
+                        help="batch sizes of the forward-only throughput curve")
     parser.add_argument("--calibration-images", type=int, default=2000)
     parser.add_argument("--calibration-timesteps", type=int, default=10)
     args = parser.parse_args()

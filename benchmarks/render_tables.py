@@ -88,7 +88,11 @@ def render_efficiency(eff):
         print(f"**Engine throughput** ({t['images']} images, {t['timesteps']} timesteps, one process): batched "
               f"engine {t['engine_images_per_s']:.2f} images/s vs per-image loop {t['loop_images_per_s']:.2f} "
               f"images/s ({t['speedup']:.2f}x); network forward {100 * t['network_share_of_wall']:.0f}% of the "
-              f"engine's wall time; predictions agree on {100 * t['prediction_agreement']:.0f}% of images.\n")
+              f"engine's wall time; predictions agree on {100 * t['prediction_agreement']:.0f}% of images." + (
+                  " The forward alone runs at " + ", ".join(
+                      f"{rate:.0f}" for rate in t["forward_nfe_per_s_by_batch"].values()) + " evaluations/s at batch "
+                  "sizes " + ", ".join(t["forward_nfe_per_s_by_batch"]) + "." if "forward_nfe_per_s_by_batch" in t
+                  else "") + "\n")
     if "calibration" in eff:
         c = eff["calibration"]
         b, a = c["before (T=1)"], c["after"]

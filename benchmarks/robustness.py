@@ -2,6 +2,8 @@
 
     python benchmarks/robustness.py --images 1000
     python benchmarks/robustness.py --images 200 --families "gaussian noise" contrast brightness
+    python benchmarks/robustness.py --images 1000 --timesteps 10 --shifts "gaussian noise sigma 0.1" \
+        --variants plain "robust (both)" --out robustness_noise_n1000
 
 Same test images (the fixed seeded subset of benchmarks/common.py) for every row. Rows are saved as
 they finish; a rerun with the same model, timesteps and images reuses them (add families in later runs). For each shift
@@ -40,6 +42,8 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--cnn-minutes", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--out", default="robustness",
+                        help="results name: RESULTS/OUT.json and OUT.png (e.g. a larger-sample check of a few rows)")
     args = parser.parse_args()
     tune_cpu_allocator()
     subset = test_subset(args.images)
@@ -69,12 +73,12 @@ def main():
         # after every row, with the earlier run's other rows: a stopped run keeps its rows and resumes
         save(args, len(subset), cnn_info, rows + list(done.values()), list(classifiers))
     rows += list(done.values())
-    plot(rows, list(classifiers))
+    plot(rows, list(classifiers), RESULTS / f"{args.out}.png")
 
 
 def previous_rows(args, n_images: int, variants: list[str]) -> dict:
     """Rows of an earlier run with the same model, timesteps, images and variants, keyed by shift."""
-    path = RESULTS / "robustness.json"
+    path = RESULTS / f"{args.out}.json"
     if not path.exists():
         return {}
     old = json.loads(path.read_text())
@@ -94,10 +98,10 @@ def save(args, n_images: int, cnn_info: dict, rows: list[dict], variants: list[s
            "rows": rows, "accuracy_drop_from_clean": drops, "date": time.strftime("%Y-%m-%d %H:%M"),
            "threads": torch.get_num_threads()}
     RESULTS.mkdir(exist_ok=True)
-    atomic_write_text(json.dumps(out, indent=2) + "\n", RESULTS / "robustness.json")
+    atomic_write_text(json.dumps(out, indent=2) + "\n", RESULTS / f"{args.out}.json")
 
 
-def plot(rows, variants):
+def plot(rows, variants, path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,7 +116,7 @@ def plot(rows, variants):
            ylim=(0, 1), title="Fashion-MNIST effective robustness")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "robustness.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

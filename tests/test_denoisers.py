@@ -161,3 +161,25 @@ def test_hub_failures_are_user_errors(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(UserError, match="could not fetch 'org/model'"):
         load_denoiser("org/model")
+
+
+@pytest.mark.parametrize("cls_name, settings", [
+    ("PNDMScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
+                           steps_offset=1)),  # Stable Diffusion 1.x style
+    ("DDIMScheduler", dict(beta_schedule="scaled_linear", prediction_type="v_prediction", clip_sample=False)),
+    ("DDPMScheduler", dict(beta_schedule="squaredcos_cap_v2", num_train_timesteps=500)),
+])
+def test_schedulers_load_like_diffusers_from_pretrained(tmp_path, cls_name, settings):
+    import diffusers
+
+    from diffusion_classifier.denoisers import _load_scheduler
+
+    cls = getattr(diffusers, cls_name)
+    cls(**settings).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "scheduler_config.json").read_text())
+    config["an_unknown_key_from_a_newer_diffusers"] = 1
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(config))
+    ours, theirs = _load_scheduler(cls, tmp_path), cls.from_pretrained(tmp_path)
+    public = lambda scheduler: {k: v for k, v in scheduler.config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(ours) == {k: v for k, v in public(theirs).items() if k != "an_unknown_key_from_a_newer_diffusers"}
+    assert torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod)

@@ -22,6 +22,7 @@ would reweight timesteps by 1 / abar and let large-t errors dominate.)
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import pickle
 from collections.abc import Sequence
@@ -358,9 +359,22 @@ def _load_component(directory: Path, name: str, spec: Sequence[str]) -> Any:
     if not folder.is_dir():
         raise UserError(f"model directory {directory} is missing the {name!r} folder named in model_index.json")
     try:
+        if name == "scheduler" and library == "diffusers":
+            return _load_scheduler(cls, folder)
         return cls.from_pretrained(folder)  # safetensors, or torch.load(weights_only=True): never unpickles code
     except (OSError, ValueError, json.JSONDecodeError, pickle.UnpicklingError, RuntimeError) as exc:
         raise UserError(f"could not load {name!r} from {folder}: {str(exc).splitlines()[0]}") from exc
+
+
+def _load_scheduler(cls: type, folder: Path) -> Any:
+    """A scheduler from its config, with the config keys its class takes.
+
+    diffusers' from_pretrained / from_config first import every "compatible" scheduler class to
+    filter the keys, and one of them imports scipy.stats: 2-4 s of a command-line cold start.
+    """
+    config = cls.load_config(folder)
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{key: value for key, value in config.items() if key in accepted})
 
 
 def _text_encoder_dir(source: str) -> Path:
