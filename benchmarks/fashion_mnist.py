@@ -27,6 +27,7 @@ from diffusion_classifier import DiffusionClassifier, Exhaustive, Staged, load_d
 from diffusion_classifier.data import FASHION_MNIST_CLASSES, fashion_mnist_arrays
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
 from diffusion_classifier.strategies import FixedTimesteps
+from diffusion_classifier.training import CaptionBank, load_captions
 
 ROOT = Path(__file__).resolve().parent
 RESOURCES = ROOT.parent / "src" / "diffusion_classifier" / "resources" / "fashion_mnist.json"
@@ -61,15 +62,36 @@ def section_wordings(pixels, labels, args, out):
                                                  [spec["heldout_templates"][0]]),
         "class names, held-out template": (FASHION_MNIST_CLASSES, [spec["heldout_templates"][1]]),
     }
+    bank = CaptionBank(FASHION_MNIST_CLASSES, *load_captions("", FASHION_MNIST_CLASSES))
+    trained = sentence_embeddings(denoiser, bank.captions[1:])
+    trained_class = torch.tensor([c for c, indices in enumerate(bank.by_class) for _ in indices])
     rows = []
     for name, (labels_text, templates) in variants.items():
         clf = DiffusionClassifier(denoiser, labels=labels_text, templates=templates,
                                   strategy=Exhaustive(args.wording_timesteps), batch_size=args.batch_size)
+        nearest = trained_class[(sentence_embeddings(denoiser, [templates[0].format(w) for w in labels_text])
+                                 @ trained.T).argmax(1)]
         row = {"wording": name, "labels": labels_text, "templates": templates,
+               "encoder_nearest_caption_class": [FASHION_MNIST_CLASSES[c] for c in nearest],
+               "encoder_nearest_caption_correct": int((nearest == torch.arange(len(nearest))).sum()),
                **accuracy_of(clf, pixels, labels)}
         rows.append(row)
-        print(f"{name:<55} acc {row['accuracy']:.4f}  NFE {row['nfe_per_image']:.0f}", flush=True)
+        print(f"{name:<55} acc {row['accuracy']:.4f}  NFE {row['nfe_per_image']:.0f}  text encoder alone: "
+              f"{row['encoder_nearest_caption_correct']}/10 labels nearest a training caption of their class",
+              flush=True)
     out["wordings"] = rows
+
+
+@torch.inference_mode()
+def sentence_embeddings(denoiser, texts: list[str]) -> torch.Tensor:
+    """Unit-norm mean-pooled states of the model's own text encoder (all-MiniLM-L6-v2's sentence embedding).
+
+    A diagnostic independent of the diffusion model: if a label's embedding is nearest to training captions
+    of another class, no amount of diffusion training makes that wording work."""
+    tokens = denoiser.tokenizer(texts, padding=True, return_tensors="pt")
+    states = denoiser.text_encoder(**tokens)[0]
+    mask = tokens.attention_mask.unsqueeze(-1).float()
+    return torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
 
 
 def section_cnn(pixels, labels, args, out):

@@ -40,10 +40,13 @@ def main():
               f"({c['epochs']:.1f} epochs, no augmentation).\n")
     if fm and "wordings" in fm:
         print("**Text model, wordings** (exhaustive)\n")
-        print("| wording | NFE / image | accuracy |")
-        print("|---|---|---|")
+        print("| wording | NFE / image | accuracy | text encoder alone: labels nearest a training caption of "
+              "their class |")
+        print("|---|---|---|---|")
         for r in fm["wordings"]:
-            print(f"| {r['wording']} | {r['nfe_per_image']:.0f} | {100 * r['accuracy']:.1f}% |")
+            encoder = (f"{r['encoder_nearest_caption_correct']}/{len(r['labels'])}"
+                       if "encoder_nearest_caption_correct" in r else "not measured")
+            print(f"| {r['wording']} | {r['nfe_per_image']:.0f} | {100 * r['accuracy']:.1f}% | {encoder} |")
         print()
     if fm and "ablation" in fm:
         a = fm["ablation"]
