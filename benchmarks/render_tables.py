@@ -66,6 +66,8 @@ def main():
         print()
     render_efficiency(load("efficiency"))
     render_robustness(load("robustness"))
+    for path in sorted(RESULTS.glob("robustness_*.json")):  # larger-sample checks of a few rows (--out)
+        render_robustness(load(path.stem), title=f"Robustness, larger-sample check `{path.stem}`")
     mem = load("memory")
     if mem:
         print("**Memory**: " + ", ".join(f"{r['images']} images: peak RSS {r['peak_rss_mib']:.0f} MiB"
@@ -88,14 +90,22 @@ def render_efficiency(eff):
         print()
     if "throughput" in eff:
         t = eff["throughput"]
-        print(f"**Engine throughput** ({t['images']} images, {t['timesteps']} timesteps, one process): batched "
-              f"engine {t['engine_images_per_s']:.2f} images/s vs per-image loop {t['loop_images_per_s']:.2f} "
-              f"images/s ({t['speedup']:.2f}x); network forward {100 * t['network_share_of_wall']:.0f}% of the "
-              f"engine's wall time; predictions agree on {100 * t['prediction_agreement']:.0f}% of images." + (
-                  " The forward alone runs at " + ", ".join(
-                      f"{rate:.0f}" for rate in t["forward_nfe_per_s_by_batch"].values()) + " evaluations/s at batch "
-                  "sizes " + ", ".join(t["forward_nfe_per_s_by_batch"]) + "." if "forward_nfe_per_s_by_batch" in t
-                  else "") + "\n")
+        print(f"**Engine throughput** ({t['images']} images, one process, one thread; images/s)\n")
+        print("| strategy | batched engine | one image at a time | speedup | network share of engine wall |")
+        print("|---|---|---|---|---|")
+        print(f"| exhaustive {t['timesteps']} (loop: the original code's layout, batches of {t['loop_batch_size']}) | "
+              f"{t['engine_images_per_s']:.2f} | {t['loop_images_per_s']:.2f} | {t['speedup']:.2f}x | "
+              f"{100 * t['network_share_of_wall']:.1f}% |")
+        if "elimination" in t:
+            e = t["elimination"]
+            print(f"| elimination {e['error_rate']} (mean network batch {e['engine_mean_batch']:.0f} vs "
+                  f"{e['loop_mean_batch']:.0f}) | {e['engine_images_per_s']:.2f} | {e['loop_images_per_s']:.2f} | "
+                  f"{e['speedup']:.2f}x | {100 * e['network_share_of_wall']:.1f}% |")
+        print(f"\nPredictions agree on {100 * t['prediction_agreement']:.0f}% of images." + (
+            " The network forward alone runs at " + ", ".join(
+                f"{rate:.0f}" for rate in t["forward_nfe_per_s_by_batch"].values()) + " evaluations/s at batch "
+            "sizes " + ", ".join(t["forward_nfe_per_s_by_batch"]) + "." if "forward_nfe_per_s_by_batch" in t
+            else "") + "\n")
     if "calibration" in eff:
         c = eff["calibration"]
         b, a = c["before (T=1)"], c["after"]
@@ -106,11 +116,11 @@ def render_efficiency(eff):
                   f"{c['per_timestep_weights']['ece']:.3f}." if "per_timestep_weights" in c else "") + "\n")
 
 
-def render_robustness(rob):
+def render_robustness(rob, title="Robustness"):
     if not rob:
         return
     variants = [k for k in rob["rows"][0] if k not in ("family", "severity", "cnn")]
-    print(f"**Robustness** ({rob['images']} test images, class model, {rob['timesteps']} timesteps; "
+    print(f"**{title}** ({rob['images']} test images, class model, {rob['timesteps']} timesteps; "
           "accuracy, and in brackets the change from clean)\n")
     print("| shift | " + " | ".join(variants) + " | CNN |")
     print("|---|" + "---|" * (len(variants) + 1))
