@@ -7,6 +7,12 @@ reference, a timestep ablation, and the cold-start time of `classify`.
 Test images: a fixed subset of the 10k test set, numpy.random.default_rng(0).permutation(10000)[:N],
 sorted; the indices are written to the JSON. Each section merges its results into
 benchmarks/results/fashion_mnist.json (so sections can be run separately) and prints a table.
+
+The accuracy section scores each model once with `diffusion-classifier evaluate` (exhaustive over an
+even grid of --grid timesteps, resumable, in benchmarks/runs/MODEL-testN-gridG/) and replays every
+row's strategy on the stored errors. It prints the evaluate command it runs; on a machine with more
+cores, run that command first under `torchrun --nproc-per-node K -m diffusion_classifier ...` and the
+benchmark finds the run complete.
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ import numpy as np
 import torch
 from common import RESULTS, accuracy_of, cnn_accuracy, cnn_reference, test_subset, to_pixels  # benchmarks/
 
-from diffusion_classifier import DiffusionClassifier, Exhaustive, Staged, load_denoiser
+from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, Staged, load_denoiser
 from diffusion_classifier.data import FASHION_MNIST_CLASSES, fashion_mnist_arrays
+from diffusion_classifier.denoisers import resolve_model_dir
+from diffusion_classifier.evaluation import ResultsStore
+from diffusion_classifier.replay import replay
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
 from diffusion_classifier.strategies import FixedTimesteps
 from diffusion_classifier.training import CaptionBank, load_captions
@@ -37,19 +46,70 @@ SECTIONS = ["accuracy", "wordings", "cnn", "ablation", "coldstart"]
 # ----- sections ---------------------------------------------------------------------------
 
 def section_accuracy(pixels, labels, args, out):
+    """Per model, one resumable `evaluate` run (exhaustive over an even grid of --grid timesteps, full error
+    matrices stored), then each row's strategy replayed on those errors: exactly its decisions and NFE
+    (noise is keyed by image and timestep), for the cost of the one pass."""
     rows = []
-    for model in ("fashion-mnist-class", "fashion-mnist-text"):
-        denoiser = load_denoiser(model)
-        templates = ["a photo of a {}."] if denoiser.conditioning == "text" else None
-        strategies = [Exhaustive(n) for n in args.timesteps] + [Staged([10, 50], [3, 1])]
-        for strategy in strategies:
-            clf = DiffusionClassifier(denoiser, labels=FASHION_MNIST_CLASSES if templates else None,
-                                      templates=templates, strategy=strategy, batch_size=args.batch_size)
-            row = {"model": model, "strategy": strategy.describe(), **accuracy_of(clf, pixels, labels)}
+    for model in args.models:
+        errors, grid, truth, seconds_per_nfe = grid_run(model, len(labels), args)
+        _, num_train_timesteps = model_facts(model)
+        g = len(grid)
+        strategies = {f"exhaustive, {k} timesteps (evenly from the {g}-grid)":
+                      FixedTimesteps(grid[(g // k) // 2::g // k][:k]) for k in args.timesteps if k < g}
+        strategies[f"exhaustive, {g} timesteps"] = Exhaustive(g)
+        strategies[f"staged {g // 5}/{g} keep 3/1"] = Staged([g // 5, g], [3, 1])
+        strategies[f"elimination error_rate=0.05 (max {g} timesteps)"] = Elimination(0.05, max_timesteps=g)
+        for name, strategy in strategies.items():
+            tables = [replay(strategy, e, grid, num_train_timesteps) for e in errors]
+            nfe = np.array([t.nfe for t in tables])
+            correct = np.array([t.ranking()[0] for t in tables]) == truth
+            row = {"model": model, "strategy": name, "config": strategy.describe(), "accuracy": float(correct.mean()),
+                   "accuracy_standard_error": float(correct.std(ddof=1) / np.sqrt(len(correct))),
+                   "nfe_per_image": float(nfe.mean()), "nfe_p95": float(np.percentile(nfe, 95)),
+                   "seconds_per_image": float(nfe.mean() * seconds_per_nfe), "images": len(tables)}
             rows.append(row)
-            print(f"{model:<20} {json.dumps(row['strategy']):<50} acc {row['accuracy']:.4f}  "
-                  f"NFE {row['nfe_per_image']:.0f}  {row['seconds_per_image']:.3f} s/img", flush=True)
+            print(f"{model:<20} {name:<48} acc {row['accuracy']:.4f} +- {row['accuracy_standard_error']:.4f}  "
+                  f"NFE {row['nfe_per_image']:.0f}  ~{row['seconds_per_image']:.3f} s/img", flush=True)
     out["accuracy"] = rows
+
+
+def grid_run(model: str, n_images: int, args) -> tuple[list[np.ndarray], list[int], np.ndarray, float]:
+    """Run (or resume) `diffusion-classifier evaluate` over the fixed test subset; return its error matrices.
+
+    The run is the user's own command, so it can be run beforehand on more processes, e.g.
+    torchrun --nproc-per-node 2 -m diffusion_classifier evaluate ... with the arguments printed here."""
+    run_dir = Path(args.runs_dir) / f"{model}-test{n_images}-grid{args.grid}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    subset_file = run_dir / "subset.txt"
+    atomic_write_text("".join(f"{i}\n" for i in test_subset(n_images)), subset_file)
+    command = ["evaluate", "--data", "fashion-mnist", "--split", "test", "--subset", str(subset_file),
+               "--model", model, "--strategy", "exhaustive", "--timesteps", str(args.grid), "--seed", "0",
+               "--batch-size", str(args.batch_size), "--out", str(run_dir), "--quiet"]
+    if model_facts(model)[0] == "text":
+        command += ["--template", "a photo of a {}."]
+    print("python -m diffusion_classifier " + " ".join(f"'{c}'" if " " in c else c for c in command), flush=True)
+    subprocess.run([sys.executable, "-m", "diffusion_classifier", *command], check=True)
+    store = ResultsStore(run_dir)
+    try:
+        matrices = store.error_matrices()
+        records = {r["idx"]: r for r in store.records()}
+    finally:
+        store.close()
+    if len(matrices) != n_images:
+        raise SystemExit(f"{run_dir}: {len(matrices)} of {n_images} images scored")
+    grid = matrices[0][2]
+    truth = np.array([records[idx]["label"] for idx, _, _ in matrices])
+    seconds_per_nfe = sum(r["seconds"] for r in records.values()) / sum(r["nfe"] for r in records.values())
+    return [m for _, m, _ in matrices], grid, truth, seconds_per_nfe
+
+
+def model_facts(model: str) -> tuple[str, int]:
+    """Conditioning ("text" or "class") and number of training timesteps, from the model's config files."""
+    directory = resolve_model_dir(model)
+    index = json.loads((directory / "model_index.json").read_text())
+    scheduler = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
+    conditioning = "text" if index.get("unet", [None, None])[1] == "UNet2DConditionModel" else "class"
+    return conditioning, int(scheduler.get("num_train_timesteps", 1000))
 
 
 def section_wordings(pixels, labels, args, out):
@@ -139,7 +199,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000, help="test images (fixed seeded subset)")
     parser.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
-    parser.add_argument("--timesteps", type=int, nargs="+", default=[10, 25, 50], help="exhaustive rows")
+    parser.add_argument("--models", nargs="+", default=["fashion-mnist-class", "fashion-mnist-text"],
+                        help="models of the accuracy section")
+    parser.add_argument("--grid", type=int, default=50, help="timesteps of the accuracy section's exhaustive pass")
+    parser.add_argument("--timesteps", type=int, nargs="+", default=[10, 25],
+                        help="exhaustive rows replayed on subsets of the grid")
+    parser.add_argument("--runs-dir", default=str(ROOT / "runs"),
+                        help="where the accuracy section's evaluate runs live (resumable)")
     parser.add_argument("--wording-timesteps", type=int, default=25)
     parser.add_argument("--text-model", default="fashion-mnist-text", help="text model of the wordings section")
     parser.add_argument("--ablation-timesteps", type=int, default=25,

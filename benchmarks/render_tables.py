@@ -28,11 +28,14 @@ def main():
         n = fm["meta"]["accuracy"]["images"]
         print(f"**Accuracy vs cost** ({n} Fashion-MNIST test images, fixed seeded subset; "
               "1 torch thread per process)\n")
-        print("| model | strategy | NFE / image | accuracy | s / image |")
+        print("| model | strategy | NFE / image (mean, p95) | accuracy | s / image |")
         print("|---|---|---|---|---|")
         for r in fm["accuracy"]:
-            print(f"| {r['model']} | {strategy_name(r['strategy'])} | {r['nfe_per_image']:.0f} | "
-                  f"{100 * r['accuracy']:.1f}% | {r['seconds_per_image']:.2f} |")
+            name = r["strategy"] if isinstance(r["strategy"], str) else strategy_name(r["strategy"])
+            nfe = f"{r['nfe_per_image']:.0f}" + (f", {r['nfe_p95']:.0f}" if "nfe_p95" in r else "")
+            accuracy = f"{100 * r['accuracy']:.1f}%" + (
+                f" +- {100 * r['accuracy_standard_error']:.1f}" if "accuracy_standard_error" in r else "")
+            print(f"| {r['model']} | {name} | {nfe} | {accuracy} | {r['seconds_per_image']:.2f} |")
         print()
     if fm and "cnn" in fm:
         c = fm["cnn"]
