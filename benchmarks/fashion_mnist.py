@@ -9,10 +9,10 @@ sorted; the indices are written to the JSON. Each section merges its results int
 benchmarks/results/fashion_mnist.json (so sections can be run separately) and prints a table.
 
 The accuracy section scores each model once with `diffusion-classifier evaluate` (exhaustive over an
-even grid of --grid timesteps, resumable, in benchmarks/runs/MODEL-testN-gridG/) and replays every
-row's strategy on the stored errors. It prints the evaluate command it runs; on a machine with more
-cores, run that command first under `torchrun --nproc-per-node K -m diffusion_classifier ...` and the
-benchmark finds the run complete.
+even grid of --grid timesteps, resumable, in benchmarks/runs/MODEL-WEIGHTSHASH-testN-gridG/, so a
+retrained model starts a new run) and replays every row's strategy on the stored errors. It prints the
+evaluate command it runs; on a machine with more cores, run that command first under
+`torchrun --nproc-per-node K -m diffusion_classifier ...` and the benchmark finds the run complete.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from common import RESULTS, accuracy_of, cnn_accuracy, cnn_reference, test_subse
 
 from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, Staged, load_denoiser
 from diffusion_classifier.data import FASHION_MNIST_CLASSES, fashion_mnist_arrays
-from diffusion_classifier.denoisers import resolve_model_dir
+from diffusion_classifier.denoisers import resolve_model_dir, weights_fingerprint
 from diffusion_classifier.evaluation import ResultsStore
 from diffusion_classifier.replay import replay
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
@@ -78,7 +78,8 @@ def grid_run(model: str, n_images: int, args) -> tuple[list[np.ndarray], list[in
 
     The run is the user's own command, so it can be run beforehand on more processes, e.g.
     torchrun --nproc-per-node 2 -m diffusion_classifier evaluate ... with the arguments printed here."""
-    run_dir = Path(args.runs_dir) / f"{model}-test{n_images}-grid{args.grid}"
+    weights = weights_fingerprint(resolve_model_dir(model))[:10]
+    run_dir = Path(args.runs_dir) / f"{model}-{weights}-test{n_images}-grid{args.grid}"
     run_dir.mkdir(parents=True, exist_ok=True)
     subset_file = run_dir / "subset.txt"
     atomic_write_text("".join(f"{i}\n" for i in test_subset(n_images)), subset_file)

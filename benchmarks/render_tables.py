@@ -28,7 +28,7 @@ def main():
         n = fm["meta"]["accuracy"]["images"]
         print(f"**Accuracy vs cost** ({n} Fashion-MNIST test images, fixed seeded subset; "
               "1 torch thread per process)\n")
-        print("| model | strategy | NFE / image (mean, p95) | accuracy | s / image |")
+        print("| model | strategy | NFE / image (mean, p95) | accuracy (+- standard error) | s / image (from NFE) |")
         print("|---|---|---|---|---|")
         for r in fm["accuracy"]:
             name = r["strategy"] if isinstance(r["strategy"], str) else strategy_name(r["strategy"])

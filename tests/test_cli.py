@@ -127,3 +127,20 @@ def test_every_command_has_help():
         out = subprocess.run([sys.executable, "-m", "diffusion_classifier", command, "--help"],
                              capture_output=True, text=True, check=True).stdout
         assert "--model" in out or "--data" in out
+
+
+def test_resuming_a_run_with_other_weights_is_refused(models, image_folder, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(models["pixel_class"], tmp_path / "model")
+    args = ["evaluate", "--model", model, "--data", image_folder, "--out", tmp_path / "run", "--timesteps", "2",
+            "--quiet", "--limit", "2"]
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    weights = next((model / "unet").glob("*.safetensors"))
+    state = load_file(weights)
+    save_file({k: v + 0.01 for k, v in state.items()}, weights)  # "retrained" in place
+    code, _, err = run(capsys, *args)
+    assert code != 0 and "another configuration" in err and "model_weights_sha256" in err

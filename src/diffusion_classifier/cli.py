@@ -261,6 +261,7 @@ def cmd_evaluate(args) -> int:
     import time
 
     from .data import load_dataset, read_subset
+    from .denoisers import weights_fingerprint
     from .distributed import init_from_env, shutdown
     from .evaluation import evaluate
 
@@ -280,7 +281,8 @@ def cmd_evaluate(args) -> int:
     try:
         classifier = _classifier(args, dataset.class_names, group)
         run_config = {"model": str(args.model), "data": str(args.data), "split": args.split,
-                      "images": len(dataset), "image_ids_sha256": _digest(dataset.ids)}
+                      "images": len(dataset), "image_ids_sha256": _digest(dataset.ids),
+                      "model_weights_sha256": weights_fingerprint(classifier.denoiser.source_dir)}
         started = time.perf_counter()
         metrics = evaluate(classifier, dataset, args.out, run_config, images_per_batch=args.images_per_batch,
                            progress=not args.quiet, group=group)

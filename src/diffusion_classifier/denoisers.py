@@ -21,10 +21,12 @@ would reweight timesteps by 1 / abar and let large-t errors dominate.)
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import json
 import pickle
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,7 @@ class Denoiser:
                  extra_config: dict | None = None):
         self.network = network.eval()
         self.scheduler = scheduler
+        self.source_dir: Path | None = None  # the directory load_denoiser read it from
         self.vae = vae.eval() if vae is not None else None
         self.extra_config = dict(extra_config or {})
         self.alphas_cumprod = scheduler.alphas_cumprod.detach().to(torch.float64).cpu()
@@ -366,6 +369,30 @@ def _load_component(directory: Path, name: str, spec: Sequence[str]) -> Any:
         raise UserError(f"could not load {name!r} from {folder}: {str(exc).splitlines()[0]}") from exc
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def weights_fingerprint(directory: str | Path) -> str:
+    """sha256 over a pipeline directory's weight files (names and contents).
+
+    Runs record it, so resuming a run after the weights changed (a retrained local model) is refused
+    instead of mixing two models' results. Hub snapshots link each weight file to a blob named by its
+    sha256, so for those the blob names stand in for the contents and nothing large is read.
+    """
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
+        digest.update(path.relative_to(directory).as_posix().encode() + b"\x00")
+        blob = path.resolve()
+        if path.is_symlink() and re.fullmatch(r"[0-9a-f]{64}", blob.name):
+            digest.update(blob.name.encode())
+            continue
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _load_scheduler(cls: type, folder: Path) -> Any:
     """A scheduler from its config, with the config keys its class takes.
 
@@ -436,4 +463,5 @@ def load_denoiser(model: str | Path, device: str | torch.device = "cpu",
     else:
         raise UserError(f"{directory}: no supported network (UNet2DConditionModel, UNet2DModel with "
                         "class embeddings, or DiT transformer) in model_index.json")
+    denoiser.source_dir = directory
     return denoiser.to(device=device, dtype=dtype)
