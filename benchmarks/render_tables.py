@@ -59,8 +59,8 @@ def main():
         print(f"\n{s['n_timesteps']} timesteps evenly spaced: {100 * s['even']:.1f}%, "
               f"random: {100 * s['random']:.1f}%\n")
     if fm and "coldstart" in fm:
-        print("**Cold start** of `classify` on one image, 25 timesteps "
-              "(measured while another benchmark process ran)\n")
+        print("**Cold start** of `classify` on one image, 25 timesteps (measured on an otherwise idle 2-core "
+              "machine; imports, loading and scoring measured in a separate fresh process)\n")
         print("| model | CLI wall | imports | loading | scoring |")
         print("|---|---|---|---|---|")
         for r in fm["coldstart"]:
