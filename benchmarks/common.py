@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from diffusion_classifier import DiffusionClassifier
 from diffusion_classifier.data import fashion_mnist_arrays
+from diffusion_classifier.replay import replay
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -33,6 +34,17 @@ def accuracy_of(clf: DiffusionClassifier, pixels: torch.Tensor, labels: np.ndarr
     seconds = time.perf_counter() - started
     return {"accuracy": float(np.mean(np.array(predictions) == labels)), "nfe_per_image": float(np.mean(nfe)),
             "seconds_per_image": seconds / len(pixels), "images": len(pixels)}
+
+
+def replayed_accuracy(strategy, errors: list[np.ndarray], grid: list[int], labels: np.ndarray,
+                      num_train_timesteps: int = 1000) -> dict:
+    """Accuracy and NFE of `strategy` replayed on stored exhaustive errors (one [classes, prompts, grid] per image)."""
+    tables = [replay(strategy, e, grid, num_train_timesteps) for e in errors]
+    nfe = np.array([t.nfe for t in tables])
+    correct = np.array([t.ranking()[0] for t in tables]) == labels
+    return {"accuracy": float(correct.mean()),
+            "accuracy_standard_error": float(correct.std(ddof=1) / np.sqrt(len(correct))),
+            "nfe_mean": float(nfe.mean()), "nfe_p95": float(np.percentile(nfe, 95)), "images": len(tables)}
 
 
 class SmallCNN(torch.nn.Module):

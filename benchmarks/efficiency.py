@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, test_subset, to_pixels
+from common import RESULTS, replayed_accuracy, test_subset, to_pixels
 
 from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, Staged, load_denoiser, preset
 from diffusion_classifier.data import fashion_mnist_arrays
@@ -92,13 +92,8 @@ def section_strategies(pixels, labels, args, out):
         0.05, max_timesteps=grid_size, class_tree=tree, keep_groups=2).resolve(denoiser.class_names)
     rows = []
     for name, strategy in strategies.items():
-        tables = [replay(strategy, e, grid) for e in errors]
-        nfe = np.array([t.nfe for t in tables])
-        correct = np.array([t.ranking()[0] for t in tables]) == labels
-        row = {"strategy": name, "config": strategy.describe(), "accuracy": float(correct.mean()),
-               "nfe_mean": float(nfe.mean()), "nfe_p95": float(np.percentile(nfe, 95)),
-               "seconds_per_image": float(nfe.mean() * seconds_per_nfe), "seconds": "estimated from NFE",
-               "images": len(tables)}
+        row = {"strategy": name, "config": strategy.describe(), **replayed_accuracy(strategy, errors, grid, labels)}
+        row.update(seconds_per_image=row["nfe_mean"] * seconds_per_nfe, seconds="estimated from NFE")
         rows.append(row)
         print(f"{name:<48} acc {row['accuracy']:.4f}  NFE mean {row['nfe_mean']:7.1f}  p95 {row['nfe_p95']:7.1f}  "
               f"~{row['seconds_per_image']:.3f} s/img", flush=True)
@@ -306,9 +301,10 @@ def section_throughput(pixels, labels, args, out):
 def adaptive_throughput(denoiser, pixels, args, error_rate: float = 0.05) -> dict:
     """The elimination strategy, batched across images by the engine vs one image at a time.
 
-    One image at a time, each round is one image's surviving classes at a few timesteps: small network
-    batches, which is where batching across images pays even on a CPU. The per-image run is the same
-    engine with one image per call and batches of at most --loop-batch-size, so decisions are identical."""
+    One image at a time, each network call holds one image's round (its surviving classes at a few
+    timesteps), so batches are small: the case batching across images is meant for. The per-image run is
+    the same engine with one image per call and batches of at most --loop-batch-size, so decisions are
+    identical; the mean batch sizes are reported."""
     runs = {}
     for name, images_per_batch, batch_size in (("engine", 64, args.batch_size), ("loop", 1, args.loop_batch_size)):
         clf = DiffusionClassifier(denoiser, strategy=Elimination(error_rate), batch_size=batch_size,

@@ -27,13 +27,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, accuracy_of, cnn_accuracy, cnn_reference, test_subset, to_pixels  # benchmarks/
+from common import (  # benchmarks/
+    RESULTS,
+    accuracy_of,
+    cnn_accuracy,
+    cnn_reference,
+    replayed_accuracy,
+    test_subset,
+    to_pixels,
+)
 
 from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, Staged, load_denoiser
 from diffusion_classifier.data import FASHION_MNIST_CLASSES, fashion_mnist_arrays
-from diffusion_classifier.denoisers import resolve_model_dir, weights_fingerprint
+from diffusion_classifier.denoisers import sentence_embedding, weights_fingerprint
 from diffusion_classifier.evaluation import ResultsStore
-from diffusion_classifier.replay import replay
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
 from diffusion_classifier.strategies import FixedTimesteps
 from diffusion_classifier.training import CaptionBank, load_captions
@@ -51,8 +58,8 @@ def section_accuracy(pixels, labels, args, out):
     (noise is keyed by image and timestep), for the cost of the one pass."""
     rows = []
     for model in args.models:
-        errors, grid, truth, seconds_per_nfe = grid_run(model, len(labels), args)
-        _, num_train_timesteps = model_facts(model)
+        denoiser = load_denoiser(model)
+        errors, grid, truth, seconds_per_nfe = grid_run(denoiser, model, len(labels), args)
         g = len(grid)
         strategies = {f"exhaustive, {k} timesteps (evenly from the {g}-grid)":
                       FixedTimesteps(grid[(g // k) // 2::g // k][:k]) for k in args.timesteps if k < g}
@@ -60,25 +67,21 @@ def section_accuracy(pixels, labels, args, out):
         strategies[f"staged {g // 5}/{g} keep 3/1"] = Staged([g // 5, g], [3, 1])
         strategies[f"elimination error_rate=0.05 (max {g} timesteps)"] = Elimination(0.05, max_timesteps=g)
         for name, strategy in strategies.items():
-            tables = [replay(strategy, e, grid, num_train_timesteps) for e in errors]
-            nfe = np.array([t.nfe for t in tables])
-            correct = np.array([t.ranking()[0] for t in tables]) == truth
-            row = {"model": model, "strategy": name, "config": strategy.describe(), "accuracy": float(correct.mean()),
-                   "accuracy_standard_error": float(correct.std(ddof=1) / np.sqrt(len(correct))),
-                   "nfe_per_image": float(nfe.mean()), "nfe_p95": float(np.percentile(nfe, 95)),
-                   "seconds_per_image": float(nfe.mean() * seconds_per_nfe), "images": len(tables)}
+            row = {"model": model, "strategy": name, "config": strategy.describe(),
+                   **replayed_accuracy(strategy, errors, grid, truth, denoiser.num_train_timesteps)}
+            row["seconds_per_image"] = row["nfe_mean"] * seconds_per_nfe
             rows.append(row)
             print(f"{model:<20} {name:<48} acc {row['accuracy']:.4f} +- {row['accuracy_standard_error']:.4f}  "
-                  f"NFE {row['nfe_per_image']:.0f}  ~{row['seconds_per_image']:.3f} s/img", flush=True)
+                  f"NFE {row['nfe_mean']:.0f}  ~{row['seconds_per_image']:.3f} s/img", flush=True)
     out["accuracy"] = rows
 
 
-def grid_run(model: str, n_images: int, args) -> tuple[list[np.ndarray], list[int], np.ndarray, float]:
+def grid_run(denoiser, model: str, n_images: int, args) -> tuple[list[np.ndarray], list[int], np.ndarray, float]:
     """Run (or resume) `diffusion-classifier evaluate` over the fixed test subset; return its error matrices.
 
     The run is the user's own command, so it can be run beforehand on more processes, e.g.
     torchrun --nproc-per-node 2 -m diffusion_classifier evaluate ... with the arguments printed here."""
-    weights = weights_fingerprint(resolve_model_dir(model))[:10]
+    weights = weights_fingerprint(denoiser.source_dir)[:10]
     run_dir = Path(args.runs_dir) / f"{model}-{weights}-test{n_images}-grid{args.grid}"
     run_dir.mkdir(parents=True, exist_ok=True)
     subset_file = run_dir / "subset.txt"
@@ -86,7 +89,7 @@ def grid_run(model: str, n_images: int, args) -> tuple[list[np.ndarray], list[in
     command = ["evaluate", "--data", "fashion-mnist", "--split", "test", "--subset", str(subset_file),
                "--model", model, "--strategy", "exhaustive", "--timesteps", str(args.grid), "--seed", "0",
                "--batch-size", str(args.batch_size), "--out", str(run_dir), "--quiet"]
-    if model_facts(model)[0] == "text":
+    if denoiser.conditioning == "text":
         command += ["--template", "a photo of a {}."]
     print("python -m diffusion_classifier " + " ".join(f"'{c}'" if " " in c else c for c in command), flush=True)
     subprocess.run([sys.executable, "-m", "diffusion_classifier", *command], check=True)
@@ -102,15 +105,6 @@ def grid_run(model: str, n_images: int, args) -> tuple[list[np.ndarray], list[in
     truth = np.array([records[idx]["label"] for idx, _, _ in matrices])
     seconds_per_nfe = sum(r["seconds"] for r in records.values()) / sum(r["nfe"] for r in records.values())
     return [m for _, m, _ in matrices], grid, truth, seconds_per_nfe
-
-
-def model_facts(model: str) -> tuple[str, int]:
-    """Conditioning ("text" or "class") and number of training timesteps, from the model's config files."""
-    directory = resolve_model_dir(model)
-    index = json.loads((directory / "model_index.json").read_text())
-    scheduler = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
-    conditioning = "text" if index.get("unet", [None, None])[1] == "UNet2DConditionModel" else "class"
-    return conditioning, int(scheduler.get("num_train_timesteps", 1000))
 
 
 def section_wordings(pixels, labels, args, out):
@@ -145,14 +139,12 @@ def section_wordings(pixels, labels, args, out):
 
 @torch.inference_mode()
 def sentence_embeddings(denoiser, texts: list[str]) -> torch.Tensor:
-    """Unit-norm mean-pooled states of the model's own text encoder (all-MiniLM-L6-v2's sentence embedding).
+    """The text encoder's sentence embeddings (the pooling of `--text-pooling mean`), one row per text.
 
     A diagnostic independent of the diffusion model: if a label's embedding is nearest to training captions
     of another class, no amount of diffusion training makes that wording work."""
     tokens = denoiser.tokenizer(texts, padding=True, return_tensors="pt")
-    states = denoiser.text_encoder(**tokens)[0]
-    mask = tokens.attention_mask.unsqueeze(-1).float()
-    return torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+    return sentence_embedding(denoiser.text_encoder(**tokens)[0], tokens.attention_mask)[:, 0]
 
 
 def section_cnn(pixels, labels, args, out):

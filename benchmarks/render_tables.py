@@ -14,14 +14,6 @@ def load(name):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def strategy_name(config: dict) -> str:
-    if config["name"] == "exhaustive":
-        return f"exhaustive, {config['n_timesteps']} timesteps"
-    if config["name"] == "staged":
-        return f"staged {'/'.join(map(str, config['n_samples']))} keep {'/'.join(map(str, config['to_keep']))}"
-    return config["name"]
-
-
 def main():
     fm = load("fashion_mnist")
     if fm and "accuracy" in fm:
@@ -31,11 +23,9 @@ def main():
         print("| model | strategy | NFE / image (mean, p95) | accuracy (+- standard error) | s / image (from NFE) |")
         print("|---|---|---|---|---|")
         for r in fm["accuracy"]:
-            name = r["strategy"] if isinstance(r["strategy"], str) else strategy_name(r["strategy"])
-            nfe = f"{r['nfe_per_image']:.0f}" + (f", {r['nfe_p95']:.0f}" if "nfe_p95" in r else "")
-            accuracy = f"{100 * r['accuracy']:.1f}%" + (
-                f" +- {100 * r['accuracy_standard_error']:.1f}" if "accuracy_standard_error" in r else "")
-            print(f"| {r['model']} | {name} | {nfe} | {accuracy} | {r['seconds_per_image']:.2f} |")
+            print(f"| {r['model']} | {r['strategy']} | {r['nfe_mean']:.0f}, {r['nfe_p95']:.0f} | "
+                  f"{100 * r['accuracy']:.1f}% +- {100 * r['accuracy_standard_error']:.1f} | "
+                  f"{r['seconds_per_image']:.2f} |")
         print()
     if fm and "cnn" in fm:
         c = fm["cnn"]
@@ -47,8 +37,7 @@ def main():
               "their class |")
         print("|---|---|---|---|")
         for r in fm["wordings"]:
-            encoder = (f"{r['encoder_nearest_caption_correct']}/{len(r['labels'])}"
-                       if "encoder_nearest_caption_correct" in r else "not measured")
+            encoder = f"{r['encoder_nearest_caption_correct']}/{len(r['labels'])}"
             print(f"| {r['wording']} | {r['nfe_per_image']:.0f} | {100 * r['accuracy']:.1f}% | {encoder} |")
         print()
     if fm and "ablation" in fm:
