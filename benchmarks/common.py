@@ -32,8 +32,14 @@ def accuracy_of(clf: DiffusionClassifier, pixels: torch.Tensor, labels: np.ndarr
             predictions.append(r.prediction_index)
             nfe.append(r.nfe)
     seconds = time.perf_counter() - started
-    return {"accuracy": float(np.mean(np.array(predictions) == labels)), "nfe_per_image": float(np.mean(nfe)),
-            "seconds_per_image": seconds / len(pixels), "images": len(pixels)}
+    correct = np.array(predictions) == labels
+    return {"accuracy": float(correct.mean()), "nfe_per_image": float(np.mean(nfe)),
+            "seconds_per_image": seconds / len(pixels), "images": len(pixels), "correct": correct_string(correct)}
+
+
+def correct_string(correct: np.ndarray) -> str:
+    """Per-image correctness as '0'/'1' characters: compact in JSON, enough for paired statistics later."""
+    return "".join("1" if c else "0" for c in correct)
 
 
 def replayed_accuracy(strategy, errors: list[np.ndarray], grid: list[int], labels: np.ndarray,
@@ -89,8 +95,12 @@ def cnn_reference(minutes: float, seed: int = 0) -> tuple[SmallCNN, dict]:
 
 
 @torch.inference_mode()
-def cnn_accuracy(model: SmallCNN, pixels: torch.Tensor, labels: np.ndarray) -> float:
+def cnn_correct(model: SmallCNN, pixels: torch.Tensor, labels: np.ndarray) -> np.ndarray:
     predictions = torch.cat([model(pixels[i:i + 500]).argmax(1) for i in range(0, len(pixels), 500)])
-    return float((predictions.numpy() == labels).mean())
+    return predictions.numpy() == labels
+
+
+def cnn_accuracy(model: SmallCNN, pixels: torch.Tensor, labels: np.ndarray) -> float:
+    return float(cnn_correct(model, pixels, labels).mean())
 
 

@@ -62,7 +62,7 @@ def section_accuracy(pixels, labels, args, out):
         errors, grid, truth, seconds_per_nfe = grid_run(denoiser, model, len(labels), args)
         g = len(grid)
         strategies = {f"exhaustive, {k} timesteps (evenly from the {g}-grid)":
-                      FixedTimesteps(grid[(g // k) // 2::g // k][:k]) for k in args.timesteps if k < g}
+                      FixedTimesteps(evenly_from(grid, k)) for k in args.timesteps if k < g}
         strategies[f"exhaustive, {g} timesteps"] = Exhaustive(g)
         strategies[f"staged {g // 5}/{g} keep 3/1"] = Staged([g // 5, g], [3, 1])
         strategies[f"elimination error_rate=0.05 (max {g} timesteps)"] = Elimination(0.05, max_timesteps=g)
@@ -74,6 +74,12 @@ def section_accuracy(pixels, labels, args, out):
             print(f"{model:<20} {name:<48} acc {row['accuracy']:.4f} +- {row['accuracy_standard_error']:.4f}  "
                   f"NFE {row['nfe_mean']:.0f}  ~{row['seconds_per_image']:.3f} s/img", flush=True)
     out["accuracy"] = rows
+
+
+def evenly_from(grid: list[int], k: int) -> list[int]:
+    """k evenly spaced timesteps of a grid (every (g // k)-th, centred like the staged schedule's grids)."""
+    step = len(grid) // k
+    return [int(t) for t in grid[step // 2::step][:k]]
 
 
 def grid_run(denoiser, model: str, n_images: int, args) -> tuple[list[np.ndarray], list[int], np.ndarray, float]:
@@ -154,19 +160,27 @@ def section_cnn(pixels, labels, args, out):
 
 
 def section_ablation(pixels, labels, args, out):
+    """Replayed on the class model's accuracy-section run (no extra network evaluations): each single
+    timestep of the grid alone, and evenly spaced vs seeded random grid timesteps at equal NFE."""
     denoiser = load_denoiser("fashion-mnist-class")
-    single = []
-    for t in (10, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 990):
-        clf = DiffusionClassifier(denoiser, strategy=FixedTimesteps([t]), batch_size=args.batch_size)
-        single.append({"t": t, "accuracy": accuracy_of(clf, pixels, labels)["accuracy"]})
-        print(f"single timestep t={t:<4} acc {single[-1]['accuracy']:.4f}", flush=True)
-    n = args.ablation_timesteps
-    random_ts = sorted(np.random.default_rng(0).choice(1000, n, replace=False).tolist())
-    even = DiffusionClassifier(denoiser, strategy=Exhaustive(n), batch_size=args.batch_size)
-    rand = DiffusionClassifier(denoiser, strategy=FixedTimesteps(random_ts), batch_size=args.batch_size)
-    spacing = {"n_timesteps": n, "even": accuracy_of(even, pixels, labels)["accuracy"],
-               "random": accuracy_of(rand, pixels, labels)["accuracy"], "random_timesteps": random_ts}
-    print(f"{n} timesteps: evenly spaced {spacing['even']:.4f}   random {spacing['random']:.4f}")
+    errors, grid, truth, _ = grid_run(denoiser, "fashion-mnist-class", len(labels), args)
+    T = denoiser.num_train_timesteps
+
+    def accuracy(timesteps):
+        return replayed_accuracy(FixedTimesteps(timesteps), errors, grid, truth, T)["accuracy"]
+
+    picks = np.linspace(0, len(grid) - 1, 12).round().astype(int)
+    single = [{"t": int(grid[i]), "accuracy": accuracy([grid[i]])} for i in picks]
+    for row in single:
+        print(f"single timestep t={row['t']:<4} acc {row['accuracy']:.4f}", flush=True)
+    n, g = args.ablation_timesteps, len(grid)
+    if n >= g:
+        raise SystemExit(f"--ablation-timesteps {n} must be below the grid's {g} timesteps")
+    even = evenly_from(grid, n)
+    random_ts = sorted(np.random.default_rng(0).choice(grid, n, replace=False).tolist())
+    spacing = {"n_timesteps": n, "grid": g, "even": accuracy(even), "random": accuracy(random_ts),
+               "even_timesteps": even, "random_timesteps": random_ts}
+    print(f"{n} of the {g}-grid's timesteps: evenly spaced {spacing['even']:.4f}   random {spacing['random']:.4f}")
     out["ablation"] = {"model": "fashion-mnist-class", "single_timestep": single, "spacing": spacing}
 
 
@@ -201,8 +215,8 @@ def main():
                         help="where the accuracy section's evaluate runs live (resumable)")
     parser.add_argument("--wording-timesteps", type=int, default=25)
     parser.add_argument("--text-model", default="fashion-mnist-text", help="text model of the wordings section")
-    parser.add_argument("--ablation-timesteps", type=int, default=25,
-                        help="timesteps of the even-vs-random spacing comparison")
+    parser.add_argument("--ablation-timesteps", type=int, default=10,
+                        help="timesteps of the even-vs-random spacing comparison (drawn from the grid)")
     parser.add_argument("--cnn-minutes", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--out", default=str(RESULTS / "fashion_mnist.json"))

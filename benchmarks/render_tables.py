@@ -45,8 +45,8 @@ def main():
         print("**Single-timestep accuracy** (class model): " + ", ".join(
             f"t={r['t']}: {100 * r['accuracy']:.1f}%" for r in a["single_timestep"]))
         s = a["spacing"]
-        print(f"\n{s['n_timesteps']} timesteps evenly spaced: {100 * s['even']:.1f}%, "
-              f"random: {100 * s['random']:.1f}%\n")
+        print(f"\n{s['n_timesteps']} of the {s['grid']}-grid's timesteps, evenly spaced: {100 * s['even']:.1f}%, "
+              f"seeded random: {100 * s['random']:.1f}%\n")
     if fm and "coldstart" in fm:
         print("**Cold start** of `classify` on one image, 25 timesteps (measured on an otherwise idle 2-core "
               "machine; imports, loading and scoring measured in a separate fresh process)\n")
@@ -111,16 +111,23 @@ def render_efficiency(eff):
 def render_robustness(rob, title="Robustness"):
     if not rob:
         return
-    variants = [k for k in rob["rows"][0] if k not in ("family", "severity", "cnn")]
+    variants = [k for k in rob["rows"][0] if k not in ("family", "severity", "cnn", "correct")]
+    paired = rob.get("change_minus_cnn_change", {}).get(variants[-1])  # older results lack per-image data
     print(f"**{title}** ({rob['images']} test images, class model, {rob['timesteps']} timesteps; "
-          "accuracy, and in brackets the change from clean)\n")
-    print("| shift | " + " | ".join(variants) + " | CNN |")
-    print("|---|" + "---|" * (len(variants) + 1))
+          "accuracy, and in brackets the change from clean" + (
+              f"; last column: {variants[-1]}'s change minus the CNN's, paired over images, +- standard error"
+              if paired else "") + ")\n")
+    print("| shift | " + " | ".join(variants) + " | CNN |" + (" vs CNN |" if paired else ""))
+    print("|---|" + "---|" * (len(variants) + 1 + bool(paired)))
     clean = rob["rows"][0]
     for r in rob["rows"]:
+        name = (r["family"] + " " + r["severity"]).strip()
         cells = [f"{100 * r[v]:.1f}%" + ("" if r is clean else f" ({100 * (r[v] - clean[v]):+.1f})")
                  for v in variants + ["cnn"]]
-        print(f"| {(r['family'] + ' ' + r['severity']).strip()} | " + " | ".join(cells) + " |")
+        if paired:
+            d = paired.get(f"{r['family']} {r['severity']}")
+            cells.append(f"{100 * d['mean']:+.1f} +- {100 * d['standard_error']:.1f}" if d else "")
+        print(f"| {name} | " + " | ".join(cells) + " |")
     print()
 
 

@@ -19,12 +19,14 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
-from common import RESULTS, accuracy_of, cnn_accuracy, cnn_reference, test_subset, to_pixels
+from common import RESULTS, accuracy_of, cnn_correct, cnn_reference, correct_string, test_subset, to_pixels
 from shifts import FAMILIES
 
 from diffusion_classifier import DiffusionClassifier, Exhaustive, load_denoiser
 from diffusion_classifier.data import fashion_mnist_arrays
+from diffusion_classifier.denoisers import weights_fingerprint
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
 
 VARIANTS = {"plain": {}, "noise-aware": {"noise_aware": True}, "normalized": {"normalize_intensity": True},
@@ -51,6 +53,7 @@ def main():
     pixels, labels = to_pixels(images[subset]), labels[subset]
     cnn, cnn_info = cnn_reference(args.cnn_minutes)
     denoiser = load_denoiser(args.model)
+    args.weights = weights_fingerprint(denoiser.source_dir)
     classifiers = {name: DiffusionClassifier(denoiser, strategy=Exhaustive(args.timesteps), batch_size=args.batch_size,
                                              **options) for name, options in VARIANTS.items() if name in args.variants}
     conditions = [("clean", "", lambda x: x)] + [(family, label, fn) for family in args.families
@@ -64,9 +67,12 @@ def main():
         row = done.pop((family, severity), None)
         if row is None:
             shifted = shift(pixels)
-            row = {"family": family, "severity": severity, "cnn": cnn_accuracy(cnn, shifted, labels)}
+            cnn_ok = cnn_correct(cnn, shifted, labels)
+            row = {"family": family, "severity": severity, "cnn": float(cnn_ok.mean()),
+                   "correct": {"cnn": correct_string(cnn_ok)}}
             for name, clf in classifiers.items():
-                row[name] = accuracy_of(clf, shifted, labels)["accuracy"]
+                result = accuracy_of(clf, shifted, labels)
+                row[name], row["correct"][name] = result["accuracy"], result["correct"]
         rows.append(row)
         print(f"{(family + ' ' + severity).strip():<28}" + "".join(f"{row[n]:>16.4f}" for n in classifiers)
               + f"{row['cnn']:>10.4f}", flush=True)
@@ -77,12 +83,13 @@ def main():
 
 
 def previous_rows(args, n_images: int, variants: list[str]) -> dict:
-    """Rows of an earlier run with the same model, timesteps, images and variants, keyed by shift."""
+    """Rows of an earlier run with the same model weights, timesteps, images and variants, keyed by shift."""
     path = RESULTS / f"{args.out}.json"
     if not path.exists():
         return {}
     old = json.loads(path.read_text())
-    if (old.get("model"), old.get("timesteps"), old.get("images")) != (args.model, args.timesteps, n_images):
+    if ((old.get("model"), old.get("model_weights_sha256"), old.get("timesteps"), old.get("images"))
+            != (args.model, args.weights, args.timesteps, n_images)):
         return {}
     return {(r["family"], r["severity"]): r for r in old["rows"] if all(v in r for v in variants)}
 
@@ -93,12 +100,31 @@ def save(args, n_images: int, cnn_info: dict, rows: list[dict], variants: list[s
     clean = rows[0]
     drops = {name: {f"{r['family']} {r['severity']}": clean[name] - r[name] for r in rows[1:]}
              for name in variants + ["cnn"]}
-    out = {"model": args.model, "timesteps": args.timesteps, "images": n_images,
+    out = {"model": args.model, "model_weights_sha256": args.weights, "timesteps": args.timesteps, "images": n_images,
            "test_indices_rule": "np.sort(np.random.default_rng(0).permutation(10000)[:N])", "cnn": cnn_info,
-           "rows": rows, "accuracy_drop_from_clean": drops, "date": time.strftime("%Y-%m-%d %H:%M"),
+           "rows": rows, "accuracy_drop_from_clean": drops,
+           "change_minus_cnn_change": {name: paired_vs_cnn(rows, name) for name in variants},
+           "date": time.strftime("%Y-%m-%d %H:%M"),
            "threads": torch.get_num_threads()}
     RESULTS.mkdir(exist_ok=True)
     atomic_write_text(json.dumps(out, indent=2) + "\n", RESULTS / f"{args.out}.json")
+
+
+def paired_vs_cnn(rows: list[dict], variant: str) -> dict:
+    """Per shift: mean and standard error over images of (variant's change from clean) - (CNN's change).
+
+    The same images under every row make this a paired difference: negative means the variant lost more
+    than the CNN. The target "loses less than the CNN" is met beyond sampling error when mean - 2 SE > 0."""
+    def bits(row, name):
+        return np.array([c == "1" for c in row["correct"][name]], dtype=float)
+
+    clean = rows[0]
+    out = {}
+    for r in rows[1:]:
+        d = (bits(r, variant) - bits(clean, variant)) - (bits(r, "cnn") - bits(clean, "cnn"))
+        out[f"{r['family']} {r['severity']}"] = {"mean": float(d.mean()),
+                                                 "standard_error": float(d.std(ddof=1) / np.sqrt(len(d)))}
+    return out
 
 
 def plot(rows, variants, path):

@@ -42,25 +42,29 @@ def main() -> None:
         "",
         f"- steps: {summary['steps']:,} of batch {config['batch_size']} = {summary['images_seen']:,} images "
         f"({summary['epochs']:.2f} epochs)",
-        f"- training time: {summary['train_seconds'] / 60:.1f} minutes of wall time on a 2-core CPU machine "
-        f"(1 torch thread; the other core trained the other shipped model at the same time)",
+        f"- training time: {summary['train_seconds'] / 60:.1f} minutes of wall time in all on a 2-core CPU machine "
+        f"(1 torch thread; the other core trained another model at the same time)",
         f"- final loss (mean of the last 500 steps): {summary['final_loss']:.4f}",
         f"- class names: {', '.join(index['class_names'])}",
     ]
     if config["conditioning"] == "text":
+        conditioning_on = "the encoder's token states, with attention mask"
+        if config.get("text_pooling") == "mean":
+            conditioning_on = "the encoder's sentence embedding (`--text-pooling mean`)"
         lines.append("- captions: class names and synonyms x 8 templates from resources/fashion_mnist.json "
-                     f"(train_* entries), {config['empty_caption_prob']:.0%} empty captions; max "
-                     f"{config['max_text_length']} tokens with attention mask")
+                     f"(train_* entries), {config['empty_caption_prob']:.0%} empty captions, at most "
+                     f"{config['max_text_length']} tokens; the UNet cross-attends to {conditioning_on}")
     if args.note:
         lines.append(f"- {args.note}")
     fm = json.loads((RESULTS / "fashion_mnist.json").read_text()) if (RESULTS / "fashion_mnist.json").exists() else {}
     rows = [r for r in fm.get("accuracy", []) if r["model"] == args.name]
     if rows:
         n = fm["meta"]["accuracy"]["images"]
-        lines += ["", f"## Benchmark ({n} test images, benchmarks/fashion_mnist.py)", "",
-                  "| strategy | NFE / image | accuracy |", "|---|---|---|"]
+        lines += ["", f"## Benchmark ({n} Fashion-MNIST test images, benchmarks/fashion_mnist.py --sections accuracy)",
+                  "", "| strategy | NFE / image (mean, p95) | accuracy (+- standard error) |", "|---|---|---|"]
         for r in rows:
-            lines.append(f"| {json.dumps(r['strategy'])} | {r['nfe_per_image']:.0f} | {100 * r['accuracy']:.1f}% |")
+            lines.append(f"| {r['strategy']} | {r['nfe_mean']:.0f}, {r['nfe_p95']:.0f} | "
+                         f"{100 * r['accuracy']:.1f}% +- {100 * r['accuracy_standard_error']:.1f} |")
     lines += ["", "Resume training: re-run the command above with `--out` pointing at a directory holding "
               "`checkpoint.pt` (see checkpoints/ in the repository) and a larger `--max-minutes`.", ""]
     (MODELS / args.name / "README.md").write_text("\n".join(lines))
