@@ -11,9 +11,15 @@ import torch.nn.functional as F
 
 from diffusion_classifier import DiffusionClassifier
 from diffusion_classifier.data import fashion_mnist_arrays
+from diffusion_classifier.denoisers import resolve_model_dir, weights_fingerprint
 from diffusion_classifier.replay import replay
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def model_fingerprint(model: str) -> str:
+    """sha256 of a model's weights: caches and result files are keyed by it, not by the model's name."""
+    return weights_fingerprint(resolve_model_dir(model))
 
 
 def test_subset(n: int) -> np.ndarray:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, replayed_accuracy, test_subset, to_pixels
+from common import RESULTS, model_fingerprint, replayed_accuracy, test_subset, to_pixels
 
 from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, Staged, load_denoiser, preset
 from diffusion_classifier.data import fashion_mnist_arrays
@@ -120,7 +120,8 @@ def section_strategies(pixels, labels, args, out):
 
 def grid_pass(denoiser, pixels, args) -> tuple[np.ndarray, list[int], float]:
     """Errors of every class at every timestep of the grid, per image; cached in results/ by settings."""
-    key = {"model": args.model, "images": len(pixels), "grid": args.grid, "seed": 0, "loss": "l2"}
+    key = {"model": args.model, "weights": model_fingerprint(args.model), "images": len(pixels), "grid": args.grid,
+           "seed": 0, "loss": "l2"}
     if GRID_CACHE.exists():
         cached = np.load(GRID_CACHE, allow_pickle=False)
         if json.loads(str(cached["key"])) == key:
@@ -175,7 +176,8 @@ def section_calibration(pixels, labels, args, out):
 
     pixels, labels = test_images(args.calibration_images)
     strategy = Exhaustive(args.calibration_timesteps)
-    key = json.dumps({"model": args.model, "images": len(pixels), "timesteps": args.calibration_timesteps})
+    key = json.dumps({"model": args.model, "weights": model_fingerprint(args.model), "images": len(pixels),
+                      "timesteps": args.calibration_timesteps})
     cache = RESULTS / "calibration_errors.npz"  # not committed: a cache of the scoring pass
     if cache.exists() and str(np.load(cache)["key"]) == key:
         errors = np.load(cache)["errors"]
@@ -354,6 +356,7 @@ def main():
         globals()[f"section_{section}"](pixels, labels, args, part)
         results.update(part)
         results.setdefault("meta", {})[section] = {"images": args.images, "model": args.model,
+                                                   "model_weights_sha256": model_fingerprint(args.model),
                                                    "date": time.strftime("%Y-%m-%d %H:%M"),
                                                    "threads": torch.get_num_threads()}
         RESULTS.mkdir(exist_ok=True)

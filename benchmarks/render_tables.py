@@ -6,7 +6,18 @@
 import json
 from pathlib import Path
 
+from common import model_fingerprint
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def print_stale_note(model: str, measured_sha: str | None) -> None:
+    """A line under a table measured on other weights than the model now shipped under that name."""
+    current = model_fingerprint(model)
+    if measured_sha is None or measured_sha == current:
+        return
+    print(f"*Measured on earlier weights of `{model}` (sha256 {measured_sha[:10]}), not on the ones shipped now "
+            f"({current[:10]}); rerun its command above to update.*\n")
 
 
 def load(name):
@@ -80,6 +91,7 @@ def render_efficiency(eff):
             print(f"| {r['strategy']} | {100 * r['accuracy']:.1f}% | {r['nfe_mean']:.0f} | {r['nfe_p95']:.0f} | "
                   f"{seconds} |")
         print()
+        print_stale_note(meta["model"], meta.get("model_weights_sha256"))
     if "throughput" in eff:
         t = eff["throughput"]
         print(f"**Engine throughput** ({t['images']} images, one process, one thread; images/s)\n")
@@ -98,6 +110,8 @@ def render_efficiency(eff):
                 f"{rate:.0f}" for rate in t["forward_nfe_per_s_by_batch"].values()) + " evaluations/s at batch "
             "sizes " + ", ".join(t["forward_nfe_per_s_by_batch"]) + "." if "forward_nfe_per_s_by_batch" in t
             else "") + "\n")
+        meta = eff["meta"]["throughput"]
+        print_stale_note(meta["model"], meta.get("model_weights_sha256"))
     if "calibration" in eff:
         c = eff["calibration"]
         b, a = c["before (T=1)"], c["after"]
@@ -106,6 +120,8 @@ def render_efficiency(eff):
               f"NLL {b['nll']:.3f} -> {a['nll']:.3f}; ECE {b['ece']:.3f} -> {a['ece']:.3f}." + (
                   f" Per-timestep weights instead: NLL {c['per_timestep_weights']['nll']:.3f}, ECE "
                   f"{c['per_timestep_weights']['ece']:.3f}." if "per_timestep_weights" in c else "") + "\n")
+        meta = eff["meta"]["calibration"]
+        print_stale_note(meta["model"], meta.get("model_weights_sha256"))
 
 
 def render_robustness(rob, title="Robustness"):
@@ -129,6 +145,7 @@ def render_robustness(rob, title="Robustness"):
             cells.append(f"{100 * d['mean']:+.1f} +- {100 * d['standard_error']:.1f}" if d else "")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print()
+    print_stale_note(rob["model"], rob.get("model_weights_sha256"))
 
 
 if __name__ == "__main__":

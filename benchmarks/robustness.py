@@ -21,12 +21,20 @@ import time
 
 import numpy as np
 import torch
-from common import RESULTS, accuracy_of, cnn_correct, cnn_reference, correct_string, test_subset, to_pixels
+from common import (
+    RESULTS,
+    accuracy_of,
+    cnn_correct,
+    cnn_reference,
+    correct_string,
+    model_fingerprint,
+    test_subset,
+    to_pixels,
+)
 from shifts import FAMILIES
 
 from diffusion_classifier import DiffusionClassifier, Exhaustive, load_denoiser
 from diffusion_classifier.data import fashion_mnist_arrays
-from diffusion_classifier.denoisers import weights_fingerprint
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
 
 VARIANTS = {"plain": {}, "noise-aware": {"noise_aware": True}, "normalized": {"normalize_intensity": True},
@@ -53,7 +61,7 @@ def main():
     pixels, labels = to_pixels(images[subset]), labels[subset]
     cnn, cnn_info = cnn_reference(args.cnn_minutes)
     denoiser = load_denoiser(args.model)
-    args.weights = weights_fingerprint(denoiser.source_dir)
+    args.weights = model_fingerprint(args.model)
     classifiers = {name: DiffusionClassifier(denoiser, strategy=Exhaustive(args.timesteps), batch_size=args.batch_size,
                                              **options) for name, options in VARIANTS.items() if name in args.variants}
     conditions = [("clean", "", lambda x: x)] + [(family, label, fn) for family in args.families
