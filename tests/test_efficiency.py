@@ -1,6 +1,7 @@
 """Elimination strategy and probability calibration."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -210,3 +211,24 @@ def test_exhaustive_probabilities_equal_plain_softmax(models):
     results = clf.classify(random_images(2))
     plain = softmax_of_errors(np.stack([r.mean_errors for r in results]), 0.01)
     np.testing.assert_allclose(clf.probabilities(results), plain, rtol=1e-6)
+
+
+def test_a_temperature_stored_with_the_model_is_the_default(models, tmp_path, capsys):
+    model = tmp_path / "calibrated"
+    shutil.copytree(models["pixel_class"], model)
+    index = json.loads((model / "model_index.json").read_text())
+    index["calibration"] = {"temperature": 0.05, "timesteps": 4}
+    (model / "model_index.json").write_text(json.dumps(index))
+    assert DiffusionClassifier.from_pretrained(model).temperature == 0.05
+    assert DiffusionClassifier.from_pretrained(model, temperature=2.0).temperature == 2.0
+    assert DiffusionClassifier.from_pretrained(models["pixel_class"]).temperature == 1.0
+
+    image = tmp_path / "x.png"
+    random_images(1, size=8, mode="L")[0].save(image)
+    probabilities = []
+    for args in (["--model", str(model)], ["--model", str(models["pixel_class"]), "--temperature", "0.05"],
+                 ["--model", str(models["pixel_class"])]):
+        assert main(["classify", str(image), "--timesteps", "4", "--json", *args]) == 0
+        probabilities.append([r["probability"] for r in json.loads(capsys.readouterr().out)["ranking"]])
+    assert probabilities[0] == pytest.approx(probabilities[1])
+    assert max(probabilities[0]) > max(probabilities[2])  # a lower temperature is sharper

@@ -61,13 +61,14 @@ class DiffusionClassifier:
     strategy: Exhaustive(n_timesteps), Staged(n_samples, to_keep) or preset(name).
     loss: l2 (default), l1 or huber, on the noise. aggregate: min or mean over prompts.
     temperature: predict_proba is softmax(-(error - leader's error) / temperature). It is NOT
-        calibrated unless the temperature was fitted on held-out data (`calibrate`).
+        calibrated unless the temperature was fitted on held-out data (`calibrate`). None: the
+        temperature stored with the model (model_index.json "calibration"), else 1.0.
     """
 
     def __init__(self, denoiser: Denoiser, labels: Sequence[str | int] | None = None,
                  templates: Sequence[str] | None = None, prompts: Sequence[Sequence[str]] | None = None,
                  strategy: Strategy | None = None, loss: str | None = None, aggregate: str = "min",
-                 seed: int = 0, batch_size: int = 256, temperature: float = 1.0,
+                 seed: int = 0, batch_size: int = 256, temperature: float | None = None,
                  interpolation: str = "bicubic", images_per_batch: int = 32, noise_aware: bool = False,
                  normalize_intensity: bool = False, noise_margin: float = 2.0,
                  timestep_weights: dict[int, float] | None = None):
@@ -78,6 +79,8 @@ class DiffusionClassifier:
             raise UserError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         if aggregate not in ("min", "mean"):
             raise UserError(f"unknown prompt aggregation {aggregate!r}; choose min or mean")
+        if temperature is None:
+            temperature = float(denoiser.extra_config.get("calibration", {}).get("temperature", 1.0))
         if temperature <= 0:
             raise UserError("temperature must be positive")
         if noise_margin <= 0:

@@ -97,7 +97,8 @@ def _add_model_options(p, labels_required: bool = False) -> None:
     g.add_argument("--class-tree", help="elimination: JSON file grouping the class names (nested); after round r "
                    "only the --keep-groups best groups at depth r go on")
     g.add_argument("--keep-groups", type=int, default=2, help="elimination with --class-tree: groups kept per level")
-    g.add_argument("--temperature", type=float, default=None, help="softmax temperature of probabilities")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="softmax temperature of probabilities (default: the model's stored one, else 1.0)")
     g.add_argument("--calibration", help="calibration.json (or a run directory holding one) from `calibrate`")
     g.add_argument("--loss", choices=["l2", "l1", "huber"], default=None,
                    help="error between true and predicted noise (default l2, or the preset's)")
@@ -196,7 +197,7 @@ def _classifier(args, labels, group=None):
     denoiser = load_denoiser(args.model, device=device, dtype=parse_dtype(args.dtype))
     if denoiser.conditioning != "text":
         templates = None
-    calibration = {"temperature": args.temperature or 1.0}
+    calibration = {"temperature": args.temperature}  # None: the model's stored temperature, else 1.0
     if args.calibration:
         from .calibration import read_calibration
 
