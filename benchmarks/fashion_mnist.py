@@ -3,6 +3,9 @@ reference, a timestep ablation, and the cold-start time of `classify`.
 
     python benchmarks/fashion_mnist.py --images 2000            # everything
     python benchmarks/fashion_mnist.py --images 500 --sections accuracy cnn
+    python benchmarks/fashion_mnist.py --images 1000 --sections accuracy --models fashion-mnist-text
+
+The accuracy section replaces only the rows of the models it ran (each row states its image count).
 
 Test images: a fixed subset of the 10k test set, numpy.random.default_rng(0).permutation(10000)[:N],
 sorted; the indices are written to the JSON. Each section merges its results into
@@ -230,6 +233,9 @@ def main():
     for section in args.sections:
         section_result: dict = {}
         globals()[f"section_{section}"](pixels, labels, args, section_result)
+        if section == "accuracy":  # models can be run separately (and on different numbers of images)
+            others = [r for r in results.get("accuracy", []) if r["model"] not in args.models]
+            section_result["accuracy"] = others + section_result["accuracy"]
         results.update(section_result)
         results.setdefault("meta", {})[section] = {
             "images": len(subset), "test_indices_rule": "np.sort(np.random.default_rng(0).permutation(10000)[:N])",

@@ -28,13 +28,12 @@ def load(name):
 def main():
     fm = load("fashion_mnist")
     if fm and "accuracy" in fm:
-        n = fm["meta"]["accuracy"]["images"]
-        print(f"**Accuracy vs cost** ({n} Fashion-MNIST test images, fixed seeded subset; "
-              "1 torch thread per process)\n")
-        print("| model | strategy | NFE / image (mean, p95) | accuracy (+- standard error) | s / image (from NFE) |")
-        print("|---|---|---|---|---|")
+        print("**Accuracy vs cost** (Fashion-MNIST test images, fixed seeded subset; 1 torch thread per process)\n")
+        print("| model | images | strategy | NFE / image (mean, p95) | accuracy (+- standard error) | "
+              "s / image (from NFE) |")
+        print("|---|---|---|---|---|---|")
         for r in fm["accuracy"]:
-            print(f"| {r['model']} | {r['strategy']} | {r['nfe_mean']:.0f}, {r['nfe_p95']:.0f} | "
+            print(f"| {r['model']} | {r['images']} | {r['strategy']} | {r['nfe_mean']:.0f}, {r['nfe_p95']:.0f} | "
                   f"{100 * r['accuracy']:.1f}% +- {100 * r['accuracy_standard_error']:.1f} | "
                   f"{r['seconds_per_image']:.2f} |")
         print()

@@ -59,7 +59,7 @@ def main() -> None:
     fm = json.loads((RESULTS / "fashion_mnist.json").read_text()) if (RESULTS / "fashion_mnist.json").exists() else {}
     rows = [r for r in fm.get("accuracy", []) if r["model"] == args.name]
     if rows:
-        n = fm["meta"]["accuracy"]["images"]
+        n = rows[0]["images"]
         lines += ["", f"## Benchmark ({n} Fashion-MNIST test images, benchmarks/fashion_mnist.py --sections accuracy)",
                   "", "| strategy | NFE / image (mean, p95) | accuracy (+- standard error) |", "|---|---|---|"]
         for r in rows:
