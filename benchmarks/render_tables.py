@@ -39,7 +39,8 @@ def main():
         print()
     if fm and "cnn" in fm:
         c = fm["cnn"]
-        print(f"CNN reference (same images): {100 * c['accuracy']:.1f}% after {c['minutes']} min "
+        print(f"CNN reference ({fm['meta']['cnn']['images']} images of the same subset): {100 * c['accuracy']:.1f}% "
+              f"after {c['minutes']} min "
               f"({c['epochs']:.1f} epochs, no augmentation).\n")
     if fm and "wordings" in fm:
         print("**Text model, wordings** (exhaustive)\n")
