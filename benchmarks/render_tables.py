@@ -43,7 +43,7 @@ def main():
               f"after {c['minutes']} min "
               f"({c['epochs']:.1f} epochs, no augmentation).\n")
     if fm and "wordings" in fm:
-        print("**Text model, wordings** (exhaustive)\n")
+        print(f"**Text model, wordings** ({fm['meta']['wordings']['images']} test images, exhaustive)\n")
         print("| wording | NFE / image | accuracy | text encoder alone: labels nearest a training caption of "
               "their class |")
         print("|---|---|---|---|")
@@ -53,7 +53,8 @@ def main():
         print()
     if fm and "ablation" in fm:
         a = fm["ablation"]
-        print("**Single-timestep accuracy** (class model): " + ", ".join(
+        n = fm["meta"]["ablation"]["images"]
+        print(f"**Single-timestep accuracy** (class model, {n} test images): " + ", ".join(
             f"t={r['t']}: {100 * r['accuracy']:.1f}%" for r in a["single_timestep"]))
         s = a["spacing"]
         print(f"\n{s['n_timesteps']} of the {s['grid']}-grid's timesteps, evenly spaced: {100 * s['even']:.1f}%, "
