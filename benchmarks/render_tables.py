@@ -70,8 +70,8 @@ def main():
         print()
     render_efficiency(load("efficiency"))
     render_robustness(load("robustness"))
-    for path in sorted(RESULTS.glob("robustness_*.json")):  # larger-sample checks of a few rows (--out)
-        render_robustness(load(path.stem), title=f"Robustness, larger-sample check `{path.stem}`")
+    for path in sorted(RESULTS.glob("robustness_*.json")):  # other runs of a few families or rows (--out)
+        render_robustness(load(path.stem), title=f"Robustness, `{path.stem}`")
     mem = load("memory")
     if mem:
         print("**Memory**: " + ", ".join(f"{r['images']} images: peak RSS {r['peak_rss_mib']:.0f} MiB"
