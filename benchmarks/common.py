@@ -45,7 +45,12 @@ def accuracy_of(clf: DiffusionClassifier, pixels: torch.Tensor, labels: np.ndarr
 
 def correct_string(correct: np.ndarray) -> str:
     """Per-image correctness as '0'/'1' characters: compact in JSON, enough for paired statistics later."""
-    return "".join("1" if c else "0" for c in correct)
+    return (np.asarray(correct, dtype=np.uint8) + ord("0")).tobytes().decode("ascii")
+
+
+def correct_from_string(text: str) -> np.ndarray:
+    """The inverse of correct_string, as floats (1.0 = correct)."""
+    return (np.frombuffer(text.encode("ascii"), dtype=np.uint8) - ord("0")).astype(float)
 
 
 def replayed_accuracy(strategy, errors: list[np.ndarray], grid: list[int], labels: np.ndarray,

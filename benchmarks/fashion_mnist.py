@@ -101,7 +101,8 @@ def grid_run(denoiser, model: str, n_images: int, args) -> tuple[list[np.ndarray
     if denoiser.conditioning == "text":
         command += ["--template", "a photo of a {}."]
     print("python -m diffusion_classifier " + " ".join(f"'{c}'" if " " in c else c for c in command), flush=True)
-    subprocess.run([sys.executable, "-m", "diffusion_classifier", *command], check=True)
+    if not run_complete(run_dir, n_images):  # a complete run needs no model load in a subprocess
+        subprocess.run([sys.executable, "-m", "diffusion_classifier", *command], check=True)
     store = ResultsStore(run_dir)
     try:
         matrices = store.error_matrices()
@@ -114,6 +115,16 @@ def grid_run(denoiser, model: str, n_images: int, args) -> tuple[list[np.ndarray
     truth = np.array([records[idx]["label"] for idx, _, _ in matrices])
     seconds_per_nfe = sum(r["seconds"] for r in records.values()) / sum(r["nfe"] for r in records.values())
     return [m for _, m, _ in matrices], grid, truth, seconds_per_nfe
+
+
+def run_complete(run_dir: Path, n_images: int) -> bool:
+    if not (run_dir / "results.sqlite").exists():
+        return False
+    store = ResultsStore(run_dir)
+    try:
+        return len(store.done_indices()) == n_images
+    finally:
+        store.close()
 
 
 def section_wordings(pixels, labels, args, out):

@@ -26,6 +26,7 @@ from common import (
     accuracy_of,
     cnn_correct,
     cnn_reference,
+    correct_from_string,
     correct_string,
     model_fingerprint,
     test_subset,
@@ -123,13 +124,12 @@ def paired_vs_cnn(rows: list[dict], variant: str) -> dict:
 
     The same images under every row make this a paired difference: negative means the variant lost more
     than the CNN. The target "loses less than the CNN" is met beyond sampling error when mean - 2 SE > 0."""
-    def bits(row, name):
-        return np.array([c == "1" for c in row["correct"][name]], dtype=float)
+    def change(row, name):
+        return correct_from_string(row["correct"][name]) - correct_from_string(rows[0]["correct"][name])
 
-    clean = rows[0]
     out = {}
     for r in rows[1:]:
-        d = (bits(r, variant) - bits(clean, variant)) - (bits(r, "cnn") - bits(clean, "cnn"))
+        d = change(r, variant) - change(r, "cnn")
         out[f"{r['family']} {r['severity']}"] = {"mean": float(d.mean()),
                                                  "standard_error": float(d.std(ddof=1) / np.sqrt(len(d)))}
     return out
