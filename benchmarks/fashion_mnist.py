@@ -100,6 +100,9 @@ def grid_run(denoiser, model: str, n_images: int, args) -> tuple[list[np.ndarray
                "--batch-size", str(args.batch_size), "--out", str(run_dir), "--quiet"]
     if denoiser.conditioning == "text":
         command += ["--template", "a photo of a {}."]
+    for other in sorted(Path(args.runs_dir).glob(f"{model}-{weights}-test*-grid{args.grid}")):
+        if other != run_dir and (other / "results.sqlite").exists():
+            command += ["--reuse", str(other)]  # the subsets are nested: a smaller run's images are ours
     print("python -m diffusion_classifier " + " ".join(f"'{c}'" if " " in c else c for c in command), flush=True)
     if not run_complete(run_dir, n_images):  # a complete run needs no model load in a subprocess
         subprocess.run([sys.executable, "-m", "diffusion_classifier", *command], check=True)

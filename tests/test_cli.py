@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from diffusion_classifier.cli import main
@@ -144,3 +145,33 @@ def test_resuming_a_run_with_other_weights_is_refused(models, image_folder, tmp_
     save_file({k: v + 0.01 for k, v in state.items()}, weights)  # "retrained" in place
     code, _, err = run(capsys, *args)
     assert code != 0 and "another configuration" in err and "model_weights_sha256" in err
+
+
+def test_evaluate_reuses_a_smaller_runs_rows_and_they_equal_fresh_ones(models, image_folder, tmp_path, capsys):
+    from diffusion_classifier.evaluation import ResultsStore
+
+    def matrices(run_dir):
+        store = ResultsStore(run_dir)
+        try:
+            return {r["id"]: m for r, (_, m, _) in zip(store.records(), store.error_matrices())}
+        finally:
+            store.close()
+
+    small, large = tmp_path / "small.txt", tmp_path / "large.txt"
+    small.write_text("1\n3\n")
+    large.write_text("0\n1\n2\n3\n")
+    common = ["evaluate", "--model", models["pixel_class"], "--data", image_folder, "--labels", "cat,dog",
+              "--timesteps", "3", "--quiet"]
+    assert run(capsys, *common, "--subset", small, "--out", tmp_path / "small")[0] == 0
+    assert run(capsys, *common, "--subset", large, "--out", tmp_path / "fresh")[0] == 0
+    code, out, err = run(capsys, *common, "--subset", large, "--out", tmp_path / "reused",
+                         "--reuse", tmp_path / "small")
+    assert code == 0, err
+    assert "reused 2 image(s)" in out
+    fresh, reused = matrices(tmp_path / "fresh"), matrices(tmp_path / "reused")
+    assert fresh.keys() == reused.keys() and len(fresh) == 4
+    for image_id in fresh:  # equal up to float32 rounding: batches of other images sum in another order
+        np.testing.assert_allclose(fresh[image_id], reused[image_id], rtol=1e-5)
+    code, _, err = run(capsys, *common[:-3], "--timesteps", "2", "--quiet", "--subset", large,
+                       "--out", tmp_path / "other", "--reuse", tmp_path / "small")
+    assert code != 0 and "another configuration" in err and "strategy" in err

@@ -253,6 +253,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created, or resumed)")
     _add_model_options(p)
     p.add_argument("--images-per-batch", type=int, default=32, help="images scored together (and committed)")
+    p.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
+                   help="take over the results of an earlier run with the same settings for the images it "
+                        "shares with this one (e.g. a smaller subset); repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of metrics")
 
@@ -286,7 +289,7 @@ def cmd_evaluate(args) -> int:
                       "model_weights_sha256": weights_fingerprint(classifier.denoiser.source_dir)}
         started = time.perf_counter()
         metrics = evaluate(classifier, dataset, args.out, run_config, images_per_batch=args.images_per_batch,
-                           progress=not args.quiet, group=group)
+                           progress=not args.quiet, group=group, reuse=args.reuse)
         elapsed = time.perf_counter() - started
     finally:
         shutdown(group)

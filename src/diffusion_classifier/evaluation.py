@@ -9,6 +9,10 @@ The store is one SQLite file, `results.sqlite`:
 Each batch of images is committed in one transaction, so a kill at any moment loses at
 most the batch in flight and never leaves a half-written row. `metrics.json` is written
 atomically at the end.
+
+A run can take over the rows of earlier runs (`reuse`): those whose configuration differs only in
+the image list, for the images they share (matched by id). The noise each image gets follows its
+pixels and the seed, not its position, so a reused row is what this run would have computed.
 """
 
 from __future__ import annotations
@@ -115,8 +119,33 @@ class ResultsStore:
         return [(idx, array_from_bytes(blob), json.loads(ts)) for idx, blob, ts in
                 self.db.execute("SELECT idx, errors, timesteps FROM results WHERE status = 'ok' ORDER BY idx")]
 
+    def reuse_from(self, other_dir: str | Path, ids: list[str]) -> int:
+        """Copy the other run's rows of the images in `ids` not yet here; return how many were copied."""
+        other_path = Path(other_dir) / STORE_NAME
+        if not other_path.exists():
+            raise UserError(f"--reuse {other_dir}: no {STORE_NAME} there")
+        other = ResultsStore(other_dir)
+        try:
+            mine, theirs = self.config(), other.config()
+            differing = sorted(k for k in set(mine) | set(theirs)
+                               if k not in IMAGE_LIST_KEYS and mine.get(k) != theirs.get(k))
+            if differing:
+                raise UserError(f"--reuse {other_dir}: that run has another configuration (differs in: "
+                                f"{', '.join(differing)})")
+            position = {image_id: i for i, image_id in enumerate(ids)}
+            done = self.done_indices()
+            rows = [(position[row[1]], *row[1:]) for row in other.db.execute("SELECT * FROM results")
+                    if row[1] in position and position[row[1]] not in done]
+        finally:
+            other.close()
+        self.add(rows)
+        return len(rows)
+
     def close(self) -> None:
         self.db.close()
+
+
+IMAGE_LIST_KEYS = {"images", "image_ids_sha256"}  # what may differ between a run and one it reuses
 
 
 def metrics_from_records(records: list[dict], n_classes: int) -> dict:
@@ -135,8 +164,10 @@ def metrics_from_records(records: list[dict], n_classes: int) -> dict:
 
 def evaluate(classifier: DiffusionClassifier, dataset: LabelledImages, run_dir: str | Path,
              run_config: dict, images_per_batch: int = 32, progress: bool = True,
-             group: ProcessGroup | None = None) -> dict | None:
+             group: ProcessGroup | None = None, reuse: list[str | Path] = ()) -> dict | None:
     """Classify every image of `dataset` not yet in the store; return the metrics of the whole run.
+
+    `reuse`: run directories whose rows are copied first for the images they share with this run.
 
     Under torch.distributed each rank classifies its share and writes it to the shared store;
     rank 0 waits for the others and returns the merged metrics (other ranks return None).
@@ -146,7 +177,13 @@ def evaluate(classifier: DiffusionClassifier, dataset: LabelledImages, run_dir: 
     group = group or ProcessGroup()
     config = {**run_config, **classifier.describe()}
     if group.is_main:
-        ResultsStore(run_dir, config).close()  # creates the store and records the configuration once
+        store = ResultsStore(run_dir, config)  # creates the store and records the configuration once
+        try:
+            for other in reuse:
+                copied = store.reuse_from(other, dataset.ids)
+                print(f"reused {copied} image(s) from {other}", flush=True)
+        finally:
+            store.close()
     group.barrier()
     store = ResultsStore(run_dir, config)
     done = store.done_indices()
