@@ -178,7 +178,8 @@ def section_cnn(pixels, labels, args, out):
 
 def section_ablation(pixels, labels, args, out):
     """Replayed on the class model's accuracy-section run (no extra network evaluations): each single
-    timestep of the grid alone, and evenly spaced vs seeded random grid timesteps at equal NFE."""
+    timestep of the grid alone, evenly spaced vs seeded random grid timesteps at equal NFE, and fitted
+    per-timestep weights vs the uniform sum (two-fold: weights fitted on one seeded half, judged on the other)."""
     denoiser = load_denoiser("fashion-mnist-class")
     errors, grid, truth, _ = grid_run(denoiser, "fashion-mnist-class", len(labels), args)
     T = denoiser.num_train_timesteps
@@ -198,7 +199,28 @@ def section_ablation(pixels, labels, args, out):
     spacing = {"n_timesteps": n, "grid": g, "even": accuracy(even), "random": accuracy(random_ts),
                "even_timesteps": even, "random_timesteps": random_ts}
     print(f"{n} of the {g}-grid's timesteps: evenly spaced {spacing['even']:.4f}   random {spacing['random']:.4f}")
-    out["ablation"] = {"model": "fashion-mnist-class", "single_timestep": single, "spacing": spacing}
+    weighting = fitted_weighting(errors, grid, truth)
+    print(f"all {g} grid timesteps, held-out halves: uniform sum {weighting['uniform']:.4f}   "
+          f"fitted per-timestep weights {weighting['fitted']:.4f}")
+    out["ablation"] = {"model": "fashion-mnist-class", "single_timestep": single, "spacing": spacing,
+                       "weighting": weighting}
+
+
+def fitted_weighting(errors, grid, truth) -> dict:
+    """Accuracy of argmin over classes of sum_t w_t error[c, t] with w fitted (calibration.fit_timestep_weights,
+    NLL on one half of the images) against equal weights, both judged on the other half; mean of both folds."""
+    from diffusion_classifier.calibration import fit_timestep_weights, timestep_gaps
+
+    gaps = np.stack([timestep_gaps(e, grid, int(e.min(axis=1).mean(axis=1).argmin())) for e in errors])
+    order = np.random.default_rng(0).permutation(len(truth))
+    halves = order[: len(order) // 2], order[len(order) // 2:]
+    uniform, fitted = [], []
+    for fit, held in (halves, halves[::-1]):
+        weights = fit_timestep_weights(gaps[fit], truth[fit])
+        uniform.append(np.mean(gaps[held].sum(axis=2).argmin(axis=1) == truth[held]))
+        fitted.append(np.mean((gaps[held] * weights).sum(axis=2).argmin(axis=1) == truth[held]))
+    return {"uniform": float(np.mean(uniform)), "fitted": float(np.mean(fitted)), "folds": 2,
+            "images": len(truth)}
 
 
 def section_coldstart(pixels, labels, args, out):

@@ -59,6 +59,11 @@ def main():
         s = a["spacing"]
         print(f"\n{s['n_timesteps']} of the {s['grid']}-grid's timesteps, evenly spaced: {100 * s['even']:.1f}%, "
               f"seeded random: {100 * s['random']:.1f}%\n")
+        if "weighting" in a:
+            w = a["weighting"]
+            print(f"All {s['grid']} timesteps, per-timestep weights fitted on half the images (NLL) vs the plain "
+                  f"sum, judged on the other half (mean of both folds): fitted {100 * w['fitted']:.1f}%, "
+                  f"uniform {100 * w['uniform']:.1f}%\n")
     if fm and "coldstart" in fm:
         print("**Cold start** of `classify` on one image, 25 timesteps (measured on an otherwise idle 2-core "
               "machine; imports, loading and scoring measured in a separate fresh process)\n")
