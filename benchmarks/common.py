@@ -15,6 +15,7 @@ from diffusion_classifier.denoisers import resolve_model_dir, weights_fingerprin
 from diffusion_classifier.replay import replay
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = Path(__file__).resolve().parent / "runs"  # fashion_mnist.py's stored evaluate runs
 
 
 def model_fingerprint(model: str) -> str:
@@ -51,6 +52,34 @@ def correct_string(correct: np.ndarray) -> str:
 def correct_from_string(text: str) -> np.ndarray:
     """The inverse of correct_string, as floats (1.0 = correct)."""
     return (np.frombuffer(text.encode("ascii"), dtype=np.uint8) - ord("0")).astype(float)
+
+
+def stored_test_errors(model: str, indices: np.ndarray, timesteps: list[int]) -> np.ndarray | None:
+    """[images, classes, timesteps] errors of these test images from a stored exhaustive run of the model's
+    current weights in RUNS (fashion_mnist.py's accuracy section, default seed and loss), or None.
+
+    Noise follows each image's pixels and the timestep, so these are the errors a fresh Exhaustive run at
+    these timesteps would compute (up to float32 rounding): no network evaluations needed."""
+    from diffusion_classifier.evaluation import ResultsStore
+
+    weights = model_fingerprint(model)[:10]
+    for run_dir in sorted(RUNS.glob(f"{model}-{weights}-test*-grid*")):
+        store = ResultsStore(run_dir)
+        try:
+            config = store.config()
+            if (config.get("seed"), config.get("loss"), config.get("split")) != (0, "l2", "test"):
+                continue
+            ok = [r for r in store.records() if r["status"] == "ok"]
+            matrices = store.error_matrices()  # the ok rows, in the same (idx) order
+            by_id = {r["id"]: m for r, (_, m, _) in zip(ok, matrices)}
+            grid = matrices[0][2] if matrices else []
+        finally:
+            store.close()
+        wanted = [f"test/{i}" for i in indices]
+        if set(timesteps) <= set(grid) and all(w in by_id for w in wanted):
+            columns = [grid.index(t) for t in timesteps]
+            return np.stack([by_id[w][:, 0, columns] for w in wanted])
+    return None
 
 
 def replayed_accuracy(strategy, errors: list[np.ndarray], grid: list[int], labels: np.ndarray,
