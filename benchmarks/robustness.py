@@ -2,7 +2,7 @@
 
     python benchmarks/robustness.py --images 1000
     python benchmarks/robustness.py --images 200 --families "gaussian noise" contrast brightness
-    python benchmarks/robustness.py --images 1000 --timesteps 10 --shifts "gaussian noise sigma 0.1" \
+    python benchmarks/robustness.py --images 1000 --timesteps 10 --families "gaussian noise" \
         --variants plain "robust (both)" --out robustness_noise_n1000
 
 Same test images (the fixed seeded subset of benchmarks/common.py) for every row. Rows are saved as
