@@ -54,6 +54,15 @@ def correct_from_string(text: str) -> np.ndarray:
     return (np.frombuffer(text.encode("ascii"), dtype=np.uint8) - ord("0")).astype(float)
 
 
+def grid_run_dirs(model: str, grid: int | str = "*", runs_dir: Path = RUNS) -> list[Path]:
+    """fashion_mnist.py's stored evaluate runs of the model's current weights (any image count)."""
+    return sorted(Path(runs_dir).glob(f"{grid_run_name(model, '*', grid)}"))
+
+
+def grid_run_name(model: str, n_images: int | str, grid: int | str) -> str:
+    return f"{model}-{model_fingerprint(model)[:10]}-test{n_images}-grid{grid}"
+
+
 def stored_test_errors(model: str, indices: np.ndarray, timesteps: list[int]) -> np.ndarray | None:
     """[images, classes, timesteps] errors of these test images from a stored exhaustive run of the model's
     current weights in RUNS (fashion_mnist.py's accuracy section, default seed and loss), or None.
@@ -62,23 +71,21 @@ def stored_test_errors(model: str, indices: np.ndarray, timesteps: list[int]) ->
     these timesteps would compute (up to float32 rounding): no network evaluations needed."""
     from diffusion_classifier.evaluation import ResultsStore
 
-    weights = model_fingerprint(model)[:10]
-    for run_dir in sorted(RUNS.glob(f"{model}-{weights}-test*-grid*")):
+    wanted = [f"test/{i}" for i in indices]
+    for run_dir in grid_run_dirs(model):
         store = ResultsStore(run_dir)
         try:
             config = store.config()
             if (config.get("seed"), config.get("loss"), config.get("split")) != (0, "l2", "test"):
                 continue
-            ok = [r for r in store.records() if r["status"] == "ok"]
-            matrices = store.error_matrices()  # the ok rows, in the same (idx) order
-            by_id = {r["id"]: m for r, (_, m, _) in zip(ok, matrices)}
-            grid = matrices[0][2] if matrices else []
+            by_id = store.error_matrices_by_id()
         finally:
             store.close()
-        wanted = [f"test/{i}" for i in indices]
-        if set(timesteps) <= set(grid) and all(w in by_id for w in wanted):
-            columns = [grid.index(t) for t in timesteps]
-            return np.stack([by_id[w][:, 0, columns] for w in wanted])
+        if all(w in by_id for w in wanted):
+            grid = by_id[wanted[0]][1]
+            if set(timesteps) <= set(grid):
+                columns = [grid.index(t) for t in timesteps]
+                return np.stack([by_id[w][0][:, 0, columns] for w in wanted])
     return None
 
 

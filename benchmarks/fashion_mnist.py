@@ -32,9 +32,12 @@ import numpy as np
 import torch
 from common import (  # benchmarks/
     RESULTS,
+    RUNS,
     accuracy_of,
     cnn_accuracy,
     cnn_reference,
+    grid_run_dirs,
+    grid_run_name,
     replayed_accuracy,
     test_subset,
     to_pixels,
@@ -42,7 +45,7 @@ from common import (  # benchmarks/
 
 from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, Staged, load_denoiser
 from diffusion_classifier.data import FASHION_MNIST_CLASSES, fashion_mnist_arrays
-from diffusion_classifier.denoisers import sentence_embedding, weights_fingerprint
+from diffusion_classifier.denoisers import sentence_embedding
 from diffusion_classifier.evaluation import ResultsStore
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
 from diffusion_classifier.strategies import FixedTimesteps
@@ -90,8 +93,7 @@ def grid_run(denoiser, model: str, n_images: int, args) -> tuple[list[np.ndarray
 
     The run is the user's own command, so it can be run beforehand on more processes, e.g.
     torchrun --nproc-per-node 2 -m diffusion_classifier evaluate ... with the arguments printed here."""
-    weights = weights_fingerprint(denoiser.source_dir)[:10]
-    run_dir = Path(args.runs_dir) / f"{model}-{weights}-test{n_images}-grid{args.grid}"
+    run_dir = Path(args.runs_dir) / grid_run_name(model, n_images, args.grid)
     run_dir.mkdir(parents=True, exist_ok=True)
     subset_file = run_dir / "subset.txt"
     atomic_write_text("".join(f"{i}\n" for i in test_subset(n_images)), subset_file)
@@ -100,7 +102,7 @@ def grid_run(denoiser, model: str, n_images: int, args) -> tuple[list[np.ndarray
                "--batch-size", str(args.batch_size), "--out", str(run_dir), "--quiet"]
     if denoiser.conditioning == "text":
         command += ["--template", "a photo of a {}."]
-    for other in sorted(Path(args.runs_dir).glob(f"{model}-{weights}-test*-grid{args.grid}")):
+    for other in grid_run_dirs(model, args.grid, Path(args.runs_dir)):
         if other != run_dir and (other / "results.sqlite").exists():
             command += ["--reuse", str(other)]  # the subsets are nested: a smaller run's images are ours
     print("python -m diffusion_classifier " + " ".join(f"'{c}'" if " " in c else c for c in command), flush=True)
@@ -250,7 +252,7 @@ def main():
     parser.add_argument("--grid", type=int, default=50, help="timesteps of the accuracy section's exhaustive pass")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[10, 25],
                         help="exhaustive rows replayed on subsets of the grid")
-    parser.add_argument("--runs-dir", default=str(ROOT / "runs"),
+    parser.add_argument("--runs-dir", default=str(RUNS),
                         help="where the accuracy section's evaluate runs live (resumable)")
     parser.add_argument("--wording-timesteps", type=int, default=25)
     parser.add_argument("--text-model", default="fashion-mnist-text", help="text model of the wordings section")

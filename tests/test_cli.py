@@ -153,7 +153,7 @@ def test_evaluate_reuses_a_smaller_runs_rows_and_they_equal_fresh_ones(models, i
     def matrices(run_dir):
         store = ResultsStore(run_dir)
         try:
-            return {r["id"]: m for r, (_, m, _) in zip(store.records(), store.error_matrices())}
+            return {image_id: m for image_id, (m, _) in store.error_matrices_by_id().items()}
         finally:
             store.close()
 

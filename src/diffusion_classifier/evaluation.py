@@ -33,6 +33,7 @@ from .errors import UserError
 from .runtime import atomic_write_text
 
 STORE_NAME = "results.sqlite"
+IMAGE_LIST_KEYS = {"images", "image_ids_sha256"}  # what may differ between a run and one it reuses
 
 
 def _array_bytes(array: np.ndarray) -> bytes:
@@ -119,6 +120,11 @@ class ResultsStore:
         return [(idx, array_from_bytes(blob), json.loads(ts)) for idx, blob, ts in
                 self.db.execute("SELECT idx, errors, timesteps FROM results WHERE status = 'ok' ORDER BY idx")]
 
+    def error_matrices_by_id(self) -> dict[str, tuple[np.ndarray, list[int]]]:
+        """{image id: (error matrix, timesteps)} of the classified images."""
+        return {image_id: (array_from_bytes(blob), json.loads(ts)) for image_id, blob, ts in
+                self.db.execute("SELECT id, errors, timesteps FROM results WHERE status = 'ok'")}
+
     def reuse_from(self, other_dir: str | Path, ids: list[str]) -> int:
         """Copy the other run's rows of the images in `ids` not yet here; return how many were copied."""
         other_path = Path(other_dir) / STORE_NAME
@@ -143,9 +149,6 @@ class ResultsStore:
 
     def close(self) -> None:
         self.db.close()
-
-
-IMAGE_LIST_KEYS = {"images", "image_ids_sha256"}  # what may differ between a run and one it reuses
 
 
 def metrics_from_records(records: list[dict], n_classes: int) -> dict:
