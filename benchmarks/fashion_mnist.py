@@ -88,12 +88,15 @@ def evenly_from(grid: list[int], k: int) -> list[int]:
     return [int(t) for t in grid[step // 2::step][:k]]
 
 
-def grid_run(denoiser, model: str, n_images: int, args) -> tuple[list[np.ndarray], list[int], np.ndarray, float]:
+def grid_run(denoiser, model: str, n_images: int, args, template: str = "a photo of a {}.", variant: str = "",
+             extra: tuple[str, ...] = ()) -> tuple[list[np.ndarray], list[int], np.ndarray, float]:
     """Run (or resume) `diffusion-classifier evaluate` over the fixed test subset; return its error matrices.
 
     The run is the user's own command, so it can be run beforehand on more processes, e.g.
-    torchrun --nproc-per-node 2 -m diffusion_classifier evaluate ... with the arguments printed here."""
-    run_dir = Path(args.runs_dir) / grid_run_name(model, n_images, args.grid)
+    torchrun --nproc-per-node 2 -m diffusion_classifier evaluate ... with the arguments printed here.
+    Text models take `template` (the training wording by default). A run with another template or `extra`
+    evaluate options is named by its `variant` tag."""
+    run_dir = Path(args.runs_dir) / grid_run_name(model, n_images, args.grid, variant)
     run_dir.mkdir(parents=True, exist_ok=True)
     subset_file = run_dir / "subset.txt"
     atomic_write_text("".join(f"{i}\n" for i in test_subset(n_images)), subset_file)
@@ -101,8 +104,9 @@ def grid_run(denoiser, model: str, n_images: int, args) -> tuple[list[np.ndarray
                "--model", model, "--strategy", "exhaustive", "--timesteps", str(args.grid), "--seed", "0",
                "--batch-size", str(args.batch_size), "--out", str(run_dir), "--quiet"]
     if denoiser.conditioning == "text":
-        command += ["--template", "a photo of a {}."]
-    for other in grid_run_dirs(model, args.grid, Path(args.runs_dir)):
+        command += ["--template", template]
+    command += list(extra)
+    for other in grid_run_dirs(model, args.grid, Path(args.runs_dir)) if not variant else []:
         if other != run_dir and (other / "results.sqlite").exists():
             command += ["--reuse", str(other)]  # the subsets are nested: a smaller run's images are ours
     print("python -m diffusion_classifier " + " ".join(f"'{c}'" if " " in c else c for c in command), flush=True)
@@ -160,6 +164,35 @@ def section_wordings(pixels, labels, args, out):
               f"{row['encoder_nearest_caption_correct']}/10 labels nearest a training caption of their class",
               flush=True)
     out["wordings"] = rows
+    if args.wording_grid_images:
+        out["wordings_grid"] = heldout_template_grid(denoiser, spec["heldout_templates"][1], args)
+
+
+def heldout_template_grid(denoiser, template: str, args) -> dict:
+    """Class names in a held-out template against the training wording on the accuracy section's images."""
+    n, model = args.wording_grid_images, args.text_model
+    trained, grid, truth, _ = grid_run(denoiser, model, n, args)
+    heldout, _, _, _ = grid_run(denoiser, model, n, args, template=template, variant="heldout-template")
+    rows = paired_rows(trained, heldout, grid, truth, [*args.timesteps, len(grid)], f"held-out template '{template}'")
+    return {"template": template, "images": n, "rows": rows}
+
+
+def paired_rows(baseline, variant, grid, truth, counts, name) -> list[dict]:
+    """Accuracy of two exhaustive runs over the same grid, images and noise with k evenly spaced grid timesteps
+    for each k in counts, and the paired difference (variant - baseline) with its standard error."""
+    rows = []
+    for k in counts:
+        columns = [grid.index(t) for t in evenly_from(grid, k)] if k < len(grid) else list(range(len(grid)))
+        correct = [np.array([e[:, 0, columns].mean(axis=1).argmin() for e in errors]) == truth
+                   for errors in (baseline, variant)]
+        difference = correct[1].astype(float) - correct[0]
+        rows.append({"timesteps": k, "nfe": k * int(baseline[0].shape[0]), "baseline": float(correct[0].mean()),
+                     "variant": float(correct[1].mean()), "paired_difference": float(difference.mean()),
+                     "paired_standard_error": float(difference.std(ddof=1) / np.sqrt(len(truth)))})
+        print(f"{k} timesteps, {len(truth)} images: baseline {rows[-1]['baseline']:.4f}  {name} "
+              f"{rows[-1]['variant']:.4f}  paired {100 * rows[-1]['paired_difference']:+.2f} +- "
+              f"{100 * rows[-1]['paired_standard_error']:.2f} points", flush=True)
+    return rows
 
 
 @torch.inference_mode()
@@ -206,6 +239,15 @@ def section_ablation(pixels, labels, args, out):
           f"fitted per-timestep weights {weighting['fitted']:.4f}")
     out["ablation"] = {"model": "fashion-mnist-class", "single_timestep": single, "spacing": spacing,
                        "weighting": weighting}
+    if args.ablation_loss_images:  # fresh network evaluations: --ablation-loss-images x grid x classes per loss
+        n = args.ablation_loss_images
+        baseline, grid, truth, _ = grid_run(denoiser, "fashion-mnist-class", n, args)
+        out["ablation"]["loss"] = {"images": n, "baseline": "l2", "variants": {}}
+        for loss in args.ablation_losses:
+            variant, _, _, _ = grid_run(denoiser, "fashion-mnist-class", n, args, variant=f"loss-{loss}",
+                                        extra=("--loss", loss))
+            out["ablation"]["loss"]["variants"][loss] = paired_rows(baseline, variant, grid, truth,
+                                                                    [*args.timesteps, len(grid)], f"loss {loss}")
 
 
 def fitted_weighting(errors, grid, truth) -> dict:
@@ -226,19 +268,26 @@ def fitted_weighting(errors, grid, truth) -> dict:
 
 
 def section_coldstart(pixels, labels, args, out):
+    """`classify` on one image from a fresh interpreter, --coldstart-repeats times per model (the median is the
+    figure; the spread shows how much the disk cache and other load move it), and the same split into imports,
+    model loading and scoring by coldstart_child.py."""
     image = ROOT.parent / "examples" / "fashion-mnist" / "test00002-trouser.png"
     cli = [sys.executable, "-m", "diffusion_classifier", "classify", str(image), "--model"]
     rows = []
     for model in ("fashion-mnist-class", "fashion-mnist-text"):
-        started = time.perf_counter()
-        subprocess.run(cli + [model, "--timesteps", "25"], check=True, capture_output=True)
-        total = time.perf_counter() - started
-        parts = subprocess.run([sys.executable, str(ROOT / "coldstart_child.py"), model, str(image)], check=True,
-                               capture_output=True, text=True)
-        imports, loading, scoring = map(float, parts.stdout.split()[-3:])
-        rows.append({"model": model, "cli_seconds": total, "imports": imports, "loading": loading,
-                     "scoring_25_timesteps": scoring})
-        print(f"{model:<20} classify (CLI, cold) {total:.1f} s   imports {imports:.1f}  load {loading:.1f}  "
+        totals, parts = [], []
+        for _ in range(args.coldstart_repeats):
+            started = time.perf_counter()
+            subprocess.run(cli + [model, "--timesteps", "25"], check=True, capture_output=True)
+            totals.append(time.perf_counter() - started)
+            child = subprocess.run([sys.executable, str(ROOT / "coldstart_child.py"), model, str(image)],
+                                   check=True, capture_output=True, text=True)
+            parts.append([float(x) for x in child.stdout.split()[-3:]])
+        imports, loading, scoring = np.median(parts, axis=0)
+        rows.append({"model": model, "cli_seconds": float(np.median(totals)), "cli_seconds_all": totals,
+                     "imports": float(imports), "loading": float(loading), "scoring_25_timesteps": float(scoring)})
+        print(f"{model:<20} classify (CLI, cold) median {np.median(totals):.1f} s of "
+              f"{', '.join(f'{t:.1f}' for t in totals)}   imports {imports:.1f}  load {loading:.1f}  "
               f"score {scoring:.1f}", flush=True)
     out["coldstart"] = rows
 
@@ -255,10 +304,18 @@ def main():
     parser.add_argument("--runs-dir", default=str(RUNS),
                         help="where the accuracy section's evaluate runs live (resumable)")
     parser.add_argument("--wording-timesteps", type=int, default=25)
+    parser.add_argument("--wording-grid-images", type=int, default=0,
+                        help="also score class names in a held-out template on this many images over the --grid "
+                             "timesteps, paired with the accuracy section's run (0: skip)")
     parser.add_argument("--text-model", default="fashion-mnist-text", help="text model of the wordings section")
     parser.add_argument("--ablation-timesteps", type=int, default=10,
                         help="timesteps of the even-vs-random spacing comparison (drawn from the grid)")
+    parser.add_argument("--ablation-loss-images", type=int, default=0,
+                        help="also score the class model with other losses than l2 on this many images over the "
+                             "--grid timesteps, paired with l2 (0: skip)")
+    parser.add_argument("--ablation-losses", nargs="+", default=["l1", "huber"], choices=["l1", "huber"])
     parser.add_argument("--cnn-minutes", type=float, default=4.0)
+    parser.add_argument("--coldstart-repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--out", default=str(RESULTS / "fashion_mnist.json"))
     args = parser.parse_args()

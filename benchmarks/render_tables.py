@@ -20,6 +20,16 @@ def print_stale_note(model: str, measured_sha: str | None) -> None:
             f"({current[:10]}); rerun its command above to update.*\n")
 
 
+def print_paired(title: str, baseline: str, variant: str, rows: list[dict]) -> None:
+    print(f"{title}\n")
+    print(f"| timesteps (NFE) | {baseline} | {variant} | paired difference |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['timesteps']} ({r['nfe']}) | {100 * r['baseline']:.1f}% | {100 * r['variant']:.1f}% | "
+              f"{100 * r['paired_difference']:+.1f} +- {100 * r['paired_standard_error']:.1f} |")
+    print()
+
+
 def load(name):
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -51,6 +61,11 @@ def main():
             encoder = f"{r['encoder_nearest_caption_correct']}/{len(r['labels'])}"
             print(f"| {r['wording']} | {r['nfe_per_image']:.0f} | {100 * r['accuracy']:.1f}% | {encoder} |")
         print()
+    if fm and "wordings_grid" in fm:
+        g = fm["wordings_grid"]
+        print_paired(f"**Held-out template, paired** ({g['images']} test images, class names in \"{g['template']}\" "
+                     "vs the training wording, same timesteps and noise)", "training wording", "held-out template",
+                     g["rows"])
     if fm and "ablation" in fm:
         a = fm["ablation"]
         n = fm["meta"]["ablation"]["images"]
@@ -64,14 +79,18 @@ def main():
             print(f"All {s['grid']} timesteps, per-timestep weights fitted on half the images (NLL) vs the plain "
                   f"sum, judged on the other half (mean of both folds): fitted {100 * w['fitted']:.1f}%, "
                   f"uniform {100 * w['uniform']:.1f}%\n")
+        for loss, rows in a.get("loss", {}).get("variants", {}).items():
+            print_paired(f"**Loss, paired** (class model, {a['loss']['images']} test images, the same timesteps and "
+                         "noise)", "l2", loss, rows)
     if fm and "coldstart" in fm:
         print("**Cold start** of `classify` on one image, 25 timesteps (measured on an otherwise idle 2-core "
-              "machine; imports, loading and scoring measured in a separate fresh process)\n")
-        print("| model | CLI wall | imports | loading | scoring |")
-        print("|---|---|---|---|---|")
+              "machine; imports, loading and scoring: medians, measured in separate fresh processes)\n")
+        print("| model | CLI wall (median) | CLI wall, each run | imports | loading | scoring |")
+        print("|---|---|---|---|---|---|")
         for r in fm["coldstart"]:
-            print(f"| {r['model']} | {r['cli_seconds']:.1f} s | {r['imports']:.1f} s | {r['loading']:.1f} s | "
-                  f"{r['scoring_25_timesteps']:.1f} s |")
+            each = ", ".join(f"{t:.1f}" for t in r.get("cli_seconds_all", [r["cli_seconds"]]))
+            print(f"| {r['model']} | {r['cli_seconds']:.1f} s | {each} | {r['imports']:.1f} s | "
+                  f"{r['loading']:.1f} s | {r['scoring_25_timesteps']:.1f} s |")
         print()
     render_efficiency(load("efficiency"))
     render_robustness(load("robustness"))
