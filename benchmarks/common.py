@@ -95,12 +95,17 @@ def stored_test_errors(model: str, indices: np.ndarray, timesteps: list[int]) ->
 def replayed_accuracy(strategy, errors: list[np.ndarray], grid: list[int], labels: np.ndarray,
                       num_train_timesteps: int = 1000) -> dict:
     """Accuracy and NFE of `strategy` replayed on stored exhaustive errors (one [classes, prompts, grid] per image)."""
-    tables = [replay(strategy, e, grid, num_train_timesteps) for e in errors]
-    nfe = np.array([t.nfe for t in tables])
-    correct = np.array([t.ranking()[0] for t in tables]) == labels
+    correct, nfe = replayed_decisions(strategy, errors, grid, labels, num_train_timesteps)
     return {"accuracy": float(correct.mean()),
             "accuracy_standard_error": float(correct.std(ddof=1) / np.sqrt(len(correct))),
-            "nfe_mean": float(nfe.mean()), "nfe_p95": float(np.percentile(nfe, 95)), "images": len(tables)}
+            "nfe_mean": float(nfe.mean()), "nfe_p95": float(np.percentile(nfe, 95)), "images": len(correct)}
+
+
+def replayed_decisions(strategy, errors: list[np.ndarray], grid: list[int], labels: np.ndarray,
+                       num_train_timesteps: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: whether `strategy` replayed on its stored errors is right, and its NFE."""
+    tables = [replay(strategy, e, grid, num_train_timesteps) for e in errors]
+    return np.array([t.ranking()[0] for t in tables]) == labels, np.array([t.nfe for t in tables])
 
 
 class SmallCNN(torch.nn.Module):

@@ -39,6 +39,7 @@ from common import (  # benchmarks/
     grid_run_dirs,
     grid_run_name,
     replayed_accuracy,
+    replayed_decisions,
     test_subset,
     to_pixels,
 )
@@ -182,12 +183,11 @@ def paired_rows(baseline, variant, grid, truth, counts, name) -> list[dict]:
     for each k in counts, and the paired difference (variant - baseline) with its standard error."""
     rows = []
     for k in counts:
-        columns = [grid.index(t) for t in evenly_from(grid, k)] if k < len(grid) else list(range(len(grid)))
-        correct = [np.array([e[:, 0, columns].mean(axis=1).argmin() for e in errors]) == truth
-                   for errors in (baseline, variant)]
-        difference = correct[1].astype(float) - correct[0]
-        rows.append({"timesteps": k, "nfe": k * int(baseline[0].shape[0]), "baseline": float(correct[0].mean()),
-                     "variant": float(correct[1].mean()), "paired_difference": float(difference.mean()),
+        strategy = FixedTimesteps(evenly_from(grid, k))
+        (base, _), (other, _) = (replayed_decisions(strategy, errors, grid, truth) for errors in (baseline, variant))
+        difference = other.astype(float) - base
+        rows.append({"timesteps": k, "nfe": k * int(baseline[0].shape[0]), "baseline": float(base.mean()),
+                     "variant": float(other.mean()), "paired_difference": float(difference.mean()),
                      "paired_standard_error": float(difference.std(ddof=1) / np.sqrt(len(truth)))})
         print(f"{k} timesteps, {len(truth)} images: baseline {rows[-1]['baseline']:.4f}  {name} "
               f"{rows[-1]['variant']:.4f}  paired {100 * rows[-1]['paired_difference']:+.2f} +- "
@@ -241,12 +241,16 @@ def section_ablation(pixels, labels, args, out):
                        "weighting": weighting}
     if args.ablation_loss_images:  # fresh network evaluations: --ablation-loss-images x grid x classes per loss
         n = args.ablation_loss_images
-        baseline, grid, truth, _ = grid_run(denoiser, "fashion-mnist-class", n, args)
+        if n > len(labels):
+            raise SystemExit(f"--ablation-loss-images {n} must not exceed --images {len(labels)}")
+        # the l2 baseline is the accuracy section's run: the n-image subset is nested in it (both sorted)
+        keep = np.searchsorted(test_subset(len(labels)), test_subset(n))
+        baseline, loss_truth = [errors[i] for i in keep], truth[keep]
         out["ablation"]["loss"] = {"images": n, "baseline": "l2", "variants": {}}
         for loss in args.ablation_losses:
             variant, _, _, _ = grid_run(denoiser, "fashion-mnist-class", n, args, variant=f"loss-{loss}",
                                         extra=("--loss", loss))
-            out["ablation"]["loss"]["variants"][loss] = paired_rows(baseline, variant, grid, truth,
+            out["ablation"]["loss"]["variants"][loss] = paired_rows(baseline, variant, grid, loss_truth,
                                                                     [*args.timesteps, len(grid)], f"loss {loss}")
 
 
