@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from diffusion_classifier import DiffusionClassifier
 from diffusion_classifier.data import fashion_mnist_arrays
-from diffusion_classifier.denoisers import resolve_model_dir, weights_fingerprint
+from diffusion_classifier.loading import resolve_model_dir, weights_fingerprint
 from diffusion_classifier.replay import replay
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -72,7 +72,7 @@ def stored_test_errors(model: str, indices: np.ndarray, timesteps: list[int]) ->
 
     Noise follows each image's pixels and the timestep, so these are the errors a fresh Exhaustive run at
     these timesteps would compute (up to float32 rounding): no network evaluations needed."""
-    from diffusion_classifier.evaluation import ResultsStore
+    from diffusion_classifier.store import ResultsStore
 
     wanted = [f"test/{i}" for i in indices]
     for run_dir in grid_run_dirs(model):

@@ -33,8 +33,9 @@ from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, S
 from diffusion_classifier.data import fashion_mnist_arrays
 from diffusion_classifier.replay import replay
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
+from diffusion_classifier.schedules import even_timesteps
 from diffusion_classifier.scoring import image_seed, noise_for
-from diffusion_classifier.strategies import FixedTimesteps, even_timesteps
+from diffusion_classifier.strategies import FixedTimesteps
 
 GRID_CACHE = RESULTS / "efficiency_grid.npz"  # the exhaustive pass's errors (not committed: a cache)
 CLASS_TREE = Path(__file__).resolve().parents[1] / "examples" / "fashion-mnist" / "class_tree.json"
@@ -163,16 +164,15 @@ def section_calibration(pixels, labels, args, out):
     Uses its own, larger image set (--calibration-images) scored exhaustively at
     --calibration-timesteps: ECE over a few hundred images is too noisy to judge a 0.03 target.
     """
-    from diffusion_classifier.calibration import (
+    from diffusion_classifier.calibration import fit_temperature, fit_timestep_weights
+    from diffusion_classifier.probabilities import (
         expected_calibration_error,
-        fit_temperature,
-        fit_timestep_weights,
         negative_log_likelihood,
+        relative_scores,
+        softmax_of_errors,
         timestep_gaps,
         weighted_probabilities,
     )
-    from diffusion_classifier.classifier import softmax_of_errors
-    from diffusion_classifier.strategies import relative_scores
 
     pixels, labels = test_images(args.calibration_images)
     strategy = Exhaustive(args.calibration_timesteps)
@@ -207,7 +207,7 @@ def section_calibration(pixels, labels, args, out):
 
     def judge(t: float) -> dict:
         probs = softmax_of_errors(relative[held], t)
-        return {"nll": negative_log_likelihood(relative[held], labels[held], t),
+        return {"nll": negative_log_likelihood(softmax_of_errors(relative[held], t), labels[held]),
                 "ece": expected_calibration_error(probs, labels[held]),
                 "mean_confidence": float(probs.max(axis=1).mean())}
 

@@ -45,10 +45,10 @@ from common import (  # benchmarks/
 )
 
 from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, Staged, load_denoiser
+from diffusion_classifier.adapters.text_unet import sentence_embedding
 from diffusion_classifier.data import FASHION_MNIST_CLASSES, fashion_mnist_arrays
-from diffusion_classifier.denoisers import sentence_embedding
-from diffusion_classifier.evaluation import ResultsStore
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
+from diffusion_classifier.store import ResultsStore
 from diffusion_classifier.strategies import FixedTimesteps
 from diffusion_classifier.training import CaptionBank, load_captions
 
@@ -257,7 +257,8 @@ def section_ablation(pixels, labels, args, out):
 def fitted_weighting(errors, grid, truth) -> dict:
     """Accuracy of argmin over classes of sum_t w_t error[c, t] with w fitted (calibration.fit_timestep_weights,
     NLL on one half of the images) against equal weights, both judged on the other half; mean of both folds."""
-    from diffusion_classifier.calibration import fit_timestep_weights, timestep_gaps
+    from diffusion_classifier.calibration import fit_timestep_weights
+    from diffusion_classifier.probabilities import timestep_gaps
 
     gaps = np.stack([timestep_gaps(e, grid, int(e.min(axis=1).mean(axis=1).argmin())) for e in errors])
     order = np.random.default_rng(0).permutation(len(truth))

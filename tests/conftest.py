@@ -11,7 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion_classifier.runtime import tune_cpu_allocator
+
 torch.set_num_threads(1)
+tune_cpu_allocator()  # the library never retunes malloc itself; the CLI does at start, and so do we here
 
 
 def _byte_chars() -> list[str]:
@@ -90,20 +93,20 @@ def build_dit(directory: Path, class_names: list[str]) -> Path:
 def build_pixel_class(directory: Path, class_names: list[str], channels: int = 1, size: int = 8) -> Path:
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from diffusion_classifier.denoisers import ClassUNetDenoiser
+    from diffusion_classifier.adapters.class_unet import ClassUNetDenoiser
 
     torch.manual_seed(4)
     unet = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=[8, 16],
                        layers_per_block=1, norm_num_groups=4, down_block_types=["DownBlock2D", "DownBlock2D"],
                        up_block_types=["UpBlock2D", "UpBlock2D"], num_class_embeds=len(class_names))
-    ClassUNetDenoiser(unet, DDPMScheduler(), extra_config={"class_names": class_names}).save_pretrained(directory)
+    ClassUNetDenoiser(unet, DDPMScheduler(), info={"class_names": class_names}).save_pretrained(directory)
     return directory
 
 
 def build_pixel_text(directory: Path) -> Path:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from diffusion_classifier.denoisers import TextUNetDenoiser
+    from diffusion_classifier.adapters.text_unet import TextUNetDenoiser
 
     tokenizer, text_encoder = tiny_clip(directory / "_tok")
     torch.manual_seed(5)
@@ -112,7 +115,7 @@ def build_pixel_text(directory: Path) -> Path:
                                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
     TextUNetDenoiser(unet, DDPMScheduler(), tokenizer, text_encoder,
-                     extra_config={"text_attention_mask": True, "max_text_length": 12}).save_pretrained(directory)
+                     info={"text_attention_mask": True, "max_text_length": 12}).save_pretrained(directory)
     return directory
 
 
@@ -136,6 +139,15 @@ def random_images(n: int, size: int = 20, mode: str = "RGB", seed: int = 0) -> l
     channels = {"RGB": 3, "L": 1}[mode]
     return [Image.fromarray(rng.integers(0, 256, (size, size, channels), dtype=np.uint8).squeeze(), mode)
             for _ in range(n)]
+
+
+def image_folder(root: Path, names: list[str], per_class: int, size: int = 8, mode: str = "L") -> Path:
+    """An ImageFolder of random images, class c's seeded by c."""
+    for c, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i, img in enumerate(random_images(per_class, size=size, mode=mode, seed=c)):
+            img.save(root / name / f"{i}.png")
+    return root
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from diffusion_classifier.cli import main
-from diffusion_classifier.evaluation import ResultsStore
+from diffusion_classifier.store import ResultsStore
 
 from .conftest import random_images
 

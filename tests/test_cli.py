@@ -8,6 +8,7 @@ import pytest
 from diffusion_classifier.cli import main
 
 from .conftest import CLASSES, random_images
+from .conftest import image_folder as make_image_folder
 
 
 @pytest.fixture
@@ -22,12 +23,7 @@ def image_files(tmp_path):
 
 @pytest.fixture
 def image_folder(tmp_path):
-    root = tmp_path / "data"
-    for c, name in enumerate(["dog", "cat"]):
-        (root / name).mkdir(parents=True)
-        for i, img in enumerate(random_images(2, seed=c)):
-            img.save(root / name / f"{i}.png")
-    return root
+    return make_image_folder(tmp_path / "data", ["dog", "cat"], 2, size=20, mode="RGB")
 
 
 def run(capsys, *argv):
@@ -148,7 +144,7 @@ def test_resuming_a_run_with_other_weights_is_refused(models, image_folder, tmp_
 
 
 def test_evaluate_reuses_a_smaller_runs_rows_and_they_equal_fresh_ones(models, image_folder, tmp_path, capsys):
-    from diffusion_classifier.evaluation import ResultsStore
+    from diffusion_classifier.store import ResultsStore
 
     def matrices(run_dir):
         store = ResultsStore(run_dir)

@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from diffusion_classifier import UserError, load_denoiser
-from diffusion_classifier.denoisers import ClassUNetDenoiser, Denoiser, DiTDenoiser, TextUNetDenoiser, per_sample_error
+from diffusion_classifier.adapters.class_unet import ClassUNetDenoiser
+from diffusion_classifier.adapters.dit import DiTDenoiser
+from diffusion_classifier.adapters.text_unet import TextUNetDenoiser
+from diffusion_classifier.denoisers import Denoiser, per_sample_error
 
 from .conftest import CLASSES
 
@@ -86,7 +89,7 @@ def test_a_perfect_model_has_zero_error_for_every_prediction_type(prediction_typ
     oracle = denoiser.network
     x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
     t = torch.tensor([1, 400, 999])
-    abar = denoiser.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    abar = denoiser.schedule.alpha_bar(t).float().view(-1, 1, 1, 1)
     oracle.output = {"epsilon": eps, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x0,
                      "sample": x0}[prediction_type]
     errors = denoiser.error(x0, eps, t, {}, "l2")
@@ -172,7 +175,7 @@ def test_hub_failures_are_user_errors(monkeypatch):
 def test_schedulers_load_like_diffusers_from_pretrained(tmp_path, cls_name, settings):
     import diffusers
 
-    from diffusion_classifier.denoisers import _load_scheduler
+    from diffusion_classifier.loading import load_scheduler as _load_scheduler
 
     cls = getattr(diffusers, cls_name)
     cls(**settings).save_pretrained(tmp_path)

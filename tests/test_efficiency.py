@@ -7,22 +7,22 @@ import numpy as np
 import pytest
 
 from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, UserError
-from diffusion_classifier.calibration import (
+from diffusion_classifier.calibration import fit_temperature, fit_timestep_weights
+from diffusion_classifier.cli import main
+from diffusion_classifier.probabilities import (
     expected_calibration_error,
-    fit_temperature,
-    fit_timestep_weights,
+    relative_scores,
+    softmax_of_errors,
     weighted_probabilities,
 )
-from diffusion_classifier.classifier import softmax_of_errors
-from diffusion_classifier.cli import main
+from diffusion_classifier.schedules import NoiseSchedule
 from diffusion_classifier.strategies import (
     ScoreTable,
     class_tree_indices,
     low_discrepancy_order,
-    relative_scores,
 )
 
-from .conftest import random_images
+from .conftest import image_folder, random_images
 
 
 def run_synthetic(strategy, class_means, noise_sd=0.02, seed=0, n_prompts=1) -> ScoreTable:
@@ -30,7 +30,7 @@ def run_synthetic(strategy, class_means, noise_sd=0.02, seed=0, n_prompts=1) -> 
     diffusion errors have) plus a per-class offset plus independent noise per (class, t)."""
     rng = np.random.default_rng(seed)
     table = ScoreTable(len(class_means), n_prompts)
-    for round_ in strategy.rounds(table, 1000, "min"):
+    for round_ in strategy.rounds(table, NoiseSchedule(1000), "min"):
         for t in round_.timesteps:
             col = table.column(t)
             base = 0.05 + 0.8 * (1 - t / 1000) ** 4  # shared by every class at this (t, eps)
@@ -168,11 +168,7 @@ def test_per_timestep_weights_recover_known_weights():
 
 
 def test_calibrate_command_on_a_stored_run(models, tmp_path, capsys):
-    data = tmp_path / "data"
-    for c, name in enumerate(["cat", "dog"]):
-        (data / name).mkdir(parents=True)
-        for i, img in enumerate(random_images(5, size=8, mode="L", seed=c)):
-            img.save(data / name / f"{i}.png")
+    data = image_folder(tmp_path / "data", ["cat", "dog"], 5)
     run = tmp_path / "run"
     assert main(["evaluate", "--model", str(models["pixel_class"]), "--data", str(data), "--labels", "cat,dog",
                  "--out", str(run), "--timesteps", "4", "--quiet"]) == 0
@@ -199,11 +195,14 @@ def test_calibrate_command_on_a_stored_run(models, tmp_path, capsys):
     assert "fitted at timesteps" in capsys.readouterr().err
 
 
-def test_elimination_options_are_validated(models, capsys):
+def test_elimination_options_are_validated(models, tmp_path, capsys):
     with pytest.raises(UserError):
         Elimination(error_rate=0)
-    assert main(["classify", "x.png", "--model", "fashion-mnist-class", "--strategy", "elimination",
+    image = tmp_path / "x.png"
+    random_images(1, size=8, mode="L")[0].save(image)
+    assert main(["classify", str(image), "--model", str(models["pixel_class"]), "--strategy", "elimination",
                  "--preset", "pets"]) == 2
+    assert "does not take --preset" in capsys.readouterr().err
 
 
 def test_exhaustive_probabilities_equal_plain_softmax(models):

@@ -10,10 +10,9 @@ from diffusion_classifier.robust import (
     estimate_noise_sigma,
     intensity_stats,
     min_timestep_for,
-    noise_levels,
     normalize_intensity,
 )
-from diffusion_classifier.strategies import even_timesteps
+from diffusion_classifier.schedules import VPSchedule, even_timesteps
 
 from .conftest import random_images
 
@@ -40,9 +39,10 @@ def test_noise_estimate_recovers_a_known_sigma_within_15_percent(sigma):
 
 
 def test_min_timestep_matches_the_noise_level_definition():
-    abar = DDPMScheduler().alphas_cumprod
-    t = min_timestep_for(torch.tensor([0.0, 0.2, 1.0]), abar)
-    levels = noise_levels(abar)
+    schedule = VPSchedule(DDPMScheduler().alphas_cumprod)
+    t = min_timestep_for(torch.tensor([0.0, 0.2, 1.0]), schedule)
+    abar = DDPMScheduler().alphas_cumprod.double()
+    levels = ((1 - abar) / abar).sqrt()
     assert t[0] == 0
     for sigma, ti in zip((0.2, 1.0), t[1:].tolist()):
         assert levels[ti] >= sigma > levels[ti - 1]
@@ -66,13 +66,24 @@ def test_noise_aware_scoring_keeps_the_pairing_and_skips_small_timesteps(models)
         assert np.isfinite(r.errors).all()  # every class at every chosen (t, eps): still paired
 
 
-def test_options_off_give_exactly_the_plain_results(models):
-    imgs = random_images(2, size=8, mode="L")
-    plain = DiffusionClassifier.from_pretrained(models["pixel_class"], strategy=Exhaustive(5)).classify(imgs)
-    off = DiffusionClassifier.from_pretrained(models["pixel_class"], strategy=Exhaustive(5), noise_aware=False,
-                                              normalize_intensity=False).classify(imgs)
-    for a, b in zip(plain, off):
-        np.testing.assert_array_equal(a.errors, b.errors)
+def test_options_with_nothing_to_correct_give_exactly_the_plain_results(models):
+    """Noise-aware scoring of near-clean images and intensity normalisation of in-band images take their
+    own code paths (a small t_min, a band check) and must still give the plain errors bit for bit."""
+    denoiser = load_denoiser(models["pixel_class"])
+    images = _smooth_images(3, size=8, seed=2)
+    images = images + 0.02 * torch.randn(images.shape, generator=torch.Generator().manual_seed(3))
+    lo, hi = images.amin(dim=(1, 2, 3), keepdim=True), images.amax(dim=(1, 2, 3), keepdim=True)
+    images = torch.round((images - lo) / (hi - lo) * 255) / 127.5 - 1  # 8-bit, each spanning [-1, 1]
+    denoiser.info.intensity_stats = intensity_stats(images)
+    t_min = min_timestep_for(estimate_noise_sigma(images), denoiser.schedule, 2.0)
+    assert (t_min > 0).all() and (t_min <= 1000 // 5 // 2).all()  # a real restriction, below the first grid point
+    plain = DiffusionClassifier(denoiser, strategy=Exhaustive(5)).classify_pixels(images, ["a", "b", "c"])
+    for options in ({"noise_aware": True}, {"normalize_intensity": True},
+                    {"noise_aware": True, "normalize_intensity": True}):
+        clf = DiffusionClassifier(denoiser, strategy=Exhaustive(5), **options)
+        for a, b in zip(plain, clf.classify_pixels(images, ["a", "b", "c"])):
+            assert a.timesteps == b.timesteps
+            np.testing.assert_array_equal(a.errors, b.errors)
 
 
 def test_normalisation_is_the_identity_on_in_distribution_images():
@@ -92,13 +103,13 @@ def test_normalisation_is_the_identity_on_in_distribution_images():
 
 
 def test_normalised_inputs_share_the_noise_of_the_image_they_recover(models, tmp_path):
-    from diffusion_classifier.denoisers import load_denoiser as load
+    from diffusion_classifier.loading import load_denoiser as load
 
     denoiser = load(models["pixel_class"])
     x = torch.round(torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 255)
     x[:, :, 0, 0], x[:, :, 0, 1] = 0, 255
     x = x / 127.5 - 1
-    denoiser.extra_config["intensity_stats"] = intensity_stats(x)
+    denoiser.info.intensity_stats = intensity_stats(x)
     clf = DiffusionClassifier(denoiser, strategy=Exhaustive(5), normalize_intensity=True)
     clean, faded = (clf.classify_pixels(p, ["a", "b"]) for p in (x, 0.6 * x))
     for a, b in zip(clean, faded):

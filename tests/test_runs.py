@@ -2,7 +2,9 @@
 
 import json
 import os
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -12,19 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffusion_classifier.evaluation import array_from_bytes
+from diffusion_classifier.store import array_from_bytes
 
-from .conftest import random_images
+from .conftest import image_folder
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    for c, name in enumerate(["cat", "dog", "bird"]):
-        (root / name).mkdir()
-        for i, img in enumerate(random_images(8, size=12, mode="L", seed=c)):
-            img.save(root / name / f"{i}.png")
-    return root
+    return image_folder(tmp_path_factory.mktemp("data"), ["cat", "dog", "bird"], 8, size=12)
 
 
 def _evaluate_cmd(model, folder, out, *extra):
@@ -51,10 +48,21 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(models, folder, tmp_path):
-    reference = tmp_path / "reference"
-    subprocess.run(_evaluate_cmd(models["pixel_class"], folder, reference), check=True, env=_env(),
-                   capture_output=True)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reference(models, folder, tmp_path_factory) -> Path:
+    """One uninterrupted single-process run, shared by the tests that compare against it."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    subprocess.run(_evaluate_cmd(models["pixel_class"], folder, out), check=True, env=_env(), capture_output=True)
+    return out
+
+
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(models, folder, reference, tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_evaluate_cmd(models["pixel_class"], folder, killed), env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -77,25 +85,23 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(models, folder,
     _assert_same_results(_store_rows(killed), _store_rows(reference))
 
 
-def test_torchrun_two_processes_equal_one(models, folder, tmp_path):
-    one = tmp_path / "one"
-    subprocess.run(_evaluate_cmd(models["pixel_class"], folder, one), check=True, env=_env(), capture_output=True)
+def test_torchrun_two_processes_equal_one(models, folder, reference, tmp_path):
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "diffusion_classifier", *_evaluate_cmd(models["pixel_class"], folder, two)[3:]]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     metric_lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(metric_lines) == 1, "only rank 0 prints the merged metrics"
     assert json.loads(metric_lines[0])["images"] == 24
-    _assert_same_results(_store_rows(one), _store_rows(two))
+    _assert_same_results(_store_rows(reference), _store_rows(two))
 
 
-def test_report_regenerates_metrics_and_plots_from_the_store(models, folder, tmp_path, capsys):
+def test_report_regenerates_metrics_and_plots_from_the_store(reference, tmp_path, capsys):
     from diffusion_classifier.cli import main
 
     out = tmp_path / "run"
-    subprocess.run(_evaluate_cmd(models["pixel_class"], folder, out), check=True, env=_env(), capture_output=True)
+    shutil.copytree(reference, out)
     stored = json.loads((out / "metrics.json").read_text())
     assert main(["report", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

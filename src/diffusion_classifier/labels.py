@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from .errors import UserError
 
 
@@ -56,3 +58,47 @@ def validate_templates(templates: Sequence[str]) -> list[str]:
 def expand_prompts(labels: Sequence[str], templates: Sequence[str]) -> list[list[str]]:
     """prompts[c][p] = templates[p] filled with labels[c]."""
     return [[template.format(label) for template in templates] for label in labels]
+
+
+def candidate_classes(denoiser, labels: Sequence | None, templates: Sequence[str] | None,
+                      prompts: Sequence[Sequence[str]] | None) -> tuple[list[str], list]:
+    """(class names, conditions) for a denoiser: prompts per class for text models, class ids otherwise."""
+    if denoiser.conditioning == "text":
+        if prompts is not None:
+            prompts = [list(p) for p in prompts]
+            if labels is None:
+                labels = [p[0] for p in prompts]
+            if len(prompts) != len(labels) or any(len(p) != len(prompts[0]) or not p for p in prompts):
+                raise UserError("prompts must give the same number of prompts for every label")
+            return validate_labels([str(label) for label in labels]), prompts
+        if labels is None:
+            labels = denoiser.class_names
+            if not labels:
+                raise UserError("this text-conditioned model has no saved class names; pass labels")
+        labels = validate_labels([str(label) for label in labels])
+        return labels, expand_prompts(labels, validate_templates(templates or ["{}"]))
+    if templates is not None or prompts is not None:
+        raise UserError("templates and prompts apply to text-conditioned models; this model takes class ids")
+    names = denoiser.class_names or [str(i) for i in range(denoiser.num_classes)]
+    if labels is None:
+        return list(names), list(range(len(names)))
+    lookup: dict[str, int] = {}  # full names, and each comma-separated synonym (ImageNet's "tench, Tinca tinca")
+    for i, name in enumerate(names):
+        for key in [name] + [part.strip() for part in name.split(",")]:
+            lookup.setdefault(key, i)
+    ids = []
+    for label in labels:
+        if isinstance(label, (int, np.integer)) or (isinstance(label, str) and label.isdigit()
+                                                     and label not in lookup):
+            ids.append(int(label))
+        elif label in lookup:
+            ids.append(lookup[label])
+        else:
+            raise UserError(f"label {label!r} is not one of the model's classes "
+                            f"({', '.join(names[:12])}{', ...' if len(names) > 12 else ''})")
+    if len(set(ids)) != len(ids):
+        raise UserError("duplicate labels")
+    bad = [i for i in ids if not 0 <= i < denoiser.num_classes]
+    if bad:
+        raise UserError(f"class id {bad[0]} is outside the model's {denoiser.num_classes} classes")
+    return [names[i] if i < len(names) else str(i) for i in ids], ids

@@ -11,15 +11,19 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import UserError
+from .schedules import NoiseSchedule, as_schedule
 from .strategies import ScoreTable, Strategy
 
 
-def replay(strategy: Strategy, errors: np.ndarray, timesteps: list[int], num_train_timesteps: int = 1000,
+def replay(strategy: Strategy, errors: np.ndarray, timesteps: list[int], schedule: NoiseSchedule | int = 1000,
            aggregate: str = "min", t_min: int = 0) -> ScoreTable:
-    """Run `strategy` against stored errors [classes, prompts, columns] measured at `timesteps`."""
+    """Run `strategy` against stored errors [classes, prompts, columns] measured at `timesteps`.
+
+    `schedule`: the model's noise schedule, or its number of training timesteps (the grid is all a
+    strategy needs)."""
     column_of = {int(t): i for i, t in enumerate(timesteps)}
     table = ScoreTable(errors.shape[0], errors.shape[1], t_min)
-    for round_ in strategy.rounds(table, num_train_timesteps, aggregate):
+    for round_ in strategy.rounds(table, as_schedule(schedule), aggregate):
         missing = [t for t in round_.timesteps if t not in column_of]
         if missing:
             raise UserError(f"the stored run has no errors at timesteps {missing[:5]}; replay needs a strategy "

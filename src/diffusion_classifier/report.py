@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .evaluation import STORE_NAME, ResultsStore
+from .probabilities import ranking
 from .runtime import atomic_write_text
+from .schedules import even_subset
+from .store import STORE_NAME, ResultsStore
 
 
 def rescore(errors: np.ndarray, timesteps: list[int], aggregate: str = "min", t_min: int = 0,
@@ -25,17 +27,7 @@ def rescore(errors: np.ndarray, timesteps: list[int], aggregate: str = "min", t_
         keep &= np.isin(np.arange(len(ts)), columns)
     if not keep.any():
         raise UserError(f"no stored timestep lies in [{t_min}, {t_max}]")
-    chosen = errors[:, :, keep]
-    counts = np.isfinite(chosen).sum(axis=2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_prompt = np.where(counts > 0, np.nansum(chosen, axis=2) / np.maximum(counts, 1), np.inf)
-    scores = per_prompt.min(axis=1) if aggregate == "min" else per_prompt.mean(axis=1)
-    return int(np.lexsort((scores, -counts[:, 0]))[0])
-
-
-def _even_subset(n: int, k: int) -> np.ndarray:
-    stride = max(1, n // k)
-    return np.arange(stride // 2, n, stride)[:k]
+    return int(ranking(errors[:, :, keep], aggregate)[0])
 
 
 def build_report(run_dir: str | Path, aggregate: str | None = None, t_min: int = 0, t_max: int | None = None,
@@ -43,11 +35,8 @@ def build_report(run_dir: str | Path, aggregate: str | None = None, t_min: int =
     run_dir = Path(run_dir)
     if not (run_dir / STORE_NAME).is_file():
         raise UserError(f"{run_dir} holds no {STORE_NAME} (not an evaluate run directory)")
-    store = ResultsStore(run_dir)
-    try:
+    with ResultsStore(run_dir) as store:
         config, records, matrices = store.config(), store.records(), store.error_matrices()
-    finally:
-        store.close()
     labels = config.get("labels") or []
     n_classes = len(labels)
     aggregate = aggregate or config.get("aggregate", "min")
@@ -93,7 +82,7 @@ def _accuracy_vs_timesteps(ok, by_idx, truth, aggregate) -> list[dict]:
     n = len(timesteps)
     rows = []
     for k in sorted({1, 2, 5, 10, 25, 50, 100, 250, 500, n} & set(range(1, n + 1))):
-        columns = order[_even_subset(n, k)]
+        columns = order[even_subset(range(n), k)]
         predictions = [rescore(*by_idx[r["idx"]], aggregate, columns=columns) for r in ok]
         rows.append({"timesteps": k, "accuracy": float(np.mean(np.array(predictions) == truth))})
     return rows

@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 
 from .errors import UserError
+from .schedules import NoiseSchedule
 
 QUARTILE_TO_SIGMA = 0.3186  # lower quartile of |N(0, 1)|
 
@@ -50,15 +51,9 @@ def estimate_noise_sigma(pixels: torch.Tensor) -> torch.Tensor:
     return diagonal.abs().flatten(1).quantile(0.25, dim=1) / QUARTILE_TO_SIGMA
 
 
-def noise_levels(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """sqrt((1 - abar_t) / abar_t): the noise-to-signal ratio of each timestep (increasing in t)."""
-    abar = alphas_cumprod.double()
-    return ((1 - abar) / abar).sqrt()
-
-
-def min_timestep_for(sigma: torch.Tensor, alphas_cumprod: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+def min_timestep_for(sigma: torch.Tensor, schedule: NoiseSchedule, margin: float = 1.0) -> torch.Tensor:
     """The first timestep whose noise level is at least margin * sigma, per image (0 for clean images)."""
-    levels = noise_levels(alphas_cumprod)
+    levels = schedule.noise_levels()
     t = torch.searchsorted(levels, (margin * sigma).double().cpu())
     return t.clamp(max=len(levels) - 1)
 

@@ -22,6 +22,9 @@ def tune_cpu_allocator() -> bool:
     mmap/trim thresholds and the top pad keeps them in the heap (on this project's
     2-core machines it gave about 1.6x the UNet throughput, measured with
     benchmarks/). Same effect as MALLOC_MMAP_THRESHOLD_ etc., but works after start.
+
+    It changes malloc for the whole process, so the library never calls it: the CLI does once at start,
+    and so do the benchmarks; in your own program call it yourself if you want the speed.
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:

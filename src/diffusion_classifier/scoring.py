@@ -1,19 +1,24 @@
-"""The scoring engine: runs strategies for many images at once, in shared network batches.
+"""The scoring engine: runs strategies for many jobs at once, in shared network batches.
 
-For each image, every candidate is scored with the same (t, eps) pairs (a paired
-comparison). The noise used at timestep t comes from a generator seeded by (seed, image
-content, t), so results do not depend on batch size, on which images share a batch, on the
-number of processes or on image order; and two strategies that evaluate the same (class, t)
-of an image get the same error there, so their results are paired too (and a stored
-exhaustive run can replay any strategy on its grid exactly). Explicit noise follows the
-original code's layout instead: entry i goes with the i-th distinct timestep evaluated.
+A job is one image (its clean sample x0 and a noise key) with its own candidate condition rows: rows of
+the engine's embedded condition bank, [candidates, prompts], and optionally a null row (the empty prompt)
+whose error is measured at every (t, eps) pair any candidate is, for unconditional normalisation.
+Classification gives every image the same rows; caption ranking gives each image its texts.
+
+For each job, every candidate is scored with the same (t, eps) pairs (a paired comparison). The noise
+used at timestep t comes from a generator seeded by (noise key, t); the key is derived from the image's
+content and the user's seed, so results do not depend on batch size, on which images share a batch, on
+the number of processes or on image order; and two strategies that evaluate the same (candidate, t) of
+an image get the same error there, so their results are paired too (and a stored exhaustive run can
+replay any strategy on its grid exactly). Explicit noise follows the original code's layout instead:
+entry i goes with the i-th distinct timestep evaluated.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +28,8 @@ from .denoisers import Conditions, Denoiser
 from .errors import UserError
 from .strategies import Round, ScoreTable, Strategy
 
+NULL = -1  # the candidate index of a job's null row in a work item
+
 
 def _hash_to_seed(*parts: bytes) -> int:
     digest = hashlib.sha256(b"\x00".join(parts)).digest()
@@ -30,36 +37,47 @@ def _hash_to_seed(*parts: bytes) -> int:
 
 
 def image_seed(seed: int, pixels: torch.Tensor) -> int:
-    """A seed tied to the image's content (its preprocessed pixels) and the user's seed."""
+    """A noise key tied to the image's content (its preprocessed pixels) and the user's seed."""
     data = pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
     return _hash_to_seed(str(seed).encode(), data)
 
 
 def noise_for(seed: int, t: int, shape: Sequence[int]) -> torch.Tensor:
-    """The noise an image (its seed from image_seed) gets at timestep t."""
+    """The noise an image (its key from image_seed) gets at timestep t."""
     generator = torch.Generator().manual_seed(_hash_to_seed(str(seed).encode(), str(t).encode()))
     return torch.randn(tuple(shape), generator=generator)
 
 
 @dataclass
-class _ImageJob:
+class Job:
+    """One image to score against its own candidates."""
+
     x0: torch.Tensor  # [C, H, W] on the model's device
-    seed: int
+    noise_key: int
+    rows: np.ndarray  # [candidates, prompts] rows of the engine's condition bank
+    null_row: int | None = None
+    t_min: int = 0
+    explicit_noise: torch.Tensor | None = None
+
+
+@dataclass
+class _Running:
+    job: Job
     table: ScoreTable
-    rounds: object  # the strategy's generator
-    explicit_noise: torch.Tensor | None
+    rounds: Iterator[Round]
     noise_cache: dict = field(default_factory=dict)
     done: bool = False
 
     def noise(self, column: int, t: int) -> torch.Tensor:
         if column not in self.noise_cache:
-            if self.explicit_noise is not None:
-                if column >= len(self.explicit_noise):
-                    raise UserError(f"explicit noise has {len(self.explicit_noise)} entries but the strategy "
+            explicit = self.job.explicit_noise
+            if explicit is not None:
+                if column >= len(explicit):
+                    raise UserError(f"explicit noise has {len(explicit)} entries but the strategy "
                                     f"evaluates more distinct timesteps than that")
-                self.noise_cache[column] = self.explicit_noise[column]
+                self.noise_cache[column] = explicit[column]
             else:
-                self.noise_cache[column] = noise_for(self.seed, t, self.x0.shape)
+                self.noise_cache[column] = noise_for(self.job.noise_key, t, self.job.x0.shape)
         return self.noise_cache[column]
 
 
@@ -71,65 +89,55 @@ class EngineStats:
 
 
 class ScoringEngine:
-    """Scores images against a fixed set of candidate conditions.
+    """Scores jobs against rows of one embedded condition bank (conditions: one row per condition)."""
 
-    conditions: embedded conditions with n_classes * n_prompts rows, row c * n_prompts + p
-    being prompt p of class c (class-conditional models have n_prompts = 1).
-    """
-
-    def __init__(self, denoiser: Denoiser, conditions: Conditions, n_classes: int, n_prompts: int,
-                 strategy: Strategy, loss: str = "l2", aggregate: str = "min", seed: int = 0,
-                 batch_size: int = 256):
+    def __init__(self, denoiser: Denoiser, conditions: Conditions, loss: str = "l2", batch_size: int = 256):
         if batch_size < 1:
             raise UserError("--batch-size must be at least 1")
         self.denoiser, self.conditions = denoiser, conditions
-        self.n_classes, self.n_prompts = n_classes, n_prompts
-        self.strategy, self.loss, self.aggregate = strategy, loss, aggregate
-        self.seed, self.batch_size = seed, batch_size
+        self.loss, self.batch_size = loss, batch_size
         self.stats = EngineStats()
 
-    def score(self, x0: torch.Tensor, noise: Sequence[torch.Tensor | None] | None = None,
-              seeds: Sequence[int] | None = None, t_mins: Sequence[int] | None = None) -> list[ScoreTable]:
-        """x0: [N, C, H, W] clean samples in the model's space -> one ScoreTable per image.
-
-        t_mins: per image, the smallest timestep the strategy may use (noise-aware scoring)."""
-        T = self.denoiser.num_train_timesteps
-        jobs = []
-        for i in range(len(x0)):
-            table = ScoreTable(self.n_classes, self.n_prompts, 0 if t_mins is None else int(t_mins[i]))
-            explicit = None if noise is None or noise[i] is None else torch.as_tensor(noise[i]).to(x0.device)
-            seed = seeds[i] if seeds is not None else image_seed(self.seed, x0[i])
-            jobs.append(_ImageJob(x0[i], seed, table, self.strategy.rounds(table, T, self.aggregate), explicit))
+    def score(self, jobs: Sequence[Job], strategy: Strategy, aggregate: str = "min") -> list[ScoreTable]:
+        """Run `strategy` for every job; one ScoreTable per job, in order."""
+        running = []
+        for job in jobs:
+            n_candidates, n_prompts = np.shape(job.rows)
+            table = ScoreTable(n_candidates, n_prompts, job.t_min, with_null=job.null_row is not None)
+            running.append(_Running(job, table, strategy.rounds(table, self.denoiser.schedule, aggregate)))
         while True:
             work = []
-            for job in jobs:
-                if job.done:
+            for run in running:
+                if run.done:
                     continue
                 try:
-                    work.append((job, next(job.rounds)))
+                    work.append((run, next(run.rounds)))
                 except StopIteration:
-                    job.done = True
-                    job.noise_cache.clear()  # finished images release their noise (large for latent models)
+                    run.done = True
+                    run.noise_cache.clear()  # finished images release their noise (large for latent models)
             if not work:
-                return [job.table for job in jobs]
+                return [run.table for run in running]
             self._evaluate(work)
 
-    def _evaluate(self, work: list[tuple[_ImageJob, Round]]) -> None:
-        """Evaluate every (image, class, prompt, timestep) item of this wave in shared batches."""
-        items = []  # (job, condition row, t, column, class, prompt)
-        for job, round_ in work:
-            columns = [(t, job.table.column(t)) for t in round_.timesteps]
+    def _evaluate(self, work: list[tuple[_Running, Round]]) -> None:
+        """Evaluate every (job, candidate, prompt, timestep) item of this wave in shared batches."""
+        items = []  # (run, condition row, t, column, candidate or NULL, prompt)
+        for run, round_ in work:
+            table, rows = run.table, run.job.rows
+            columns = [(t, table.column(t)) for t in round_.timesteps]
             for c in round_.classes:
-                for p in range(self.n_prompts):
-                    row = c * self.n_prompts + p
+                for p in range(rows.shape[1]):
                     for t, col in columns:
-                        if np.isnan(job.table.errors[c, p, col]):
-                            items.append((job, row, t, col, c, p))
+                        if np.isnan(table.errors[c, p, col]):
+                            items.append((run, int(rows[c, p]), t, col, c, p))
+            if run.job.null_row is not None:
+                items += [(run, run.job.null_row, t, col, NULL, 0) for t, col in columns
+                          if np.isnan(table.null_errors[col])]
         device = self.denoiser.device
         for start in range(0, len(items), self.batch_size):
             chunk = items[start:start + self.batch_size]
-            x0 = torch.stack([job.x0 for job, *_ in chunk])
-            noise = torch.stack([job.noise(col, t) for job, _, t, col, _, _ in chunk]).to(device)
+            x0 = torch.stack([run.job.x0 for run, *_ in chunk])
+            noise = torch.stack([run.noise(col, t) for run, _, t, col, _, _ in chunk]).to(device)
             t = torch.tensor([item[2] for item in chunk], device=device)
             rows = torch.tensor([item[1] for item in chunk], device=device)
             cond = {key: value[rows] for key, value in self.conditions.items()}
@@ -138,5 +146,8 @@ class ScoringEngine:
             self.stats.network_seconds += time.perf_counter() - started
             self.stats.network_calls += 1
             self.stats.evaluations += len(chunk)
-            for (job, _, _, col, c, p), value in zip(chunk, errors):
-                job.table.errors[c, p, col] = value
+            for (run, _, _, col, c, p), value in zip(chunk, errors):
+                if c == NULL:
+                    run.table.null_errors[col] = value
+                else:
+                    run.table.errors[c, p, col] = value

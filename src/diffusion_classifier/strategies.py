@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import probabilities
 from .errors import UserError
+from .schedules import NoiseSchedule, as_schedule, even_subset
 
 
 @dataclass(frozen=True)
@@ -24,31 +26,41 @@ class Round:
 
 
 class ScoreTable:
-    """Errors measured for one image: errors[class, prompt, column], NaN where not evaluated.
+    """Errors measured for one image: errors[candidate, prompt, column], NaN where not evaluated.
 
-    Columns are the distinct timesteps in the order they were first evaluated; the
-    column index is also the noise index (the i-th distinct timestep evaluated for an
-    image uses noise i, as in the original implementation's saved-noise layout).
+    Columns are the distinct timesteps in the order they were first evaluated; the column index is
+    also the noise index (the i-th distinct timestep evaluated for an image uses noise i, as in the
+    original implementation's saved-noise layout). With a null condition (unconditional
+    normalisation), `null_errors[column]` is its error at every column any candidate was evaluated at.
     """
 
-    def __init__(self, n_classes: int, n_prompts: int, t_min: int = 0):
+    def __init__(self, n_classes: int, n_prompts: int, t_min: int = 0, with_null: bool = False):
         self.t_min = int(t_min)  # strategies lay their grids over [t_min, T) (noise-aware scoring)
         self._buffer = np.full((n_classes, n_prompts, 8), np.nan)  # grows by doubling
+        self._null = np.full(8, np.nan) if with_null else None
         self.timesteps: list[int] = []
         self._column_of: dict[int, int] = {}
         self.evidence: dict = {}  # strategies may record why they decided (e.g. elimination gaps)
 
     @property
     def errors(self) -> np.ndarray:
-        """[classes, prompts, columns] view (writable) of the errors measured so far."""
+        """[candidates, prompts, columns] view (writable) of the errors measured so far."""
         return self._buffer[:, :, : len(self.timesteps)]
+
+    @property
+    def null_errors(self) -> np.ndarray | None:
+        """[columns] view (writable) of the null condition's errors, or None without one."""
+        return None if self._null is None else self._null[: len(self.timesteps)]
 
     def column(self, t: int) -> int:
         if t not in self._column_of:
             if len(self.timesteps) == self._buffer.shape[2]:
-                grown = np.full(self._buffer.shape[:2] + (2 * self._buffer.shape[2],), np.nan)
+                size = 2 * self._buffer.shape[2]
+                grown = np.full(self._buffer.shape[:2] + (size,), np.nan)
                 grown[:, :, : self._buffer.shape[2]] = self._buffer
                 self._buffer = grown
+                if self._null is not None:
+                    self._null = np.concatenate([self._null, np.full(size - len(self._null), np.nan)])
             self._column_of[t] = len(self.timesteps)
             self.timesteps.append(t)
         return self._column_of[t]
@@ -59,63 +71,20 @@ class ScoreTable:
 
     @property
     def nfe(self) -> int:
-        return int(np.isfinite(self.errors).sum())
+        null = 0 if self._null is None else int(np.isfinite(self.null_errors).sum())
+        return int(np.isfinite(self.errors).sum()) + null
 
     def evaluated_counts(self) -> np.ndarray:
-        """Number of timesteps evaluated per class."""
+        """Number of timesteps evaluated per candidate."""
         return np.isfinite(self.errors[:, 0, :]).sum(axis=1)
 
     def class_scores(self, aggregate: str = "min") -> np.ndarray:
-        """Mean error over evaluated timesteps per (class, prompt), then min or mean over prompts."""
-        counts = np.isfinite(self.errors).sum(axis=2)
-        sums = np.nansum(self.errors, axis=2)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_prompt = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-        if aggregate == "min":
-            return per_prompt.min(axis=1)
-        if aggregate == "mean":
-            return per_prompt.mean(axis=1)
-        raise UserError(f"unknown prompt aggregation {aggregate!r}; choose min or mean")
+        """Mean error over evaluated timesteps per (candidate, prompt), then min or mean over prompts."""
+        return probabilities.class_scores(self.errors, aggregate)
 
     def ranking(self, aggregate: str = "min") -> np.ndarray:
-        """Class indices best first: classes that survived longer first, then by lower mean error."""
-        scores = np.nan_to_num(self.class_scores(aggregate), nan=np.inf)
-        return np.lexsort((scores, -self.evaluated_counts()))
-
-
-def relative_scores(errors: np.ndarray, leader: int, aggregate: str = "min") -> np.ndarray:
-    """Each class's mean error minus the leader's mean error on the same timesteps: [classes].
-
-    With pruning, classes are evaluated at different timestep sets, and mean errors depend strongly on
-    t; comparing each class with the leader on its own timesteps keeps probabilities consistent. For
-    exhaustive runs this equals mean error minus the leader's (softmax is shift-invariant).
-    """
-    out = np.full(errors.shape[0], np.inf)
-    for c in range(errors.shape[0]):
-        columns = np.isfinite(errors[c, 0]) & np.isfinite(errors[leader, 0])
-        if not columns.any():
-            continue
-        per_prompt = errors[:, :, columns].mean(axis=2)
-        scores = per_prompt.min(axis=1) if aggregate == "min" else per_prompt.mean(axis=1)
-        out[c] = scores[c] - scores[leader]
-    return out
-
-
-def even_timesteps(num_train_timesteps: int, n: int, t_min: int = 0) -> list[int]:
-    """The paper's grid: range(T // n // 2, T, T // n), first n entries.
-
-    With t_min above the grid's first point (noise-aware scoring), the n points are laid over
-    [t_min, T) instead; a t_min that excludes no point leaves the paper's grid, and so the plain results,
-    unchanged.
-    """
-    if not 1 <= n <= num_train_timesteps:
-        raise UserError(f"number of timesteps must lie in [1, {num_train_timesteps}], got {n}")
-    if t_min <= num_train_timesteps // n // 2:
-        t_min = 0
-    span = num_train_timesteps - t_min
-    n = min(n, span)
-    step = span // n
-    return list(range(t_min + step // 2, num_train_timesteps, step))[:n]
+        """Candidate indices best first: those that survived longer first, then by lower mean error."""
+        return probabilities.ranking(self.errors, aggregate)
 
 
 class Strategy:
@@ -125,7 +94,8 @@ class Strategy:
         """The strategy bound to the candidates' names (for strategies configured by name)."""
         return self
 
-    def rounds(self, table: ScoreTable, num_train_timesteps: int, aggregate: str) -> Iterator[Round]:
+    def rounds(self, table: ScoreTable, schedule: NoiseSchedule, aggregate: str) -> Iterator[Round]:
+        """Rounds for one image; grid positions come from `schedule.grid`."""
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -138,8 +108,8 @@ class Exhaustive(Strategy):
     def __init__(self, n_timesteps: int = 25):
         self.n_timesteps = int(n_timesteps)
 
-    def rounds(self, table, num_train_timesteps, aggregate):
-        grid = even_timesteps(num_train_timesteps, self.n_timesteps, table.t_min)
+    def rounds(self, table, schedule, aggregate):
+        grid = schedule.grid(self.n_timesteps, table.t_min)
         yield Round(tuple(range(table.n_classes)), tuple(grid))
 
     def describe(self):
@@ -154,9 +124,10 @@ class FixedTimesteps(Strategy):
         if not self.timesteps or len(set(self.timesteps)) != len(self.timesteps):
             raise UserError("timesteps must be a non-empty list without repeats")
 
-    def rounds(self, table, num_train_timesteps, aggregate):
-        if not all(0 <= t < num_train_timesteps for t in self.timesteps):
-            raise UserError(f"timesteps must lie in [0, {num_train_timesteps})")
+    def rounds(self, table, schedule, aggregate):
+        T = schedule.num_train_timesteps
+        if not all(0 <= t < T for t in self.timesteps):
+            raise UserError(f"timesteps must lie in [0, {T})")
         chosen = [t for t in self.timesteps if t >= table.t_min] or [max(self.timesteps)]
         yield Round(tuple(range(table.n_classes)), tuple(chosen))
 
@@ -183,28 +154,27 @@ class Staged(Strategy):
             raise UserError("--to-keep must not increase between stages and --n-samples must be positive")
         self.n_samples, self.to_keep, self.loss = n_samples, to_keep, loss
 
-    def stage_timesteps(self, num_train_timesteps: int, t_min: int = 0) -> list[list[int]]:
+    def stage_timesteps(self, schedule: NoiseSchedule | int, t_min: int = 0) -> list[list[int]]:
         """The new timesteps each stage evaluates (before any candidate is pruned)."""
-        finest = even_timesteps(num_train_timesteps, max(self.n_samples), t_min)
+        finest = as_schedule(schedule).grid(max(self.n_samples), t_min)
         seen: set[int] = set()
         stages = []
         for n in self.n_samples:
-            stride = max(1, len(finest) // n)
-            grid = [t for t in finest[stride // 2::stride][:n] if t not in seen]
+            grid = [t for t in even_subset(finest, n) if t not in seen]
             seen.update(grid)
             stages.append(grid)
         return stages
 
-    def expected_nfe(self, n_classes: int, num_train_timesteps: int, n_prompts: int = 1) -> int:
+    def expected_nfe(self, n_classes: int, schedule: NoiseSchedule | int, n_prompts: int = 1) -> int:
         remaining, total = n_classes, 0
-        for grid, keep in zip(self.stage_timesteps(num_train_timesteps), self.to_keep):
+        for grid, keep in zip(self.stage_timesteps(schedule), self.to_keep):
             total += remaining * len(grid) * n_prompts
             remaining = min(remaining, keep)
         return total
 
-    def rounds(self, table, num_train_timesteps, aggregate):
+    def rounds(self, table, schedule, aggregate):
         remaining = list(range(table.n_classes))
-        for grid, keep in zip(self.stage_timesteps(num_train_timesteps, table.t_min), self.to_keep):
+        for grid, keep in zip(self.stage_timesteps(schedule, table.t_min), self.to_keep):
             if grid:
                 yield Round(tuple(remaining), tuple(grid))
             scores = table.class_scores(aggregate)[remaining]
@@ -281,10 +251,10 @@ class Elimination(Strategy):
         resolved.class_tree = class_tree_indices(self.class_tree, labels)
         return resolved
 
-    def rounds(self, table, num_train_timesteps, aggregate):
+    def rounds(self, table, schedule, aggregate):
         from statistics import NormalDist
 
-        grid = even_timesteps(num_train_timesteps, min(self.max_timesteps, num_train_timesteps), table.t_min)
+        grid = schedule.grid(min(self.max_timesteps, schedule.num_train_timesteps), table.t_min)
         order = [grid[i] for i in low_discrepancy_order(len(grid))]
         alive = list(range(table.n_classes))
         n_prompts = table.errors.shape[1]
@@ -294,7 +264,8 @@ class Elimination(Strategy):
         while len(alive) > 1 and position < len(order):
             size = self.min_timesteps if position == 0 else self.round_size
             if self.max_nfe is not None:
-                size = min(size, (self.max_nfe - table.nfe) // (len(alive) * n_prompts))
+                per_timestep = len(alive) * n_prompts + (table.null_errors is not None)
+                size = min(size, (self.max_nfe - table.nfe) // per_timestep)
                 if size < 1:
                     break
             batch = order[position:position + size]
@@ -315,7 +286,8 @@ class Elimination(Strategy):
                 alive = [c for c in alive if c in kept]
                 groups = [child for g in groups for child in (g if isinstance(g, list) else [g])]
             columns = [table.column(t) for t in order[:position]]
-            per_t = _per_timestep_class_errors(table, alive, columns, aggregate)  # [alive, timesteps]
+            per_t = probabilities.per_timestep_errors(table.errors[np.ix_(alive, range(n_prompts), columns)],
+                                                      aggregate)  # [alive, timesteps]
             leader = int(np.argmin(per_t.mean(axis=1)))
             gaps = per_t - per_t[leader]
             n = gaps.shape[1]
@@ -375,13 +347,6 @@ def _best_groups(groups: list, class_scores: np.ndarray, keep: int) -> list:
     return [groups[i] for i in np.argsort(best, kind="stable")[:keep]]
 
 
-def _per_timestep_class_errors(table: ScoreTable, classes: list[int], columns: list[int],
-                               aggregate: str) -> np.ndarray:
-    """[classes, columns]: each class's error per timestep, prompts combined (min or mean)."""
-    errors = table.errors[np.ix_(classes, range(table.errors.shape[1]), columns)]
-    return errors.min(axis=1) if aggregate == "min" else errors.mean(axis=1)
-
-
 # The paper's per-dataset schedules (to_keep, n_samples, loss).
 PRESETS: dict[str, tuple[list[int], list[int], str]] = {
     "cifar10": ([5, 1], [50, 500], "l1"),
@@ -400,3 +365,16 @@ def preset(name: str) -> Staged:
         raise UserError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     to_keep, n_samples, loss = PRESETS[name]
     return Staged(n_samples, to_keep, loss=loss)
+
+
+def strategy_from_description(description: dict) -> Strategy:
+    """The strategy a run stored (its describe()), rebuilt: runs can be re-created and replayed."""
+    settings = dict(description)
+    name = settings.pop("name", None)
+    kinds = {"exhaustive": Exhaustive, "fixed": FixedTimesteps, "staged": Staged, "elimination": Elimination}
+    if name not in kinds:
+        raise UserError(f"unknown strategy {name!r} in a stored configuration")
+    try:
+        return kinds[name](**settings)
+    except TypeError as exc:
+        raise UserError(f"stored {name} strategy has settings this version does not take: {exc}") from None

@@ -26,11 +26,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .adapters.class_unet import ClassUNetDenoiser
+from .adapters.text_unet import TextUNetDenoiser
 from .data import LabelledImages, preprocess
-from .denoisers import ClassUNetDenoiser, TextUNetDenoiser, _text_encoder_dir
 from .errors import UserError
+from .loading import text_encoder_dir
 from .robust import intensity_stats
-from .runtime import atomic_torch_save, tune_cpu_allocator
+from .runtime import atomic_torch_save
 
 ARCHITECTURES = {
     "class-small": dict(
@@ -166,7 +168,6 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
     """Train (or resume) a model into `out_dir`; returns a summary dict. Writes a diffusers pipeline there."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tune_cpu_allocator()
     if config.threads:
         torch.set_num_threads(config.threads)
     images = preprocess(dataset.items, config.resolution, channels=1)  # [-1, 1], once, in memory
@@ -182,13 +183,13 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
     if config.conditioning == "text":
         from transformers import AutoModel, AutoTokenizer
 
-        encoder_dir = _text_encoder_dir(config.text_encoder)
+        encoder_dir = text_encoder_dir(config.text_encoder)
         tokenizer, text_encoder = AutoTokenizer.from_pretrained(encoder_dir), AutoModel.from_pretrained(encoder_dir)
         synonyms, templates = load_captions(config.captions_file, class_names)
         bank = CaptionBank(class_names, synonyms, templates)
         probe = TextUNetDenoiser(build_network(config, 0, 1, text_encoder.config.hidden_size), build_scheduler(config),
                                  tokenizer, text_encoder,
-                                 extra_config=_text_config(config))
+                                 info=_text_config(config))
         text_cond = probe.embed_conditions(bank.captions)  # [n_captions, L, D] and its mask, computed once
 
     torch.manual_seed(config.seed)  # weight initialisation
@@ -305,10 +306,10 @@ def export(network, scheduler, out_dir: Path, config: TrainConfig, class_names: 
     if stats:
         extra["intensity_stats"] = stats
     if config.conditioning == "class":
-        denoiser = ClassUNetDenoiser(network, scheduler, extra_config=extra)
+        denoiser = ClassUNetDenoiser(network, scheduler, info=extra)
     else:
         extra.update(text_encoder_source=config.text_encoder, **_text_config(config))
-        denoiser = TextUNetDenoiser(network, scheduler, tokenizer, text_encoder, extra_config=extra)
+        denoiser = TextUNetDenoiser(network, scheduler, tokenizer, text_encoder, info=extra)
     tmp = out_dir / ".export-tmp"
     denoiser.save_pretrained(tmp)
     for item in tmp.iterdir():  # swap each part in by rename, so a reader never sees a half-written model

@@ -1,0 +1,110 @@
+"""One typed scoring configuration: the classifier takes it, the CLI builds its flags from it, and runs
+store and compare its `describe()`.
+
+Each field says once what it is (type, default, help, CLI flag); `describe()` holds every field that
+can change a result, so a setting cannot be left out of a run's stored configuration. Fields marked
+`affects_results=False` (batch sizes) change only speed, and runs may resume with other values.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any
+
+from .denoisers import LOSSES
+from .errors import UserError
+from .probabilities import AGGREGATES
+from .strategies import Exhaustive, Strategy
+
+INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "nearest")
+
+
+def option(default: Any, help: str, choices: tuple | None = None, affects_results: bool = True,
+           group: str = "scoring") -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "affects_results": affects_results,
+                                            "group": group})
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How errors are measured and combined (not which candidates: labels and prompts are data)."""
+
+    strategy: Strategy = field(default_factory=lambda: Exhaustive(25), metadata={"affects_results": True})
+    loss: str | None = option(None, "error between true and predicted noise (default l2, or the preset's)",
+                              LOSSES)
+    aggregate: str = option("min", "how a class's prompts combine: min (the paper) or mean of their mean errors",
+                            AGGREGATES)
+    seed: int = option(0, "noise seed (same seed, same predictions)")
+    interpolation: str = option("bicubic", "resize filter", INTERPOLATIONS)
+    noise_aware: bool = option(False, "estimate each image's noise level and score only timesteps whose noise "
+                               "level is at least --noise-margin times it", group="robustness")
+    noise_margin: float = option(2.0, "with --noise-aware (default 2)", group="robustness")
+    normalize_intensity: bool = option(False, "stretch each image's intensity range onto the training images' "
+                                       "range (undoes contrast and brightness changes; for range-normalised "
+                                       "data such as Fashion-MNIST)", group="robustness")
+    batch_size: int = option(256, "network evaluations per forward pass", affects_results=False)
+    images_per_batch: int = option(32, "images scored together (and committed, in evaluate)", affects_results=False)
+
+    def __post_init__(self):
+        if not isinstance(self.strategy, Strategy):
+            raise UserError(f"strategy must be a Strategy (Exhaustive, Staged, Elimination, ...), got "
+                            f"{type(self.strategy).__name__}")
+        if self.loss is None:
+            object.__setattr__(self, "loss", self.strategy.loss or "l2")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UserError(f"unknown {f.name} {getattr(self, f.name)!r}; choose one of {', '.join(choices)}")
+        if self.noise_margin <= 0:
+            raise UserError("the noise margin must be positive")
+        if self.batch_size < 1 or self.images_per_batch < 1:
+            raise UserError("--batch-size and --images-per-batch must be at least 1")
+
+    @classmethod
+    def from_options(cls, **options) -> ScoringConfig:
+        unknown = set(options) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UserError(f"unknown scoring option(s): {', '.join(sorted(unknown))}")
+        return cls(**options)
+
+    def with_options(self, **options) -> ScoringConfig:
+        return replace(self, **options)
+
+    def describe(self) -> dict:
+        """Every setting that can change a result; settings that are inactive are recorded as None."""
+        out = {}
+        for f in fields(self):
+            if not f.metadata.get("affects_results", True):
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = value.describe() if isinstance(value, Strategy) else value
+        if not self.noise_aware:
+            out["noise_margin"] = None  # unused without noise-aware scoring
+        return out
+
+
+# ----- the CLI's flags, built from the fields -----------------------------------------------------
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(groups: dict[str, argparse._ArgumentGroup]) -> None:
+    """One flag per option field, in the named argument groups."""
+    for f in fields(ScoringConfig):
+        if "help" not in f.metadata:
+            continue
+        group = groups[f.metadata["group"]]
+        if f.type in ("bool", bool):
+            group.add_argument(flag(f.name), action="store_true", help=f.metadata["help"])
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        default = f.default if f.default is not MISSING else None
+        group.add_argument(flag(f.name), type=kind, default=default, choices=f.metadata["choices"],
+                           help=f.metadata["help"])
+
+
+def from_arguments(args: argparse.Namespace, strategy: Strategy) -> ScoringConfig:
+    return ScoringConfig(strategy=strategy, **{f.name: getattr(args, f.name) for f in fields(ScoringConfig)
+                                               if "help" in f.metadata})

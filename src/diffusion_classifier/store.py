@@ -1,0 +1,160 @@
+"""The results store of a run directory: one SQLite file, `results.sqlite`.
+
+  * table `run`: key/value JSON of the run's configuration (model, labels, prompts, the scoring
+    configuration's describe(), package versions). Resuming with another configuration is an error.
+  * table `results`: one row per item index: id, label, prediction, correct, nfe, seconds, ranking (JSON),
+    mean errors and the full error matrix (.npy bytes) with its timesteps (JSON), or status 'failed' with
+    the reason for unreadable images. Classification rows fill every column; other tasks leave label,
+    prediction and correct as they define them and keep their outcome in `ranking`.
+Each batch is committed in one transaction, so a kill at any moment loses at most the batch in flight and
+never leaves a half-written row.
+
+A run can take over the rows of earlier runs (`reuse_from`): those whose configuration differs only in
+the image list, for the items they share (matched by id). The noise each image gets follows its pixels
+and the seed, not its position, so a reused row is what this run would have computed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+STORE_NAME = "results.sqlite"
+IMAGE_LIST_KEYS = {"images", "image_ids_sha256"}  # what may differ between a run and one it reuses
+
+
+def _array_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, dtype=np.float64), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def array_from_bytes(blob: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(blob), allow_pickle=False)
+
+
+def package_versions() -> dict:
+    import diffusers
+    import transformers
+
+    from . import __version__
+
+    return {"diffusion_classifier": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__}
+
+
+class ResultsStore:
+    """The SQLite results store of one run directory."""
+
+    def __init__(self, run_dir: str | Path, config: dict | None = None):
+        self.run_dir = Path(run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"--out {self.run_dir} is a file; a run directory is needed")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the run directory {self.run_dir}: {exc.strerror}") from None
+        self.path = self.run_dir / STORE_NAME
+        self.db = sqlite3.connect(self.path, timeout=120)  # other ranks may hold the write lock briefly
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT)")
+        self.db.execute("""CREATE TABLE IF NOT EXISTS results (
+            idx INTEGER PRIMARY KEY, id TEXT, label INTEGER, prediction INTEGER, correct INTEGER,
+            nfe INTEGER, seconds REAL, ranking TEXT, mean_errors BLOB, errors BLOB, timesteps TEXT,
+            status TEXT NOT NULL, error TEXT)""")
+        self.db.commit()
+        if config is not None:
+            try:
+                self._check_config(config)
+            except BaseException:
+                self.db.close()
+                raise
+
+    def _check_config(self, config: dict) -> None:
+        row = self.db.execute("SELECT value FROM run WHERE key = 'config'").fetchone()
+        if row is None:
+            with self.db:
+                self.db.execute("INSERT INTO run VALUES ('config', ?)", (json.dumps(config, sort_keys=True),))
+                self.db.execute("INSERT OR REPLACE INTO run VALUES ('versions', ?)", (json.dumps(package_versions()),))
+            return
+        changed = differing_keys(json.loads(row[0]), json.loads(json.dumps(config, sort_keys=True)))
+        if changed:
+            raise UserError(f"{self.run_dir} holds a run with another configuration (differs in: "
+                            f"{', '.join(changed)}); use a new --out directory")
+
+    def config(self) -> dict:
+        row = self.db.execute("SELECT value FROM run WHERE key = 'config'").fetchone()
+        return json.loads(row[0]) if row else {}
+
+    def done_indices(self) -> set[int]:
+        return {row[0] for row in self.db.execute("SELECT idx FROM results")}
+
+    def add(self, rows: list[tuple]) -> None:
+        with self.db:  # one transaction per batch
+            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+    @staticmethod
+    def row(idx: int, image_id: str, label: int, result) -> tuple:
+        ranking = json.dumps([[name, score] for name, score in result.ranking])
+        return (idx, image_id, int(label), result.prediction_index, int(result.prediction_index == label),
+                result.nfe, result.seconds, ranking, _array_bytes(result.mean_errors), _array_bytes(result.errors),
+                json.dumps(result.timesteps), "ok", None)
+
+    @staticmethod
+    def failed_row(idx: int, image_id: str, label: int, reason: str) -> tuple:
+        return (idx, image_id, int(label), None, None, 0, 0.0, None, None, None, None, "failed", reason)
+
+    def records(self) -> list[dict]:
+        cursor = self.db.execute("SELECT idx, id, label, prediction, correct, nfe, seconds, status, error "
+                                 "FROM results ORDER BY idx")
+        keys = [d[0] for d in cursor.description]
+        return [dict(zip(keys, row)) for row in cursor]
+
+    def error_matrices(self) -> list[tuple[int, np.ndarray, list[int]]]:
+        return [(idx, array_from_bytes(blob), json.loads(ts)) for idx, blob, ts in
+                self.db.execute("SELECT idx, errors, timesteps FROM results WHERE status = 'ok' ORDER BY idx")]
+
+    def error_matrices_by_id(self) -> dict[str, tuple[np.ndarray, list[int]]]:
+        """{image id: (error matrix, timesteps)} of the classified images."""
+        return {image_id: (array_from_bytes(blob), json.loads(ts)) for image_id, blob, ts in
+                self.db.execute("SELECT id, errors, timesteps FROM results WHERE status = 'ok'")}
+
+    def reuse_from(self, other_dir: str | Path, ids: list[str]) -> int:
+        """Copy the other run's rows of the images in `ids` not yet here; return how many were copied."""
+        other_path = Path(other_dir) / STORE_NAME
+        if not other_path.exists():
+            raise UserError(f"--reuse {other_dir}: no {STORE_NAME} there")
+        with ResultsStore(other_dir) as other:
+            differing = [k for k in differing_keys(self.config(), other.config()) if k not in IMAGE_LIST_KEYS]
+            if differing:
+                raise UserError(f"--reuse {other_dir}: that run has another configuration (differs in: "
+                                f"{', '.join(differing)})")
+            position = {image_id: i for i, image_id in enumerate(ids)}
+            done = self.done_indices()
+            rows = [(position[row[1]], *row[1:]) for row in other.db.execute("SELECT * FROM results")
+                    if row[1] in position and position[row[1]] not in done]
+        self.add(rows)
+        return len(rows)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> ResultsStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def differing_keys(a: dict, b: dict) -> list[str]:
+    """Keys whose values differ; a key one side lacks counts as None (settings recorded as None when
+    inactive match runs stored before the setting was recorded)."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

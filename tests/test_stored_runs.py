@@ -1,0 +1,64 @@
+"""Every stored benchmark run still means what it says: its strategy replayed on its errors gives its
+predictions, and the current engine recomputes its errors for a sample of its images."""
+
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffusion_classifier import DiffusionClassifier
+from diffusion_classifier.data import fashion_mnist_dir
+from diffusion_classifier.errors import UserError
+from diffusion_classifier.loading import load_denoiser, resolve_model_dir, weights_fingerprint
+from diffusion_classifier.replay import replay
+from diffusion_classifier.store import ResultsStore
+from diffusion_classifier.strategies import strategy_from_description
+
+RUNS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "runs").glob("*/results.sqlite"))
+
+
+def _read(run: Path):
+    with ResultsStore(run.parent) as store:
+        return store.config(), store.records(), {idx: (m, ts) for idx, m, ts in store.error_matrices()}
+
+
+@cache
+def _denoiser(model: str):
+    return load_denoiser(model)
+
+
+def test_there_are_stored_runs():
+    assert len(RUNS) >= 5
+
+
+@pytest.mark.parametrize("run", RUNS, ids=lambda p: p.parent.name)
+def test_a_stored_run_replays_to_its_predictions_and_errors(run):
+    config, records, matrices = _read(run)
+    strategy = strategy_from_description(config["strategy"])
+    ok = [r for r in records if r["status"] == "ok"]
+    replayed = [int(replay(strategy, *matrices[r["idx"]], 1000, config["aggregate"]).ranking(config["aggregate"])[0])
+                for r in ok]
+    assert replayed == [r["prediction"] for r in ok]
+
+    try:
+        fashion_mnist_dir()
+    except UserError:
+        pytest.skip("Fashion-MNIST is not installed (make data)")
+    from diffusion_classifier.data import fashion_mnist_arrays
+
+    if weights_fingerprint(resolve_model_dir(config["model"])) != config["model_weights_sha256"]:
+        pytest.skip(f"{config['model']} was re-shipped since this run")
+    images, _ = fashion_mnist_arrays(config["split"])
+    clf = DiffusionClassifier(
+        _denoiser(config["model"]), labels=config["labels"], prompts=config["prompts"], strategy=strategy,
+        loss=config["loss"], aggregate=config["aggregate"], seed=config["seed"],
+        interpolation=config["interpolation"])
+    sample = [ok[len(ok) // 2]]  # one image of each run (500 NFE): the check is the engine, not the sample
+    ids = [int(r["id"].split("/")[1]) for r in sample]
+    fresh = clf.classify([images[i] for i in ids])
+    for record, result in zip(sample, fresh):
+        stored, timesteps = matrices[record["idx"]]
+        assert result.timesteps == timesteps
+        np.testing.assert_allclose(result.errors, stored, rtol=1e-5)
+        assert result.prediction_index == record["prediction"]
