@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import probabilities, robust
+from . import probabilities
 from .config import ScoringConfig
 from .data import preprocess
 from .denoisers import Denoiser
 from .errors import UserError
 from .labels import candidate_classes
 from .loading import load_denoiser
-from .scoring import Job, ScoringEngine, image_seed
+from .scoring import ScoringEngine, image_seed, prepare_images
 from .strategies import ScoreTable
 
 
@@ -112,7 +112,7 @@ class DiffusionClassifier:
         for start in range(0, len(images), self.images_per_batch):
             chunk = images[start:start + self.images_per_batch]
             started = time.perf_counter()
-            pixels = preprocess(chunk, self.denoiser.resolution, self.denoiser.image_channels, self.interpolation)
+            pixels = preprocess(chunk, self.denoiser.image_size, self.denoiser.image_channels, self.interpolation)
             chunk_noise = None if noise is None else noise[start:start + len(chunk)]
             results.extend(self.classify_pixels(pixels, names[start:start + len(chunk)], chunk_noise, started))
         return results
@@ -121,17 +121,7 @@ class DiffusionClassifier:
                         started: float | None = None) -> list[Classification]:
         """Classify preprocessed images ([B, C, H, W] in [-1, 1])."""
         started = time.perf_counter() if started is None else started
-        if self.config.normalize_intensity:
-            pixels = robust.normalize_intensity(pixels, self.denoiser.info.intensity_stats)
-        t_mins = [0] * len(pixels)
-        if self.config.noise_aware:  # after normalisation: the level the model sees
-            sigma = robust.estimate_noise_sigma(pixels)
-            t_mins = robust.min_timestep_for(sigma, self.denoiser.schedule, self.config.noise_margin).tolist()
-        x0 = self.denoiser.encode_images(pixels)
-        jobs = [Job(x0[i], self._seed_for(pixels[i]), self._rows, t_min=int(t_mins[i]),
-                    explicit_noise=None if noise is None or noise[i] is None
-                    else torch.as_tensor(noise[i]).to(x0.device))
-                for i in range(len(x0))]  # noise follows the pixels the model scores
+        jobs = prepare_images(self.denoiser, self.config, pixels, self._rows, noise=noise)
         tables = self.engine.score(jobs, self.strategy, self.aggregate)
         seconds = (time.perf_counter() - started) / max(1, len(tables))
         return [self._result(name, table, seconds) for name, table in zip(names, tables)]

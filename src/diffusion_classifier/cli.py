@@ -40,6 +40,11 @@ def _add_train(sub) -> None:
     p.add_argument("--text-pooling", choices=["tokens", "mean"], default="tokens",
                    help="text models: cross-attend to the encoder's token states, or to its mean-pooled "
                         "sentence embedding (generalises better to unseen wordings)")
+    p.add_argument("--layout", choices=["single", "pairs"], default="single",
+                   help="pairs: train on two items side by side (28 x 56) with captions saying which is where "
+                        "(text models; captions from resources/fashion_mnist_pairs.json or --captions-file)")
+    p.add_argument("--single-prob", type=float, default=0.2, help="pairs layout: share of one-item images")
+    p.add_argument("--max-text-length", type=int, default=16, help="text models: tokens per caption")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -61,23 +66,33 @@ def cmd_train(args) -> int:
                          ema_decay=args.ema_decay, max_steps=args.max_steps, max_minutes=args.max_minutes,
                          checkpoint_minutes=args.checkpoint_minutes, seed=args.seed, text_encoder=args.text_encoder,
                          captions_file=args.captions_file, empty_caption_prob=args.empty_caption_prob,
-                         text_pooling=args.text_pooling, threads=args.threads)
+                         text_pooling=args.text_pooling, threads=args.threads, layout=args.layout,
+                         single_prob=args.single_prob, max_text_length=args.max_text_length)
     summary = train(dataset, args.out, config, progress=not args.quiet)
     summary.pop("config")
     print(json.dumps(summary))
     return 0
 
 
-def _add_model_options(p, labels_required: bool = False) -> None:
-    g = p.add_argument_group("model and labels")
+def _add_model_options(p, labels: bool = True) -> None:
+    g = p.add_argument_group("model and labels" if labels else "model")
     g.add_argument("--model", required=True,
                    help="built-in name (fashion-mnist-class, fashion-mnist-text), a local diffusers pipeline "
                         "directory, or a Hugging Face hub id")
+    if labels:
+        _add_label_options(g)
+    _add_scoring_options(p, labels)
+
+
+def _add_label_options(g) -> None:
     g.add_argument("--labels", help="comma-separated class names (default: the model's or the dataset's)")
     g.add_argument("--labels-file", help="file with one class name per line")
     g.add_argument("--template", action="append", dest="templates",
                    help="prompt template with '{}' for the class name; repeat for several (text models)")
     g.add_argument("--templates-file", help="file with one template per line (text models)")
+
+
+def _add_scoring_options(p, probabilities: bool = True) -> None:
     g = p.add_argument_group("scoring")
     groups = {"scoring": g}
     g.add_argument("--strategy", choices=["exhaustive", "staged", "elimination"], default=None,
@@ -97,9 +112,10 @@ def _add_model_options(p, labels_required: bool = False) -> None:
     g.add_argument("--class-tree", help="elimination: JSON file grouping the class names (nested); after round r "
                    "only the --keep-groups best groups at depth r go on")
     g.add_argument("--keep-groups", type=int, default=2, help="elimination with --class-tree: groups kept per level")
-    g.add_argument("--temperature", type=float, default=None,
-                   help="softmax temperature of probabilities (default: the model's stored one, else 1.0)")
-    g.add_argument("--calibration", help="calibration.json (or a run directory holding one) from `calibrate`")
+    if probabilities:
+        g.add_argument("--temperature", type=float, default=None,
+                       help="softmax temperature of probabilities (default: the model's stored one, else 1.0)")
+        g.add_argument("--calibration", help="calibration.json (or a run directory holding one) from `calibrate`")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
     groups["robustness"] = p.add_argument_group("robustness (pixel-space models)")
@@ -228,11 +244,99 @@ def cmd_classify(args) -> int:
     return 0
 
 
+def _add_match(sub) -> None:
+    p = sub.add_parser("match", help="rank captions for images (or images for captions)",
+                       description="Score every image against every text by the model's denoising error at "
+                                   "shared (t, eps) pairs. --by image ranks the texts of each image (raw "
+                                   "scores by default); --by text ranks the images of each text (scores "
+                                   "normalised by the empty prompt's error by default).")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    _add_model_options(p, labels=False)
+    g = p.add_argument_group("texts")
+    g.add_argument("--text", action="append", dest="texts", default=[], help="a caption; repeat for several")
+    g.add_argument("--texts-file", help="file with one caption per line")
+    g.add_argument("--normalize", choices=["none", "unconditional"], default=None,
+                   help="subtract the empty prompt's error at the same pairs (default: unconditional for "
+                        "--by text, none for --by image)")
+    g.add_argument("--by", choices=["image", "text"], default="image",
+                   help="rank texts per image (default) or images per text")
+    p.add_argument("--top-k", type=int, default=5, help="entries shown per image (or text)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image (or text)")
+
+
+def _texts(args) -> list[str]:
+    from pathlib import Path
+
+    texts = list(args.texts)
+    if args.texts_file:
+        path = Path(args.texts_file)
+        if not path.is_file():
+            raise UserError(f"texts file not found: {path}")
+        texts += [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if not texts:
+        raise UserError("give at least one text with --text or --texts-file")
+    return texts
+
+
+def _matcher(args, with_null: bool, group=None):
+    from .loading import load_denoiser
+    from .matching import ImageTextMatcher
+    from .runtime import parse_device, parse_dtype
+
+    scoring = config.from_arguments(args, _strategy(args))
+    device = parse_device(args.device)
+    if group is not None:
+        device = group.device(device)
+    denoiser = load_denoiser(args.model, device=device, dtype=parse_dtype(args.dtype))
+    return ImageTextMatcher(denoiser, config=scoring, with_null=with_null)
+
+
+def cmd_match(args) -> int:
+    import json
+
+    from .data import load_image
+    from .matching import DEFAULT_NORMALIZE
+
+    images = [load_image(path) for path in args.images]
+    texts = _texts(args)
+    normalize = args.normalize or DEFAULT_NORMALIZE[args.by]
+    matcher = _matcher(args, with_null=normalize == "unconditional")
+    matching = matcher.match(images, texts, names=args.images)
+    if args.by == "image":
+        for scored, ranking in zip(matching.images, matching.by_image(normalize)):
+            entries = [{"text": text, "score": score} for text, score in ranking[:args.top_k]]
+            if args.json:
+                print(json.dumps({"image": scored.image, "normalize": normalize, "nfe": scored.nfe,
+                                  "seconds": round(scored.seconds, 4), "ranking": entries}))
+                continue
+            print(f"{scored.image}: {ranking[0][0]!r}   ({scored.nfe} network evaluations, {scored.seconds:.2f} s)")
+            for rank, entry in enumerate(entries, 1):
+                print(f"  {rank:>2}. {entry['text']:<50} score {entry['score']:.5f}")
+        return 0
+    for text, ranking in zip(matching.texts, matching.by_text(normalize)):
+        entries = [{"image": image, "score": score} for image, score in ranking[:args.top_k]]
+        if args.json:
+            print(json.dumps({"text": text, "normalize": normalize, "ranking": entries}))
+            continue
+        print(f"{text!r}: {ranking[0][0]}")
+        for rank, entry in enumerate(entries, 1):
+            print(f"  {rank:>2}. {entry['image']:<50} score {entry['score']:.5f}")
+    return 0
+
+
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="measure accuracy on a labelled dataset",
                        description="Classify a labelled dataset, storing per-image results (with full error "
                                    "matrices) in RUN_DIR/results.sqlite. Re-running on the same --out resumes.")
-    p.add_argument("--data", required=True, help="'fashion-mnist' or an ImageFolder directory (ROOT/CLASS/IMAGE)")
+    p.add_argument("--task", choices=["classification", "winoground", "pairs"], default="classification",
+                   help="classification (labelled images); winoground: a Winoground-layout manifest or saved "
+                        "Hugging Face dataset (text, image and group scores); pairs: a true/false-caption "
+                        "manifest (accuracy)")
+    p.add_argument("--data", required=True,
+                   help="'fashion-mnist', an ImageFolder directory (ROOT/CLASS/IMAGE), a manifest, or a saved "
+                        "Hugging Face dataset")
+    p.add_argument("--normalize", choices=["none", "unconditional"], default=None,
+                   help="winoground: how the image score is normalised (default unconditional)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="split of a built-in dataset")
     p.add_argument("--subset", help="file of dataset indices (sorted order), one per line")
     p.add_argument("--limit", type=int, help="use only the first N images (after --subset)")
@@ -248,6 +352,9 @@ def _add_evaluate(sub) -> None:
 def cmd_evaluate(args) -> int:
     import json
     import time
+
+    if args.task != "classification":
+        return _evaluate_matching(args)
 
     from .data import load_dataset, read_subset
     from .distributed import init_from_env, shutdown
@@ -284,6 +391,50 @@ def cmd_evaluate(args) -> int:
           f"images {metrics['images']} (failed {metrics['failed']})  NFE/image {metrics['nfe_per_image']:.0f}  "
           f"{metrics['images_this_run'] / max(elapsed, 1e-9):.2f} images/s in this run"
           if metrics["accuracy"] is not None else f"no image could be classified ({metrics['failed']} failed)")
+    if args.json:
+        print(json.dumps(metrics))
+    return 0
+
+
+def _evaluate_matching(args) -> int:
+    import json
+
+    from .distributed import init_from_env, shutdown
+    from .loading import weights_fingerprint
+    from .matching_data import load_caption_pairs, load_winoground
+    from .matching_runs import evaluate_matching
+
+    for option in ("labels", "labels_file", "templates", "templates_file", "subset", "calibration", "temperature"):
+        if getattr(args, option, None):
+            raise UserError(f"--{option.replace('_', '-')} applies to classification, not --task {args.task}")
+    examples = load_winoground(args.data) if args.task == "winoground" else load_caption_pairs(args.data)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise UserError("--limit must be at least 1")
+        examples = examples[:args.limit]
+    group = init_from_env()
+    try:
+        matcher = _matcher(args, with_null=args.task == "winoground" and args.normalize != "none", group=group)
+        run_config = {"model": str(args.model), "data": str(args.data), "examples": len(examples),
+                      "example_ids_sha256": _digest([ex.id for ex in examples]),
+                      "model_weights_sha256": weights_fingerprint(matcher.denoiser.source_dir)}
+        metrics = evaluate_matching(matcher, args.task, examples, args.out, run_config,
+                                    examples_per_batch=max(1, matcher.config.images_per_batch // 2),
+                                    progress=not args.quiet, group=group, normalize=args.normalize)
+    finally:
+        shutdown(group)
+    if metrics is None:
+        return 0
+    if args.task == "winoground":
+        print(f"text {metrics['text_score']:.4f}  image {metrics['image_score']:.4f}  group "
+              f"{metrics['group_score']:.4f}  (image score normalised: {metrics['image_normalize']})  "
+              f"examples {metrics['examples']}  NFE/example {metrics['nfe_per_example']:.0f}")
+        for tag, row in metrics.get("by_tag", {}).items():
+            print(f"  {tag or '(no tag)'}: text {row['text_score']:.4f}  image {row['image_score']:.4f}  "
+                  f"group {row['group_score']:.4f}  ({row['examples']} examples)")
+    else:
+        print(f"accuracy {metrics['accuracy']:.4f}  examples {metrics['examples']}  "
+              f"NFE/example {metrics['nfe_per_example']:.0f}")
     if args.json:
         print(json.dumps(metrics))
     return 0
@@ -357,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Zero-shot image classification with conditional diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_classify(sub)
+    _add_match(sub)
     _add_evaluate(sub)
     _add_report(sub)
     _add_calibrate(sub)
@@ -364,8 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"classify": cmd_classify, "evaluate": cmd_evaluate, "report": cmd_report, "calibrate": cmd_calibrate,
-            "train": cmd_train}
+COMMANDS = {"classify": cmd_classify, "match": cmd_match, "evaluate": cmd_evaluate, "report": cmd_report,
+            "calibrate": cmd_calibrate, "train": cmd_train}
 
 
 def _quiet_libraries() -> None:

@@ -72,25 +72,28 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def preprocess(images: Sequence, resolution: int, channels: int = 3,
+def preprocess(images: Sequence, resolution: int | tuple[int, int], channels: int = 3,
                interpolation: str = "bicubic") -> torch.Tensor:
-    """As in the paper: resize the short side, center crop, scale to [-1, 1]. -> [B, C, H, W] float32."""
+    """As in the paper: resize so the image covers the model's (height, width) (the short side, for square
+    models), center crop, scale to [-1, 1]. -> [B, C, H, W] float32. An image of the model's own size is
+    left as it is (a 28 x 56 pair for a 28 x 56 model keeps both items)."""
     if interpolation not in INTERPOLATIONS:
         raise UserError(f"unknown interpolation {interpolation!r}; choose from {', '.join(INTERPOLATIONS)}")
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     out = []
     for image in images:
         img = _to_mode(ImageOps.exif_transpose(to_pil(image)) or to_pil(image), channels)
-        if img.size != (resolution, resolution):
+        if img.size != (width, height):
             w, h = img.size
-            scale = resolution / min(w, h)
-            img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+            scale = max(width / w, height / h)
+            img = img.resize((max(width, round(w * scale)), max(height, round(h * scale))),
                              INTERPOLATIONS[interpolation])
             w, h = img.size
-            left, top = (w - resolution) // 2, (h - resolution) // 2
-            img = img.crop((left, top, left + resolution, top + resolution))
+            left, top = (w - width) // 2, (h - height) // 2
+            img = img.crop((left, top, left + width, top + height))
         array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         out.append(torch.from_numpy(array[None] if channels == 1 else array.transpose(2, 0, 1).copy()))
-    return torch.stack(out) if out else torch.empty(0, channels, resolution, resolution)
+    return torch.stack(out) if out else torch.empty(0, channels, height, width)
 
 
 # ----- datasets ---------------------------------------------------------------------

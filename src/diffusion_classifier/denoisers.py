@@ -63,6 +63,7 @@ class ModelInfo:
     text_pooling: str | None = None  # "mean": cross-attend to the sentence embedding only
     calibration: dict | None = None  # {"temperature": T, ...} from tools/store_calibration.py
     intensity_stats: dict | None = None  # training images' intensity range (robust.py)
+    layout: str | None = None  # "pairs": trained on two items side by side (pairs.py)
     other: dict = field(default_factory=dict)  # keys we do not interpret, kept on save
 
     @classmethod

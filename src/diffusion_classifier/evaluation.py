@@ -79,7 +79,7 @@ def _classify_into(store: ResultsStore, classifier: DiffusionClassifier, dataset
         rows, good, pixels = [], [], []
         for i in batch:
             try:
-                pixels.append(preprocess([dataset.items[i]], denoiser.resolution, denoiser.image_channels,
+                pixels.append(preprocess([dataset.items[i]], denoiser.image_size, denoiser.image_channels,
                                          classifier.interpolation)[0])
                 good.append(i)
             except UserError as exc:

@@ -20,13 +20,18 @@ import hashlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from . import robust
 from .denoisers import Conditions, Denoiser
 from .errors import UserError
 from .strategies import Round, ScoreTable, Strategy
+
+if TYPE_CHECKING:
+    from .config import ScoringConfig
 
 NULL = -1  # the candidate index of a job's null row in a work item
 
@@ -58,6 +63,22 @@ class Job:
     null_row: int | None = None
     t_min: int = 0
     explicit_noise: torch.Tensor | None = None
+
+
+def prepare_images(denoiser: Denoiser, config: ScoringConfig, pixels: torch.Tensor, rows: np.ndarray,
+                   null_row: int | None = None, noise: Sequence | None = None) -> list[Job]:
+    """Preprocessed images ([B, C, H, W] in [-1, 1]) -> one Job each, with the config's robust options
+    applied; the noise key follows the pixels the model scores (after intensity normalisation)."""
+    if config.normalize_intensity:
+        pixels = robust.normalize_intensity(pixels, denoiser.info.intensity_stats)
+    t_mins = [0] * len(pixels)
+    if config.noise_aware:  # after normalisation: the level the model sees
+        sigma = robust.estimate_noise_sigma(pixels)
+        t_mins = robust.min_timestep_for(sigma, denoiser.schedule, config.noise_margin).tolist()
+    x0 = denoiser.encode_images(pixels)
+    return [Job(x0[i], image_seed(config.seed, pixels[i]), rows, null_row, int(t_mins[i]),
+                None if noise is None or noise[i] is None else torch.as_tensor(noise[i]).to(x0.device))
+            for i in range(len(x0))]
 
 
 @dataclass

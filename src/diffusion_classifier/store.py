@@ -30,7 +30,7 @@ STORE_NAME = "results.sqlite"
 IMAGE_LIST_KEYS = {"images", "image_ids_sha256"}  # what may differ between a run and one it reuses
 
 
-def _array_bytes(array: np.ndarray) -> bytes:
+def array_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(array, dtype=np.float64), allow_pickle=False)
     return buffer.getvalue()
@@ -105,7 +105,7 @@ class ResultsStore:
     def row(idx: int, image_id: str, label: int, result) -> tuple:
         ranking = json.dumps([[name, score] for name, score in result.ranking])
         return (idx, image_id, int(label), result.prediction_index, int(result.prediction_index == label),
-                result.nfe, result.seconds, ranking, _array_bytes(result.mean_errors), _array_bytes(result.errors),
+                result.nfe, result.seconds, ranking, array_bytes(result.mean_errors), array_bytes(result.errors),
                 json.dumps(result.timesteps), "ok", None)
 
     @staticmethod

@@ -31,6 +31,7 @@ from .adapters.text_unet import TextUNetDenoiser
 from .data import LabelledImages, preprocess
 from .errors import UserError
 from .loading import text_encoder_dir
+from .pairs import PairSampler, load_spec
 from .robust import intensity_stats
 from .runtime import atomic_torch_save
 
@@ -68,6 +69,8 @@ class TrainConfig:
     empty_caption_prob: float = 0.1
     captions_file: str = ""  # JSON with class synonyms and templates (default: built-in Fashion-MNIST)
     text_pooling: str = "tokens"  # "tokens": cross-attend to token states; "mean": to the sentence embedding
+    layout: str = "single"  # "single": one item per image; "pairs": two items side by side (pairs.py)
+    single_prob: float = 0.2  # pairs layout: share of training images with one item on one side
     threads: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -77,6 +80,10 @@ class TrainConfig:
         self.architecture = self.architecture or f"{self.conditioning}-small"
         if self.text_pooling not in ("tokens", "mean"):
             raise UserError("--text-pooling must be 'tokens' or 'mean'")
+        if self.layout not in ("single", "pairs"):
+            raise UserError("--layout must be 'single' or 'pairs'")
+        if self.layout == "pairs" and self.conditioning != "text":
+            raise UserError("--layout pairs trains a text-conditioned model: add --conditioning text")
         if self.architecture not in ARCHITECTURES:
             raise UserError(f"unknown architecture {self.architecture!r}; choose from {', '.join(ARCHITECTURES)}")
 
@@ -86,7 +93,8 @@ def build_network(config: TrainConfig, num_classes: int, channels: int, cross_at
 
     arch = dict(ARCHITECTURES[config.architecture])
     cls = getattr(diffusers, arch.pop("cls"))
-    common = dict(sample_size=config.resolution, in_channels=channels, out_channels=channels, **arch)
+    size = (config.resolution, 2 * config.resolution) if config.layout == "pairs" else config.resolution
+    common = dict(sample_size=size, in_channels=channels, out_channels=channels, **arch)
     if cls is diffusers.UNet2DModel:
         return cls(num_class_embeds=num_classes, **common)
     return cls(cross_attention_dim=cross_attention_dim, **common)
@@ -185,8 +193,16 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
 
         encoder_dir = text_encoder_dir(config.text_encoder)
         tokenizer, text_encoder = AutoTokenizer.from_pretrained(encoder_dir), AutoModel.from_pretrained(encoder_dir)
-        synonyms, templates = load_captions(config.captions_file, class_names)
-        bank = CaptionBank(class_names, synonyms, templates)
+        if config.layout == "pairs":
+            spec = load_spec(config.captions_file or None)
+            if len(spec["names"]) != len(class_names):
+                raise UserError(f"the pairs captions name {len(spec['names'])} classes; "
+                                f"the data has {len(class_names)}")
+            bank = PairSampler(images, labels, spec, config.single_prob)
+            class_names = list(spec["names"])
+        else:
+            synonyms, templates = load_captions(config.captions_file, class_names)
+            bank = CaptionBank(class_names, synonyms, templates)
         probe = TextUNetDenoiser(build_network(config, 0, 1, text_encoder.config.hidden_size), build_scheduler(config),
                                  tokenizer, text_encoder,
                                  info=_text_config(config))
@@ -237,7 +253,10 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
                 epoch_of_permutation = epoch
             index = permutation[position * config.batch_size:(position + 1) * config.batch_size]
             gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            x0, y = images[index], labels[index]
+            if config.layout == "pairs":
+                x0, caption = bank.batch(len(index), gen, config.empty_caption_prob)
+            else:
+                x0, y = images[index], labels[index]
             t = torch.randint(0, config.num_train_timesteps, (len(index),), generator=gen)
             noise = torch.randn(x0.shape, generator=gen)
             abar = alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -245,7 +264,8 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
             if text_cond is None:
                 pred = network(x_t, t, class_labels=y).sample
             else:
-                caption = bank.sample(y, gen, config.empty_caption_prob)
+                if config.layout != "pairs":
+                    caption = bank.sample(y, gen, config.empty_caption_prob)
                 pred = network(x_t, t, encoder_hidden_states=text_cond["encoder_hidden_states"][caption],
                                encoder_attention_mask=text_cond["encoder_attention_mask"][caption]).sample
             loss = torch.nn.functional.mse_loss(pred, noise)
@@ -287,6 +307,8 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
 def _text_config(config: TrainConfig) -> dict:
     """How the text model reads the encoder (stored in model_index.json, so scoring reads it the same way)."""
     out = {"max_text_length": config.max_text_length, "text_attention_mask": True}
+    if config.layout != "single":
+        out["layout"] = config.layout
     if config.text_pooling != "tokens":
         out["text_pooling"] = config.text_pooling
     return out

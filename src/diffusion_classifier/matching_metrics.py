@@ -1,0 +1,72 @@
+"""Scores of image-text matching benchmarks, from match-score matrices (higher = better).
+
+Winoground (Thrush et al. 2022), per example with images i0, i1, captions c0, c1 and scores s[image, caption]:
+  text  = s(c0,i0) > s(c1,i0) and s(c1,i1) > s(c0,i1)   (each image prefers its own caption)
+  image = s(c0,i0) > s(c0,i1) and s(c1,i1) > s(c1,i0)   (each caption prefers its own image)
+  group = text and image.
+Chance is 25 / 25 / 16.7%. Comparisons are strict: a tie counts as a failure, as in the reference code.
+Standard errors are binomial, sqrt(p (1 - p) / n).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import UserError
+
+
+def standard_error(correct: np.ndarray) -> float:
+    n = len(correct)
+    p = float(np.mean(correct)) if n else float("nan")
+    return float(np.sqrt(p * (1 - p) / n)) if n else float("nan")
+
+
+def winoground_outcomes(text_scores: np.ndarray, image_scores: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per example: text, image and group correctness. Scores are [examples, 2 images, 2 captions];
+    `image_scores` (default: the same) may be normalised differently from `text_scores`."""
+    t = np.asarray(text_scores, dtype=float)
+    i = t if image_scores is None else np.asarray(image_scores, dtype=float)
+    if t.ndim != 3 or t.shape[1:] != (2, 2) or i.shape != t.shape:
+        raise UserError(f"Winoground scores must be [examples, 2, 2]; got {t.shape} and {i.shape}")
+    text = (t[:, 0, 0] > t[:, 0, 1]) & (t[:, 1, 1] > t[:, 1, 0])
+    image = (i[:, 0, 0] > i[:, 1, 0]) & (i[:, 1, 1] > i[:, 0, 1])
+    return {"text": text, "image": image, "group": text & image}
+
+
+def _summary(outcomes: dict[str, np.ndarray]) -> dict:
+    out = {"examples": int(len(outcomes["text"]))}
+    for key, correct in outcomes.items():
+        out[f"{key}_score"] = float(np.mean(correct)) if len(correct) else None
+        out[f"{key}_score_stderr"] = standard_error(correct)
+    return out
+
+
+def winoground_scores(text_scores: np.ndarray, image_scores: np.ndarray | None = None,
+                      tags: Sequence[str | None] | None = None) -> dict:
+    """text_score, image_score, group_score (with standard errors) overall and per tag."""
+    outcomes = winoground_outcomes(text_scores, image_scores)
+    result = _summary(outcomes)
+    if tags is not None and any(tag for tag in tags):
+        tags = np.array([tag or "" for tag in tags])
+        result["by_tag"] = {tag: _summary({k: v[tags == tag] for k, v in outcomes.items()})
+                            for tag in sorted(set(tags))}
+    return result
+
+
+def pairs_accuracy(true_scores: np.ndarray, false_scores: np.ndarray) -> dict:
+    """Share of images whose true caption scores strictly above the false one (ARO / SugarCrepe)."""
+    correct = np.asarray(true_scores, dtype=float) > np.asarray(false_scores, dtype=float)
+    return {"accuracy": float(correct.mean()) if len(correct) else None, "accuracy_stderr": standard_error(correct),
+            "examples": int(len(correct))}
+
+
+def recall_at_k(scores: np.ndarray, positives: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Retrieval recall: scores [queries, candidates]; positives[q] is the right candidate of query q.
+    Ties rank against the positive (a candidate scoring equal to it counts as above it)."""
+    scores = np.asarray(scores, dtype=float)
+    positives = np.asarray(positives)
+    own = scores[np.arange(len(scores)), positives]
+    rank = (scores >= own[:, None]).sum(axis=1) - 1  # 0 = best; ties counted against
+    return {f"recall@{k}": float(np.mean(rank < k)) for k in ks if k <= scores.shape[1]}
