@@ -100,6 +100,16 @@ def test_label_files_blank_lines_duplicates(models, tmp_path, capsys, content):
         assert code == 2 and ("duplicate" in err or "empty" in err)
 
 
+@pytest.mark.parametrize("labels", ["", " , ", "cat,,dog"])
+def test_an_explicitly_empty_label_list_is_an_error(models, tmp_path, capsys, labels):
+    image = tmp_path / "x.png"
+    random_images(1, size=8, mode="L")[0].save(image)
+    assert main(["classify", str(image), "--model", str(models["pixel_class"]), "--labels", labels,
+                 "--timesteps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "empty" in err and len(err.strip().splitlines()) == 1
+
+
 class _Exploit:
     def __init__(self, marker):
         self.marker = marker

@@ -83,3 +83,14 @@ def test_training_composites_match_their_captions():
         assert any(p in text for p in [spec["names"][c], *spec["train_synonyms"][c]])
     _, with_empty = sampler.batch(200, torch.Generator().manual_seed(1), empty_prob=0.5)
     assert 0.3 < (with_empty == 0).float().mean() < 0.7
+
+
+def test_swapped_captions_are_the_same_words_with_the_items_exchanged():
+    sampler = PairSampler(torch.zeros(20, 1, 28, 28), torch.arange(10).repeat(2), load_spec())
+    pairs = torch.nonzero(sampler.swapped >= 0).flatten().tolist()
+    assert len(pairs) == 90 * 6 * 9  # every pair caption: 90 ordered pairs x 6 templates x 3 x 3 phrases
+    for k in pairs[::97]:
+        m = int(sampler.swapped[k])
+        a, b = sampler.captions[k], sampler.captions[m]
+        assert a != b and sorted(re.findall(r"[\w-]+", a)) == sorted(re.findall(r"[\w-]+", b))
+        assert int(sampler.swapped[m]) == k

@@ -160,11 +160,11 @@ def _read_json(path: str, what: str):
 def _labels(args) -> list[str] | None:
     from .labels import parse_label_list, read_labels_file
 
-    if args.labels and args.labels_file:
+    if args.labels is not None and args.labels_file is not None:
         raise UserError("give --labels or --labels-file, not both")
-    if args.labels:
+    if args.labels is not None:  # an explicitly empty list is a mistake, not "the model's names"
         return parse_label_list(args.labels)
-    if args.labels_file:
+    if args.labels_file is not None:
         return read_labels_file(args.labels_file)
     return None
 

@@ -86,6 +86,21 @@ class PairSampler:
                 self.captions += [template.format(item=phrase, side=side) for template in spec["single_templates"]
                                   for phrase in phrases[c]]
                 self.single_count[c, s] = len(self.captions) - self.single_start[c, s]
+        self.swapped = self._swap_table(n_classes, len(spec["train_templates"]), len(phrases[0]))
+
+    def _swap_table(self, n_classes: int, n_templates: int, n_phrases: int) -> torch.Tensor:
+        """swapped[k]: the caption with the same template and phrases as pair caption k but the two items
+        exchanged (the same words in the other order: a hard negative); -1 for other captions."""
+        swapped = torch.full((len(self.captions),), -1, dtype=torch.long)
+        t, i, j = torch.meshgrid(torch.arange(n_templates), torch.arange(n_phrases), torch.arange(n_phrases),
+                                 indexing="ij")
+        offset = t * n_phrases * n_phrases + i * n_phrases + j  # template t, left phrase i, right phrase j
+        mirror = t * n_phrases * n_phrases + j * n_phrases + i
+        for a in range(n_classes):
+            for b in range(n_classes):
+                if a != b and self.pair_count[a, b] == offset.numel():
+                    swapped[self.pair_start[a, b] + offset.flatten()] = self.pair_start[b, a] + mirror.flatten()
+        return swapped
 
     def _item(self, classes: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """A uniformly chosen item of each class (u uniform in [0, 1))."""

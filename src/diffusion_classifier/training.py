@@ -234,8 +234,10 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
     deadline = time.monotonic() + config.max_minutes * 60
     last_checkpoint = time.monotonic()
     network.train()
-    bar = tqdm(total=min(config.max_steps, 10**7), initial=step, disable=not progress, unit="step",
-               dynamic_ncols=True, desc="train")
+    by_time = config.max_steps - step > config.max_minutes * 60 * 1000  # the step limit cannot bind: show time
+    budget = int(config.max_minutes * 60)
+    bar = tqdm(total=budget if by_time else config.max_steps, initial=0 if by_time else step, disable=not progress,
+               unit="s" if by_time else "step", dynamic_ncols=True, desc="train (time budget)" if by_time else "train")
     permutation, epoch_of_permutation = None, -1
     started = time.monotonic()
 
@@ -284,7 +286,7 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
             losses.append(loss.item())
             if progress:
                 elapsed = seconds + time.monotonic() - started
-                bar.update(1)
+                bar.update(min(budget, int(time.monotonic() - started)) - bar.n if by_time else 1)
                 bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}", img_s=f"{images_seen / max(elapsed, 1e-9):.0f}",
                                 epoch=f"{images_seen / n:.2f}")
             if time.monotonic() - last_checkpoint > config.checkpoint_minutes * 60:
