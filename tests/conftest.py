@@ -119,6 +119,98 @@ def build_pixel_text(directory: Path) -> Path:
     return directory
 
 
+def tiny_t5(directory: Path, d_model: int = 64):
+    """A Unigram (sentencepiece-style) T5 tokenizer over single characters, and a 1-layer T5 encoder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(c, -2.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,-'"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tokenizer = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                extra_ids=0)
+    torch.manual_seed(6)
+    config = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
+                      decoder_start_token_id=0)
+    return tokenizer, T5EncoderModel(config).eval()
+
+
+def tiny_clip_with_projection(directory: Path, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer, encoder = tiny_clip(directory)
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(**{**encoder.config.to_dict(), "projection_dim": 32})
+    return tokenizer, CLIPTextModelWithProjection(config).eval()
+
+
+def build_sd3(directory: Path, with_t5: bool = True) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tok1, enc1 = tiny_clip_with_projection(directory / "_tok1", 7)
+    tok2, enc2 = tiny_clip_with_projection(directory / "_tok2", 8)
+    tok3, enc3 = tiny_t5(directory / "_tok3") if with_t5 else (None, None)
+    torch.manual_seed(9)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
+                                        caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=16)
+    vae = tiny_vae()
+    vae.register_to_config(shift_factor=0.0609, scaling_factor=1.5305)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=enc1, tokenizer=tok1, text_encoder_2=enc2, tokenizer_2=tok2,
+                                    text_encoder_3=enc3, tokenizer_3=tok3)
+    pipe.save_pretrained(directory)
+    index = json.loads((directory / "model_index.json").read_text())
+    index["max_text_length"] = 12  # T5 tokens per prompt (diffusers' default is 256)
+    (directory / "model_index.json").write_text(json.dumps(index))
+    return directory
+
+
+def build_sdxl(directory: Path, prediction_type: str = "epsilon") -> Path:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tok1, enc1 = tiny_clip(directory / "_tok1")
+    tok2, enc2 = tiny_clip_with_projection(directory / "_tok2", 10)
+    torch.manual_seed(11)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[16, 32],
+                                layers_per_block=1, norm_num_groups=8, cross_attention_dim=64, attention_head_dim=4,
+                                down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+                                transformer_layers_per_block=1)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       prediction_type=prediction_type)
+    pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=enc1, text_encoder_2=enc2, tokenizer=tok1,
+                                     tokenizer_2=tok2, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(directory)
+    return directory
+
+
+def build_flux(directory: Path, guidance: bool = False) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    tok1, enc1 = tiny_clip(directory / "_tok1")
+    tok2, enc2 = tiny_t5(directory / "_tok2", d_model=32)
+    torch.manual_seed(12)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=[4, 6, 6])
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=256,
+                                                max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    vae = tiny_vae()
+    vae.register_to_config(shift_factor=0.1159, scaling_factor=0.3611)
+    assert isinstance(enc1, CLIPTextModel)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=enc1, tokenizer=tok1,
+                        text_encoder_2=enc2, tokenizer_2=tok2)
+    pipe.save_pretrained(directory)
+    index = json.loads((directory / "model_index.json").read_text())
+    index.update(resolution=16, max_text_length=12)  # pixels of the scored image; T5 tokens per prompt
+    (directory / "model_index.json").write_text(json.dumps(index))
+    return directory
+
+
 CLASSES = ["cat", "dog", "bird", "fish"]
 
 
@@ -131,6 +223,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "dit": build_dit(root / "dit", CLASSES),
         "pixel_class": build_pixel_class(root / "pixel_class", CLASSES),
         "pixel_text": build_pixel_text(root / "pixel_text"),
+        "sd3": build_sd3(root / "sd3"),
+        "sd3_no_t5": build_sd3(root / "sd3_no_t5", with_t5=False),
+        "sdxl": build_sdxl(root / "sdxl"),
+        "flux_schnell": build_flux(root / "flux_schnell"),
+        "flux_dev": build_flux(root / "flux_dev", guidance=True),
     }
 
 

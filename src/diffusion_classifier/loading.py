@@ -27,6 +27,9 @@ ADAPTERS = {
     "PixelTextDiffusionPipeline": "text_unet:TextUNetDenoiser",
     "PixelClassDiffusionPipeline": "class_unet:ClassUNetDenoiser",
     "DiTPipeline": "dit:DiTDenoiser",
+    "StableDiffusion3Pipeline": "sd3:SD3Denoiser",
+    "StableDiffusionXLPipeline": "sdxl:SDXLDenoiser",
+    "FluxPipeline": "flux:FluxDenoiser",
 }
 
 BUILTIN_MODELS = {
