@@ -16,6 +16,9 @@ from .conftest import image_folder
 CHANGES = {
     "strategy": ["--timesteps", "3"],
     "loss": ["--loss", "l1"],
+    "target": ["--target", "velocity"],
+    "grid": ["--grid", "logit-normal"],
+    "weighting": ["--weighting", "elbo"],
     "aggregate": ["--aggregate", "mean"],
     "seed": ["--seed", "1"],
     "interpolation": ["--interpolation", "bilinear"],
@@ -91,4 +94,6 @@ def test_the_classifier_takes_a_config_or_its_fields(models):
         DiffusionClassifier.from_pretrained(models["pixel_class"], sed=1)
     with pytest.raises(UserError, match="unknown loss"):
         ScoringConfig(loss="l3")
-    assert ScoringConfig().describe()["noise_margin"] is None  # inactive without noise-aware scoring
+    described = ScoringConfig().describe()
+    assert described["noise_margin"] is None  # inactive without noise-aware scoring
+    assert described["target"] is None and ScoringConfig(target="velocity").describe()["target"] == "velocity"

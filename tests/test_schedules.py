@@ -94,3 +94,50 @@ def test_unsupported_schedules_and_pipelines_are_clear_errors(models, tmp_path):
     (other / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match="KandinskyPipeline.*not supported"):
         load_denoiser(other)
+
+
+def test_velocity_errors_are_reweighted_epsilon_errors():
+    flow = FlowOracle()
+    x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([10, 500, 990])
+    flow.network.output = eps - x0 + 0.1 * torch.randn(3, 1, 4, 4)
+    sigma = flow.schedule.sigmas[t].float()
+    torch.testing.assert_close(flow.error(x0, eps, t, {}, target="velocity"),
+                               flow.error(x0, eps, t, {}) / (1 - sigma) ** 2, rtol=1e-4, atol=1e-7)
+    from .test_denoisers import OracleDenoiser
+
+    vp = OracleDenoiser("epsilon")
+    vp.network.output = eps + 0.1 * torch.randn(3, 1, 4, 4)
+    abar = vp.schedule.alpha_bar(t).float()
+    torch.testing.assert_close(vp.error(x0, eps, t, {}, target="velocity"), vp.error(x0, eps, t, {}) / abar,
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_the_logit_normal_grid_has_the_training_densitys_quantiles():
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    torch.manual_seed(0)
+    u = compute_density_for_timestep_sampling("logit_normal", 200_000, logit_mean=0.0, logit_std=1.0)
+    sampled = 999 - (u * 1000).long().clamp(max=999)  # what SD3's trainer draws, as our positions
+    grid = torch.tensor(RectifiedFlowSchedule(shift=3.0).with_grid("logit-normal").grid(9), dtype=torch.float64)
+    quantiles = torch.quantile(sampled.double(), (torch.arange(9, dtype=torch.float64) + 0.5) / 9)
+    assert (grid - quantiles).abs().max() <= 3
+    assert NoiseSchedule(1000).grid(9) == even_timesteps(1000, 9)  # the default stays the paper's grid
+
+
+def test_elbo_weights_follow_the_log_snr_and_multiply_the_errors(models):
+    from diffusion_classifier import DiffusionClassifier, Exhaustive
+
+    from .conftest import random_images
+
+    schedule = VPSchedule(DDPMScheduler().alphas_cumprod)
+    weights = schedule.elbo_weights()
+    assert weights.mean().item() == pytest.approx(1.0) and (weights > 0).all()
+    assert weights.argmax() == 0 and weights[0] > 10 * weights[500]  # log-SNR falls fastest at low noise
+    images = random_images(2, size=8, mode="L")
+    plain = DiffusionClassifier.from_pretrained(models["pixel_class"], strategy=Exhaustive(4)).classify(images)
+    elbo = DiffusionClassifier.from_pretrained(models["pixel_class"], strategy=Exhaustive(4),
+                                               weighting="elbo").classify(images)
+    for a, b in zip(plain, elbo):
+        expected = a.errors * weights[a.timesteps].numpy()[None, None, :]
+        torch.testing.assert_close(torch.as_tensor(b.errors), torch.as_tensor(expected), rtol=1e-5, atol=1e-9)

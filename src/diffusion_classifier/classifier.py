@@ -85,8 +85,7 @@ class DiffusionClassifier:
         else:
             self.prompts_, flat = None, conditions
             self._rows = np.arange(len(flat)).reshape(-1, 1)
-        self.engine = ScoringEngine(denoiser, denoiser.embed_conditions(flat), self.config.loss,
-                                    self.config.batch_size)
+        self.engine = ScoringEngine.for_config(denoiser, denoiser.embed_conditions(flat), self.config)
 
     # settings, read from the config
     loss = property(lambda self: self.config.loss)

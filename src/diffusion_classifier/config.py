@@ -12,12 +12,16 @@ import argparse
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
-from .denoisers import LOSSES
+from .denoisers import LOSSES, TARGETS
 from .errors import UserError
 from .probabilities import AGGREGATES
+from .schedules import GRIDS
 from .strategies import Exhaustive, Strategy
 
 INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "nearest")
+# Settings added after runs were first stored: recorded (and compared) only when they differ from their
+# default, so a run stored before they existed, which used the default, still resumes and replays.
+RECORDED_WHEN_CHANGED = ("target", "grid", "weighting")
 
 
 def option(default: Any, help: str, choices: tuple | None = None, affects_results: bool = True,
@@ -35,6 +39,12 @@ class ScoringConfig:
                               LOSSES)
     aggregate: str = option("min", "how a class's prompts combine: min (the paper) or mean of their mean errors",
                             AGGREGATES)
+    target: str = option("eps", "what the error is taken on: eps (the paper's, every family on one footing) or "
+                         "velocity (flow models: the eps error / (1 - sigma)^2; VP models: v-prediction's)", TARGETS)
+    grid: str = option("even", "timestep grid: even (the paper's, over the training positions) or logit-normal "
+                       "(SD3's training density)", GRIDS)
+    weighting: str = option("uniform", "per-timestep weights: uniform in t (the paper's) or elbo (uniform in "
+                            "log-SNR)", ("uniform", "elbo"))
     seed: int = option(0, "noise seed (same seed, same predictions)")
     interpolation: str = option("bicubic", "resize filter", INTERPOLATIONS)
     noise_aware: bool = option(False, "estimate each image's noise level and score only timesteps whose noise "
@@ -81,6 +91,9 @@ class ScoringConfig:
             out[f.name] = value.describe() if isinstance(value, Strategy) else value
         if not self.noise_aware:
             out["noise_margin"] = None  # unused without noise-aware scoring
+        for name in RECORDED_WHEN_CHANGED:
+            if out[name] == next(f.default for f in fields(self) if f.name == name):
+                out[name] = None
         return out
 
 

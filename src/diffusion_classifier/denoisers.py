@@ -33,6 +33,7 @@ from .errors import UserError
 from .schedules import NoiseSchedule, schedule_from_scheduler
 
 LOSSES = ("l2", "l1", "huber")
+TARGETS = ("eps", "velocity")
 
 Conditions = dict[str, torch.Tensor]  # every tensor has one row per condition
 
@@ -205,10 +206,18 @@ class Denoiser:
 
     @torch.inference_mode()
     def error(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: Conditions,
-              loss: str = "l2") -> torch.Tensor:
-        """Per-sample error between the true noise and the model's estimate of it."""
-        eps_hat = self.predict_noise(self.noised(x0, noise, t), t, cond)
-        return per_sample_error(noise, eps_hat, loss)
+              loss: str = "l2", target: str = "eps") -> torch.Tensor:
+        """Per-sample error between the true noise and the model's estimate of it (target "eps", the paper's),
+        or between the family's velocity and its estimate (target "velocity": for flow models the
+        velocity error is the eps error times 1 / (1 - sigma)^2, for VP models times 1 / abar)."""
+        x_t = self.noised(x0, noise, t)
+        eps_hat = self.predict_noise(x_t, t, cond)
+        if target == "eps":
+            return per_sample_error(noise, eps_hat, loss)
+        if target != "velocity":
+            raise UserError(f"unknown error target {target!r}; choose one of {', '.join(TARGETS)}")
+        s = self.schedule
+        return per_sample_error(s.velocity(x0, noise, t), s.velocity_from_epsilon(eps_hat, x_t, t), loss)
 
     # ----- persistence ---------------------------------------------------------
     def components(self) -> dict[str, Any]:

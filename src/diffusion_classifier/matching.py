@@ -120,7 +120,7 @@ class ImageTextMatcher:
             raise UserError("noise-aware scoring is defined for pixel-space models only")
         if self.config.normalize_intensity and not denoiser.info.intensity_stats:
             raise UserError("this model has no stored intensity statistics, so it cannot normalise intensities")
-        self.engine = ScoringEngine(denoiser, {}, self.config.loss, self.config.batch_size)
+        self.engine = ScoringEngine.for_config(denoiser, {}, self.config)
         self._embedded: dict[str, dict] = {}
 
     @classmethod

@@ -16,6 +16,8 @@ a_t = 1 - sigma_t, b_t = sigma_t, the network predicts the velocity v = eps - x0
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +43,23 @@ def even_timesteps(num_train_timesteps: int, n: int, t_min: int = 0) -> list[int
     return list(range(t_min + step // 2, num_train_timesteps, step))[:n]
 
 
+def logit_normal_timesteps(num_train_timesteps: int, n: int, t_min: int = 0) -> list[int]:
+    """n positions at the quantiles (k + 1/2) / n of the logit-normal(0, 1) training density of SD3-style
+    flow models: u = sigmoid(z), z ~ N(0, 1), indexes the scheduler's sigmas from the noisiest down, so
+    the position is T - 1 - floor(u T). Duplicates (large n) are dropped; positions below t_min too."""
+    from statistics import NormalDist
+
+    if not 1 <= n <= num_train_timesteps:
+        raise UserError(f"number of timesteps must lie in [1, {num_train_timesteps}], got {n}")
+    z = [NormalDist().inv_cdf((k + 0.5) / n) for k in range(n)]
+    u = [1 / (1 + math.exp(-v)) for v in z]
+    positions = [num_train_timesteps - 1 - min(num_train_timesteps - 1, int(x * num_train_timesteps)) for x in u]
+    return [t for t in dict.fromkeys(sorted(positions)) if t >= t_min] or [max(positions)]
+
+
+GRIDS = ("even", "logit-normal")
+
+
 def even_subset(items: Sequence, k: int) -> list:
     """k evenly spread entries of a sorted grid: every (len // k)-th, starting half a stride in."""
     stride = max(1, len(items) // k)
@@ -52,12 +71,25 @@ class NoiseSchedule:
     the subclasses add the maps a model needs."""
 
     prediction_type = "epsilon"
+    grid_kind = "even"
 
     def __init__(self, num_train_timesteps: int = 1000):
         self.num_train_timesteps = int(num_train_timesteps)
 
     def grid(self, n: int, t_min: int = 0) -> list[int]:
+        if self.grid_kind == "logit-normal":
+            return logit_normal_timesteps(self.num_train_timesteps, n, t_min)
         return even_timesteps(self.num_train_timesteps, n, t_min)
+
+    def with_grid(self, kind: str) -> NoiseSchedule:
+        """The same schedule laying its grids by `kind`: even (the paper's) or logit-normal."""
+        if kind not in GRIDS:
+            raise UserError(f"unknown timestep grid {kind!r}; choose one of {', '.join(GRIDS)}")
+        if kind == self.grid_kind:
+            return self
+        view = copy.copy(self)
+        view.grid_kind = kind
+        return view
 
     # ----- the maps a model needs (subclasses) ---------------------------------------------
     def alpha_bar(self, t: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,6 +106,10 @@ class NoiseSchedule:
     def to_epsilon(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The family's velocity target (VP: a eps - b x0, v-prediction's; flow: eps - x0)."""
+        raise NotImplementedError
+
     # ----- derived, the same for every family ---------------------------------------------
     def log_snr(self, t: torch.Tensor | None = None) -> torch.Tensor:
         abar = self.alpha_bar(t)
@@ -87,6 +123,17 @@ class NoiseSchedule:
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a, b = self.scales(t.to(x0.device))
         return a * x0.float() + b * noise.float()
+
+    def velocity_from_epsilon(self, eps_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The velocity estimate implied by an epsilon estimate (through x0_hat = (x_t - b eps_hat) / a)."""
+        a, b = self.scales(t.to(x_t.device))
+        return self.velocity((x_t.float() - b * eps_hat) / a, eps_hat, t)
+
+    def elbo_weights(self) -> torch.Tensor:
+        """Per position, -d logSNR / dt normalised to mean 1: weighting errors at evenly spaced positions by
+        it gives the ELBO's uniform-in-log-SNR integral (up to a constant) instead of uniform in t."""
+        slope = -torch.gradient(self.log_snr())[0]
+        return slope / slope.mean()
 
 
 class VPSchedule(NoiseSchedule):
@@ -122,6 +169,10 @@ class VPSchedule(NoiseSchedule):
         if self.prediction_type == "v_prediction":  # eps - eps_hat = sqrt(abar) (v - v_hat)
             return abar.sqrt() * prediction + (1 - abar).sqrt() * x_t
         return (x_t - abar.sqrt() * prediction) / (1 - abar).sqrt()  # "sample": the network predicts x0
+
+    def velocity(self, x0, noise, t):
+        a, b = self.scales(t.to(x0.device))
+        return a * noise.float() - b * x0.float()
 
 
 class RectifiedFlowSchedule(NoiseSchedule):
@@ -161,6 +212,9 @@ class RectifiedFlowSchedule(NoiseSchedule):
 
     def to_epsilon(self, prediction, x_t, t):
         return x_t.float() + (1 - self.sigma(t)) * prediction
+
+    def velocity(self, x0, noise, t):
+        return noise.float() - x0.float()
 
 
 def schedule_from_scheduler(scheduler: Any) -> NoiseSchedule:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .config import ScoringConfig
 
 NULL = -1  # the candidate index of a job's null row in a work item
+WEIGHTINGS = ("uniform", "elbo")
 
 
 def _hash_to_seed(*parts: bytes) -> int:
@@ -112,12 +113,22 @@ class EngineStats:
 class ScoringEngine:
     """Scores jobs against rows of one embedded condition bank (conditions: one row per condition)."""
 
-    def __init__(self, denoiser: Denoiser, conditions: Conditions, loss: str = "l2", batch_size: int = 256):
+    def __init__(self, denoiser: Denoiser, conditions: Conditions, loss: str = "l2", batch_size: int = 256,
+                 target: str = "eps", grid: str = "even", weighting: str = "uniform"):
         if batch_size < 1:
             raise UserError("--batch-size must be at least 1")
+        if weighting not in WEIGHTINGS:
+            raise UserError(f"unknown timestep weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         self.denoiser, self.conditions = denoiser, conditions
-        self.loss, self.batch_size = loss, batch_size
+        self.loss, self.batch_size, self.target = loss, batch_size, target
+        self.schedule = denoiser.schedule.with_grid(grid)
+        # ELBO weighting multiplies each error by -dlogSNR/dt at its position (mean 1 over the schedule)
+        self.weights = denoiser.schedule.elbo_weights().float() if weighting == "elbo" else None
         self.stats = EngineStats()
+
+    @classmethod
+    def for_config(cls, denoiser: Denoiser, conditions: Conditions, config: ScoringConfig) -> ScoringEngine:
+        return cls(denoiser, conditions, config.loss, config.batch_size, config.target, config.grid, config.weighting)
 
     def score(self, jobs: Sequence[Job], strategy: Strategy, aggregate: str = "min") -> list[ScoreTable]:
         """Run `strategy` for every job; one ScoreTable per job, in order."""
@@ -125,7 +136,7 @@ class ScoringEngine:
         for job in jobs:
             n_candidates, n_prompts = np.shape(job.rows)
             table = ScoreTable(n_candidates, n_prompts, job.t_min, with_null=job.null_row is not None)
-            running.append(_Running(job, table, strategy.rounds(table, self.denoiser.schedule, aggregate)))
+            running.append(_Running(job, table, strategy.rounds(table, self.schedule, aggregate)))
         while True:
             work = []
             for run in running:
@@ -163,7 +174,10 @@ class ScoringEngine:
             rows = torch.tensor([item[1] for item in chunk], device=device)
             cond = {key: value[rows] for key, value in self.conditions.items()}
             started = time.perf_counter()
-            errors = self.denoiser.error(x0, noise, t, cond, self.loss).cpu().numpy()
+            errors = self.denoiser.error(x0, noise, t, cond, self.loss, self.target).cpu()
+            if self.weights is not None:
+                errors = errors * self.weights[t.cpu()]
+            errors = errors.numpy()
             self.stats.network_seconds += time.perf_counter() - started
             self.stats.network_calls += 1
             self.stats.evaluations += len(chunk)
