@@ -56,6 +56,21 @@ def test_class_model_learns_and_round_trips(tmp_path):
     assert len(clf.classify(random_images(1, size=8, mode="L"))) == 1
 
 
+def test_a_flow_model_trains_loads_as_rectified_flow_and_classifies(tmp_path):
+    from diffusion_classifier.schedules import RectifiedFlowSchedule
+
+    train(_toy_dataset(), tmp_path / "flow", _config(max_steps=60, objective="flow"), progress=False)
+    losses = torch.load(tmp_path / "flow" / "checkpoint.pt", weights_only=True)["losses"]
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    denoiser = load_denoiser(tmp_path / "flow")
+    assert isinstance(denoiser.schedule, RectifiedFlowSchedule) and denoiser.prediction_type == "flow"
+    toy = _toy_dataset(4)
+    predictions = DiffusionClassifier(denoiser, strategy=Exhaustive(10)).predict(toy.items)
+    assert np.mean(predictions == np.array(toy.class_names)[toy.labels]) >= 0.75  # it learned the two classes
+    velocity = DiffusionClassifier(denoiser, strategy=Exhaustive(10), target="velocity").classify(toy.items)
+    assert len(velocity) == 8
+
+
 def test_training_resumes_exactly(tmp_path):
     train(_toy_dataset(), tmp_path / "straight", _config(max_steps=6), progress=False)
     train(_toy_dataset(), tmp_path / "split", _config(max_steps=3), progress=False)

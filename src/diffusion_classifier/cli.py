@@ -40,6 +40,9 @@ def _add_train(sub) -> None:
     p.add_argument("--text-pooling", choices=["tokens", "mean"], default="tokens",
                    help="text models: cross-attend to the encoder's token states, or to its mean-pooled "
                         "sentence embedding (generalises better to unseen wordings)")
+    p.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm",
+                   help="ddpm: epsilon prediction on the linear VP schedule; flow: rectified flow (velocity "
+                        "prediction, x_t = (1 - sigma) x0 + sigma eps), scored like SD3")
     p.add_argument("--layout", choices=["single", "pairs"], default="single",
                    help="pairs: train on two items side by side (28 x 56) with captions saying which is where "
                         "(text models; captions from resources/fashion_mnist_pairs.json or --captions-file)")
@@ -67,7 +70,8 @@ def cmd_train(args) -> int:
                          checkpoint_minutes=args.checkpoint_minutes, seed=args.seed, text_encoder=args.text_encoder,
                          captions_file=args.captions_file, empty_caption_prob=args.empty_caption_prob,
                          text_pooling=args.text_pooling, threads=args.threads, layout=args.layout,
-                         single_prob=args.single_prob, max_text_length=args.max_text_length)
+                         objective=args.objective, single_prob=args.single_prob,
+                         max_text_length=args.max_text_length)
     summary = train(dataset, args.out, config, progress=not args.quiet)
     summary.pop("config")
     print(json.dumps(summary))

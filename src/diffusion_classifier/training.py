@@ -34,6 +34,7 @@ from .loading import text_encoder_dir
 from .pairs import PairSampler, load_spec
 from .robust import intensity_stats
 from .runtime import atomic_torch_save
+from .schedules import schedule_from_scheduler
 
 ARCHITECTURES = {
     "class-small": dict(
@@ -69,6 +70,7 @@ class TrainConfig:
     empty_caption_prob: float = 0.1
     captions_file: str = ""  # JSON with class synonyms and templates (default: built-in Fashion-MNIST)
     text_pooling: str = "tokens"  # "tokens": cross-attend to token states; "mean": to the sentence embedding
+    objective: str = "ddpm"  # "ddpm": epsilon prediction, linear VP schedule; "flow": rectified flow (velocity)
     layout: str = "single"  # "single": one item per image; "pairs": two items side by side (pairs.py)
     single_prob: float = 0.2  # pairs layout: share of training images with one item on one side
     threads: int = 0
@@ -80,6 +82,8 @@ class TrainConfig:
         self.architecture = self.architecture or f"{self.conditioning}-small"
         if self.text_pooling not in ("tokens", "mean"):
             raise UserError("--text-pooling must be 'tokens' or 'mean'")
+        if self.objective not in ("ddpm", "flow"):
+            raise UserError("--objective must be 'ddpm' or 'flow'")
         if self.layout not in ("single", "pairs"):
             raise UserError("--layout must be 'single' or 'pairs'")
         if self.layout == "pairs" and self.conditioning != "text":
@@ -101,8 +105,12 @@ def build_network(config: TrainConfig, num_classes: int, channels: int, cross_at
 
 
 def build_scheduler(config: TrainConfig):
-    from diffusers import DDPMScheduler
+    """DDPM's linear schedule, or for --objective flow the rectified-flow scheduler (shift 1: sigma uniform
+    over the training positions, the network told sigma * 1000, as SD3's transformer is)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+    if config.objective == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps, shift=1.0)
     return DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
                          prediction_type="epsilon")
 
@@ -215,7 +223,7 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
     ema.load_state_dict(network.state_dict())
     ema.requires_grad_(False)
     scheduler = build_scheduler(config)
-    alphas_cumprod = scheduler.alphas_cumprod.float()
+    schedule = schedule_from_scheduler(scheduler)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     checkpoint_path = out_dir / "checkpoint.pt"
@@ -261,8 +269,9 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
                 x0, y = images[index], labels[index]
             t = torch.randint(0, config.num_train_timesteps, (len(index),), generator=gen)
             noise = torch.randn(x0.shape, generator=gen)
-            abar = alphas_cumprod[t].view(-1, 1, 1, 1)
-            x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+            x_t = schedule.noised(x0, noise, t)  # the same x_t the classifier scores at position t
+            target = noise if config.objective == "ddpm" else schedule.velocity(x0, noise, t)
+            t = schedule.model_timestep(t)
             if text_cond is None:
                 pred = network(x_t, t, class_labels=y).sample
             else:
@@ -270,7 +279,7 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
                     caption = bank.sample(y, gen, config.empty_caption_prob)
                 pred = network(x_t, t, encoder_hidden_states=text_cond["encoder_hidden_states"][caption],
                                encoder_attention_mask=text_cond["encoder_attention_mask"][caption]).sample
-            loss = torch.nn.functional.mse_loss(pred, noise)
+            loss = torch.nn.functional.mse_loss(pred, target)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, config)
             optimizer.zero_grad(set_to_none=True)
