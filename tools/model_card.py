@@ -25,14 +25,19 @@ def main() -> None:
     unet = json.loads((MODELS / args.name / "unet" / "config.json").read_text())
     conditioning = ("class ids" if config["conditioning"] == "class"
                     else "text captions through the frozen all-MiniLM-L6-v2 encoder")
+    pairs = config.get("layout") == "pairs"
+    data = ("28 x 56 canvases of two Fashion-MNIST training items side by side (or one item on one side, "
+            f"{config.get('single_prob', 0.2):.0%} of samples), drawn afresh every step from the 60,000 training "
+            "images (diffusion_classifier.pairs.PairSampler)" if pairs else
+            "the 60,000 Fashion-MNIST training images (28x28, grayscale")
+    objective = ("rectified flow (velocity prediction)" if config.get("objective") == "flow"
+                 else "epsilon prediction, DDPM linear schedule with 1,000 steps")
     lines = [
         f"# {args.name}",
         "",
         f"A {summary['parameters'] / 1e6:.2f}M-parameter pixel-space {unet['_class_name']} "
-        f"({conditioning}) "
-        f"trained with epsilon prediction on the 60,000 Fashion-MNIST training images (28x28, grayscale, "
-        f"scaled to [-1, 1]; Debian's dataset-fashion-mnist), DDPM linear schedule with 1,000 steps. "
-        f"Weights are the EMA (decay {config['ema_decay']}).",
+        f"({conditioning}) trained with {objective} on {data}, scaled to [-1, 1]; Debian's "
+        f"dataset-fashion-mnist{')' if not pairs else ''}. Weights are the EMA (decay {config['ema_decay']}).",
         "",
         "## Training",
         "",
@@ -47,7 +52,13 @@ def main() -> None:
         f"- final loss (mean of the last 500 steps): {summary['final_loss']:.4f}",
         f"- class names: {', '.join(index['class_names'])}",
     ]
-    if config["conditioning"] == "text":
+    if pairs:
+        lines.append("- captions: resources/fashion_mnist_pairs.json, each item's name or a training synonym in one "
+                     "of the 6 training templates (\"{left} to the left of {right}\", \"{right} to the right of "
+                     "{left}\", ...), single items as \"{item} on the {side}\"; "
+                     f"{config['empty_caption_prob']:.0%} empty captions, at most {config['max_text_length']} "
+                     "tokens; the UNet cross-attends to the encoder's token states, with attention mask")
+    elif config["conditioning"] == "text":
         conditioning_on = "the encoder's token states, with attention mask"
         if config.get("text_pooling") == "mean":
             conditioning_on = "the encoder's sentence embedding (`--text-pooling mean`)"
@@ -65,6 +76,21 @@ def main() -> None:
         for r in rows:
             lines.append(f"| {r['strategy']} | {r['nfe_mean']:.0f}, {r['nfe_p95']:.0f} | "
                          f"{100 * r['accuracy']:.1f}% +- {100 * r['accuracy_standard_error']:.1f} |")
+    comp = json.loads((RESULTS / "compositional.json").read_text()) if (RESULTS / "compositional.json").exists() else {}
+    if pairs and comp.get("diffusion", {}).get("model") == args.name:
+        d = comp["diffusion"]
+        lines += ["", f"## Benchmark ({d['examples']} held-out Winoground-style examples from the test split, "
+                  "benchmarks/compositional.py)", "", "| timesteps | image score normalised | NFE / example | text | "
+                  "image | group |", "|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            lines.append(f"| {r['timesteps']} | {r['image_normalize']} | {r['nfe_per_example']} | "
+                         + " | ".join(f"{100 * r[k]:.1f}% +- {100 * r[k + '_stderr']:.1f}"
+                                      for k in ("text_score", "image_score", "group_score")) + " |")
+        if "singles" in comp:
+            s = comp["singles"]
+            lines += ["", f"One item on a random side among the 20 captions \"{{item}} on the {{side}}\" "
+                      f"({s['images']} test items, {s['timesteps']} timesteps): {100 * s['accuracy']:.1f}% "
+                      f"(item {100 * s['item_accuracy']:.1f}%, side {100 * s['side_accuracy']:.1f}%)."]
     lines += ["", "Resume training: re-run the command above with `--out` pointing at a directory holding "
               "`checkpoint.pt` (see checkpoints/ in the repository) and a larger `--max-minutes`.", ""]
     (MODELS / args.name / "README.md").write_text("\n".join(lines))
