@@ -63,7 +63,7 @@ def grid_run_name(model: str, n_images: int | str, grid: int | str, variant: str
     """`variant` names a run with other prompts or scoring options than the default ones; such runs are kept
     out of grid_run_dirs (their errors are not the model's default errors)."""
     tag = f"-variant-{variant}" if variant else ""
-    return f"{model}-{model_fingerprint(model)[:10]}{tag}-test{n_images}-grid{grid}"
+    return f"{Path(model).name}-{model_fingerprint(model)[:10]}{tag}-test{n_images}-grid{grid}"
 
 
 def stored_test_errors(model: str, indices: np.ndarray, timesteps: list[int]) -> np.ndarray | None:
