@@ -17,7 +17,7 @@ from .denoisers import Denoiser
 from .errors import UserError
 from .labels import candidate_classes
 from .loading import load_denoiser
-from .scoring import ScoringEngine, image_seed, prepare_images
+from .scoring import ScoringEngine, check_robust_options, image_seed, prepare_images
 from .strategies import ScoreTable
 
 
@@ -71,11 +71,7 @@ class DiffusionClassifier:
             raise UserError("temperature must be positive")
         self.temperature = temperature
         self.timestep_weights = dict(timestep_weights) if timestep_weights else None
-        if self.config.noise_aware and denoiser.vae is not None:
-            raise UserError("noise-aware scoring is defined for pixel-space models; for latent models (Stable "
-                            "Diffusion, DiT) the pixel noise level does not map to a latent one (see README)")
-        if self.config.normalize_intensity and not denoiser.info.intensity_stats:
-            raise UserError("this model has no stored intensity statistics, so it cannot normalise intensities")
+        check_robust_options(denoiser, self.config)
         self.classes_, conditions = candidate_classes(denoiser, labels, templates, prompts)
         self.strategy = self.config.strategy.resolve(self.classes_)
         if denoiser.conditioning == "text":

@@ -31,7 +31,7 @@ from .denoisers import Denoiser
 from .errors import UserError
 from .loading import load_denoiser
 from .probabilities import mean_over_timesteps
-from .scoring import ScoringEngine, prepare_images
+from .scoring import ScoringEngine, check_robust_options, prepare_images
 from .strategies import ScoreTable
 
 NORMALIZATIONS = ("none", "unconditional")
@@ -116,10 +116,7 @@ class ImageTextMatcher:
         self.denoiser = denoiser
         self.config = config.with_options(**options) if config else ScoringConfig.from_options(**options)
         self.with_null = with_null
-        if self.config.noise_aware and denoiser.vae is not None:
-            raise UserError("noise-aware scoring is defined for pixel-space models only")
-        if self.config.normalize_intensity and not denoiser.info.intensity_stats:
-            raise UserError("this model has no stored intensity statistics, so it cannot normalise intensities")
+        check_robust_options(denoiser, self.config)
         self.engine = ScoringEngine.for_config(denoiser, {}, self.config)
         self._embedded: dict[str, dict] = {}
 

@@ -21,7 +21,7 @@ from .distributed import ProcessGroup
 from .errors import UserError
 from .matching import ImageScores, ImageTextMatcher
 from .matching_data import CaptionPair, WinogroundExample
-from .matching_metrics import pairs_accuracy, winoground_scores
+from .matching_metrics import pairs_accuracy, winoground_outcomes, winoground_scores
 from .runtime import atomic_write_text
 from .store import ResultsStore, array_bytes
 
@@ -45,7 +45,7 @@ def _row(idx: int, example, task: str, scored: list[ImageScores]) -> tuple:
             errors[i, -1, : len(s.timesteps)] = s.null_errors
     if task == "winoground":
         image_scores = normalized if normalized is not None else raw
-        correct = bool(winoground_scores(raw[None], image_scores[None])["group_score"])
+        correct = bool(winoground_outcomes(raw[None], image_scores[None])["group"][0])
         prediction = None
     else:
         prediction = int(raw[0, 1] >= raw[0, 0])  # 0: the true caption wins (a tie counts as a miss)
@@ -101,9 +101,9 @@ def evaluate_matching(matcher: ImageTextMatcher, task: str, examples: Sequence[W
         for start in range(0, len(todo), examples_per_batch):
             batch = todo[start:start + examples_per_batch]
             chosen = [examples[i] for i in batch]
-            scored = matcher.score_groups(_example_groups(task, chosen),
-                                          [[f"{ex.id}/{j}" for j in range(len(g))] for ex, (g, _) in
-                                           zip(chosen, _example_groups(task, chosen))])
+            groups = _example_groups(task, chosen)
+            scored = matcher.score_groups(groups, [[f"{ex.id}/{j}" for j in range(len(images))]
+                                                   for ex, (images, _) in zip(chosen, groups)])
             store.add([_row(i, ex, task, s) for i, ex, s in zip(batch, chosen, scored)])
             bar.update(len(batch))
         bar.close()

@@ -66,6 +66,15 @@ class Job:
     explicit_noise: torch.Tensor | None = None
 
 
+def check_robust_options(denoiser: Denoiser, config: ScoringConfig) -> None:
+    """Refuse robust options where they do not apply (before any model work)."""
+    if config.noise_aware and denoiser.vae is not None:
+        raise UserError("noise-aware scoring is defined for pixel-space models; for latent models (Stable "
+                        "Diffusion, DiT) the pixel noise level does not map to a latent one (see README)")
+    if config.normalize_intensity and not denoiser.info.intensity_stats:
+        raise UserError("this model has no stored intensity statistics, so it cannot normalise intensities")
+
+
 def prepare_images(denoiser: Denoiser, config: ScoringConfig, pixels: torch.Tensor, rows: np.ndarray,
                    null_row: int | None = None, noise: Sequence | None = None) -> list[Job]:
     """Preprocessed images ([B, C, H, W] in [-1, 1]) -> one Job each, with the config's robust options

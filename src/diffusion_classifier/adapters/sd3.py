@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ..denoisers import Conditions, Denoiser
+from .text_unet import clip_states
 
 T5_DEFAULT_LENGTH = 256
 
@@ -60,14 +61,12 @@ class SD3Denoiser(Denoiser):
         states, pooled = [], []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
-            clip_states, clip_pooled = [], []
+            clip_hidden, clip_pooled = [], []
             for tokenizer, encoder in zip(self.tokenizers[:2], self.text_encoders[:2]):
-                ids = tokenizer(chunk, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                                return_tensors="pt").input_ids.to(encoder.device)
-                out = encoder(ids, output_hidden_states=True)
-                clip_pooled.append(out[0])
-                clip_states.append(out.hidden_states[-2])
-            clip = torch.cat(clip_states, dim=-1)
+                hidden, pooled_out = clip_states(tokenizer, encoder, chunk)
+                clip_hidden.append(hidden)
+                clip_pooled.append(pooled_out)
+            clip = torch.cat(clip_hidden, dim=-1)
             clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
             if self.text_encoders[2] is not None:
                 ids = self.tokenizers[2](chunk, padding="max_length", max_length=self.t5_length, truncation=True,

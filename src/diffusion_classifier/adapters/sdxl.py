@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from ..denoisers import Conditions, Denoiser
+from .text_unet import clip_states
 
 
 class SDXLDenoiser(Denoiser):
@@ -52,12 +53,10 @@ class SDXLDenoiser(Denoiser):
             chunk = list(prompts[start:start + batch_size])
             hidden, text_embeds = [], None
             for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-                ids = tokenizer(chunk, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                                return_tensors="pt").input_ids.to(encoder.device)
-                out = encoder(ids, output_hidden_states=True)
-                if text_embeds is None and out[0].ndim == 2:
-                    text_embeds = out[0]
-                hidden.append(out.hidden_states[-2])
+                penultimate, first = clip_states(tokenizer, encoder, chunk)
+                if text_embeds is None and first.ndim == 2:  # pooled text_embeds of the projection encoder
+                    text_embeds = first
+                hidden.append(penultimate)
             states.append(torch.cat(hidden, dim=-1).to(self.dtype))
             pooled.append(text_embeds.to(self.dtype))
         return {"encoder_hidden_states": torch.cat(states), "text_embeds": torch.cat(pooled)}

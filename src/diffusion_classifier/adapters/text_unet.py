@@ -11,6 +11,16 @@ from ..denoisers import Conditions, Denoiser
 from ..errors import UserError
 
 
+def clip_states(tokenizer, encoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penultimate hidden states [B, L, D], first output) of a CLIP text encoder, at the tokenizer's full
+    length: what SD3's and SDXL's pipelines condition on (the first output is CLIPTextModelWithProjection's
+    pooled text_embeds, or CLIPTextModel's last hidden state)."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(encoder.device)
+    out = encoder(ids, output_hidden_states=True)
+    return out.hidden_states[-2], out[0]
+
+
 def sentence_embedding(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, L, D] token states -> [B, 1, D]: masked mean, L2-normalised (sentence-transformers' pooling for
     all-MiniLM-L6-v2), times sqrt(D) so its entries have about unit scale like token states."""
