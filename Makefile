@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU := torch==2.13.0
 
-.PHONY: venv data demo test lint bench clean
+.PHONY: venv data browser demo serve test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,12 +22,20 @@ data:
 	  { command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
 	    || echo "Fashion-MNIST not installed (apt-get unavailable); tests that need it will skip"; }
 
+# Debian's chromium for the browser test of the web page (skipped with its reason where it is missing).
+browser:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	    || echo "chromium not installed (apt-get unavailable); the browser test will skip"; }
+
 demo: venv
 	$(VENV)/bin/diffusion-classifier classify examples/fashion-mnist/*.png --model fashion-mnist-text \
 	  --labels "t-shirt,trousers,pullover,dress,coat,sandal,shirt,sneaker,bag,ankle boot" \
 	  --template "a photo of a {}." --timesteps 25 --top-k 3
 
-test: venv data
+serve: venv
+	$(VENV)/bin/diffusion-classifier serve --model fashion-mnist-text
+
+test: venv data browser
 	$(PY) -m pytest -q
 
 lint: venv

@@ -109,7 +109,8 @@ def section_strategies(pixels, labels, args, out):
     print(f"{row['strategy']:<48} acc {row['accuracy']:.4f}  NFE mean {row['nfe_mean']:7.1f}  "
           f"{row['seconds_per_image']:.3f} s/img (measured)", flush=True)
     if args.with_cifar_preset:
-        cifar = DiffusionClassifier(denoiser, strategy=preset("cifar10"), loss="l2", batch_size=args.batch_size)
+        cifar = DiffusionClassifier(denoiser, strategy=preset("cifar10").strategy, loss="l2",
+                                    batch_size=args.batch_size)
         row = {"strategy": "staged cifar10 preset 50/500 keep 5/1 (run directly, l2)",
                "config": cifar.strategy.describe(), **run_strategy(cifar, pixels, labels), "seconds": "measured"}
         rows.append(row)

@@ -1,13 +1,16 @@
 """Which error makes a flow-matching model a good classifier? A class-conditional Fashion-MNIST rectified-flow
-model and a DDPM control, the same network (class-small), data and CPU budget, scored on the same test images.
+model and a DDPM control, the same network (class-tiny by default), data and CPU budget, scored on the same
+test images.
 
-    python benchmarks/flow.py --train-minutes 240 --images 2000      # trains both side by side, then scores
+    python benchmarks/flow.py --train-minutes 50 --images 2000      # trains both side by side, then scores
 
 Training: `diffusion-classifier train --conditioning class --objective {ddpm,flow}` into
-train-runs/flow-bench/{ddpm,flow}, the two in parallel on one torch thread each; re-running trains on until
-each has --train-minutes of training in all (resumable). Scoring: one `diffusion-classifier evaluate` run per
-model, exhaustive over the paper's even 50-point grid (stored in benchmarks/runs/, resumable), plus one with
-`--grid logit-normal` for the flow model. The other variants follow exactly from the even-grid errors
+train-runs/flow-bench/fashion-mnist-{ddpm,flow}, the two in parallel on one torch thread each; re-running trains
+on until each has --train-minutes of training in all (resumable). class-tiny rather than class-small because
+scoring, not training, is the cost here: 2,000 images x 500 NFE x 2 runs is about 2 CPU-hours on class-tiny.
+Scoring: one `diffusion-classifier evaluate` run per model, exhaustive over the paper's even 50-point grid
+(stored in benchmarks/runs/, resumable), plus one with `--grid logit-normal` for the flow model (on the first
+--logit-images of the test images). The other variants follow exactly from the even-grid errors
 (tested in tests/test_schedules.py), so they cost no network evaluations:
   * velocity target: the flow model's eps error times 1 / (1 - sigma_t)^2 (L2);
   * ELBO weighting: each error times the schedule's -dlogSNR/dt weight (mean 1).
@@ -42,12 +45,13 @@ def train_both(args) -> dict:
     """Bring each model to --train-minutes of training (both in parallel); return their summaries."""
     procs = {}
     for objective in OBJECTIVES:
-        out = Path(args.train_dir) / objective
+        out = model_dir(args, objective)
         summary = out / "training_summary.json"
         done = json.loads(summary.read_text())["train_seconds"] / 60 if summary.is_file() else 0.0
         if done < args.train_minutes - min(0.5, 0.05 * args.train_minutes):  # a little slack: budgets overrun
             command = [sys.executable, "-m", "diffusion_classifier", "train", "--data", "fashion-mnist",
-                       "--conditioning", "class", "--objective", objective, "--out", str(out), "--batch-size", "64",
+                       "--conditioning", "class", "--objective", objective, "--architecture", args.architecture,
+                       "--out", str(out), "--batch-size", "64",
                        "--lr", "1.5e-3", "--warmup-steps", "300", "--threads", "1", "--seed", "0", "--quiet",
                        "--max-minutes", str(args.train_minutes - done)]
             print(" ".join(command[1:]), flush=True)
@@ -55,7 +59,11 @@ def train_both(args) -> dict:
     for objective, proc in procs.items():
         if proc.wait() != 0:
             raise SystemExit(f"training the {objective} model failed")
-    return {o: json.loads((Path(args.train_dir) / o / "training_summary.json").read_text()) for o in OBJECTIVES}
+    return {o: json.loads((model_dir(args, o) / "training_summary.json").read_text()) for o in OBJECTIVES}
+
+
+def model_dir(args, objective: str) -> Path:
+    return Path(args.train_dir) / f"fashion-mnist-{objective}"
 
 
 def accuracy(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -70,10 +78,13 @@ def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-minutes", type=float, default=240.0, help="training budget per model, in all")
+    parser.add_argument("--train-minutes", type=float, default=50.0, help="training budget per model, in all")
+    parser.add_argument("--architecture", default="class-tiny", help="network preset of both models")
     parser.add_argument("--train-dir", default=str(ROOT / "train-runs" / "flow-bench"))
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--grid", type=int, default=50)
+    parser.add_argument("--logit-images", type=int, default=500,
+                        help="test images of the logit-normal-grid run (the first of the --images subset)")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--runs-dir", default=str(ROOT / "benchmarks" / "runs"))
     parser.add_argument("--out", default=str(RESULTS / "flow.json"))
@@ -82,7 +93,7 @@ def main() -> None:
     summaries = train_both(args)
     rows, baseline = [], {}
     for objective in OBJECTIVES:
-        model = str(Path(args.train_dir) / objective)
+        model = str(model_dir(args, objective))
         denoiser = load_denoiser(model)
         errors, grid, truth, _ = grid_run(denoiser, model, args.images, args)
         errors = np.stack([e[:, 0, :] for e in errors])  # [images, classes, grid]
@@ -92,12 +103,14 @@ def main() -> None:
         if objective == "flow":
             sigma = denoiser.schedule.sigmas[t].numpy()
             variants["velocity target"] = errors / (1 - sigma) ** 2
-            logit, logit_grid, _, _ = grid_run(denoiser, model, args.images, args, variant="logit-normal",
+            logit, logit_grid, _, _ = grid_run(denoiser, model, args.logit_images, args, variant="logit-normal",
                                                extra=("--grid", "logit-normal"))
             variants["logit-normal grid"] = np.stack([e[:, 0, :] for e in logit])
             grids = {"logit-normal grid": logit_grid}
+            # the smaller run's images are the first of the same permutation; rows are in dataset-index order
+            rows_of = {"logit-normal grid": np.isin(test_subset(args.images), test_subset(args.logit_images))}
         else:
-            grids = {}
+            grids, rows_of = {}, {}
         for name, e in variants.items():
             g = grids.get(name, grid)
             order = np.argsort(g)
@@ -105,20 +118,23 @@ def main() -> None:
                 # even subsets of each grid (the logit-normal grid's subsets are its own quantile points only
                 # at the full size; smaller rows there are strided subsets, marked as such)
                 cols = order[even_subset(range(len(g)), k)]
-                correct = accuracy(e[:, :, cols].mean(axis=2), truth)
+                mask = rows_of.get(name, slice(None))
+                correct = accuracy(e[:, :, cols].mean(axis=2), truth[mask])
                 key = (objective, k)
                 if name == "eps, even grid":
                     baseline[key] = correct
-                diff, se = paired(correct, baseline[key])
+                diff, se = paired(correct, baseline[key][mask])
                 rows.append({"model": objective, "variant": name, "timesteps": k, "nfe": 10 * k,
+                             "images": len(correct),
                              "accuracy": float(correct.mean()),
                              "accuracy_standard_error": float(correct.std(ddof=1) / np.sqrt(len(correct))),
                              "paired_vs_default": diff, "paired_standard_error": se})
-    ddpm = {r["timesteps"]: r for r in rows if r["model"] == "ddpm" and r["variant"] == "eps, even grid"}
     for r in rows:
         if r["model"] == "flow" and r["variant"] == "eps, even grid":
-            r["minus_ddpm_control"] = r["accuracy"] - ddpm[r["timesteps"]]["accuracy"]
-    result = {"images": args.images, "test_indices_rule": "np.sort(np.random.default_rng(0).permutation(10000)[:N])",
+            r["minus_ddpm_control"], r["minus_ddpm_control_standard_error"] = paired(
+                baseline[("flow", r["timesteps"])], baseline[("ddpm", r["timesteps"])])
+    result = {"images": args.images, "architecture": args.architecture,
+              "test_indices_rule": "np.sort(np.random.default_rng(0).permutation(10000)[:N])",
               "test_indices_first": test_subset(args.images)[:5].tolist(), "rows": rows,
               "training": {o: {k: s[k] for k in ("steps", "epochs", "train_seconds", "final_loss", "parameters")}
                            for o, s in summaries.items()}, "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -128,6 +144,11 @@ def main() -> None:
         print(f"{r['model']:<5} {r['variant']:<18} {r['nfe']:>4} {100 * r['accuracy']:>8.1f} +- "
               f"{100 * r['accuracy_standard_error']:.1f} {100 * r['paired_vs_default']:>+9.1f} +- "
               f"{100 * r['paired_standard_error']:.1f}")
+    for r in rows:
+        if "minus_ddpm_control" in r:
+            print(f"flow minus ddpm control (eps, even grid) at {r['nfe']} NFE: "
+                  f"{100 * r['minus_ddpm_control']:+.1f} +- "
+                  f"{100 * r['minus_ddpm_control_standard_error']:.1f} (paired, same images)")
 
 
 if __name__ == "__main__":

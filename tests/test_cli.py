@@ -85,7 +85,7 @@ def test_evaluate_subset_and_label_mapping(models, image_folder, tmp_path, capsy
     (["--labels", "cat,,dog"], "empty label"),
     (["--labels", "cat,dog,cat"], "duplicate label"),
     (["--template", "a photo of a cat"], "no '{}'"),
-    (["--preset", "mnist"], "unknown preset"),
+    (["--preset", "mnist-2"], "unknown preset"),
     (["--labels-file", "/no/such/file"], "labels file not found"),
     (["--strategy", "staged", "--n-samples", "5"], "needs both"),
 ])

@@ -201,8 +201,8 @@ def test_elimination_options_are_validated(models, tmp_path, capsys):
     image = tmp_path / "x.png"
     random_images(1, size=8, mode="L")[0].save(image)
     assert main(["classify", str(image), "--model", str(models["pixel_class"]), "--strategy", "elimination",
-                 "--preset", "pets"]) == 2
-    assert "does not take --preset" in capsys.readouterr().err
+                 "--n-samples", "5"]) == 2
+    assert "does not take --n-samples" in capsys.readouterr().err
 
 
 def test_exhaustive_probabilities_equal_plain_softmax(models):

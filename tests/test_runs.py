@@ -116,3 +116,18 @@ def test_report_regenerates_metrics_and_plots_from_the_store(reference, tmp_path
     assert main(["report", str(out), "--t-min", "500", "--json", "--no-plots"]) == 0
     assert json.loads(capsys.readouterr().out)["rescoring"]["t_min"] == 500
     assert main(["report", str(tmp_path)]) == 2
+
+
+def test_error_matrices_are_stored_as_float32_without_loss(reference):
+    import io
+    import sqlite3
+
+    from diffusion_classifier.store import ResultsStore, array_from_bytes, errors_bytes
+
+    with ResultsStore(reference) as store:
+        matrices = store.error_matrices()
+    blob = sqlite3.connect(reference / "results.sqlite").execute("SELECT errors FROM results").fetchone()[0]
+    assert np.load(io.BytesIO(blob)).dtype == np.float32
+    assert all(m.dtype == np.float64 for _, m, _ in matrices)  # read back as float64, as computed
+    exact = np.array([[0.1, np.nan]])  # not a float32 value: kept as float64
+    assert np.array_equal(array_from_bytes(errors_bytes(exact)), exact, equal_nan=True)

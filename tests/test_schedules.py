@@ -125,6 +125,20 @@ def test_the_logit_normal_grid_has_the_training_densitys_quantiles():
     assert NoiseSchedule(1000).grid(9) == even_timesteps(1000, 9)  # the default stays the paper's grid
 
 
+def test_elbo_weights_of_a_flow_schedule_are_finite_and_follow_its_sigmas():
+    schedule = RectifiedFlowSchedule(shift=1.0)  # the last position is pure noise: log-SNR = -inf
+    assert not torch.isfinite(schedule.log_snr()[-1])
+    weights = schedule.elbo_weights()
+    assert torch.isfinite(weights).all() and (weights > 0).all() and weights.mean().item() == pytest.approx(1.0)
+    # log-SNR = 2 log((1 - sigma) / sigma), so -d logSNR / d sigma = 2 / (sigma (1 - sigma)); sigma is linear in t
+    sigma = schedule.sigmas
+    inner = slice(10, -10)
+    analytic = 2 / (sigma * (1 - sigma))
+    ratio = weights[inner] / analytic[inner]
+    assert (ratio / ratio.mean() - 1).abs().max() < 0.02
+    assert weights[-1] == pytest.approx(weights[-2].item(), rel=0.05)
+
+
 def test_elbo_weights_follow_the_log_snr_and_multiply_the_errors(models):
     from diffusion_classifier import DiffusionClassifier, Exhaustive
 

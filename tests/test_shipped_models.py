@@ -46,3 +46,15 @@ def test_the_pairs_model_is_a_28_by_56_text_model():
     denoiser = load_denoiser("fashion-mnist-pairs")
     assert denoiser.conditioning == "text" and denoiser.image_size == (28, 56) and denoiser.info.layout == "pairs"
     assert denoiser.max_text_length == 32 and denoiser.class_names[0] == "a t-shirt"
+
+
+def test_the_flow_model_is_a_rectified_flow_that_classifies_the_demo_images():
+    from diffusion_classifier.schedules import RectifiedFlowSchedule
+
+    denoiser = load_denoiser("fashion-mnist-flow")
+    assert isinstance(denoiser.schedule, RectifiedFlowSchedule) and denoiser.class_names == FASHION_MNIST_CLASSES
+    clf = DiffusionClassifier(denoiser, strategy=Exhaustive(25))
+    predictions = clf.predict(DEMO)
+    names = {"trouser": "Trouser", "sandal": "Sandal", "sneaker": "Sneaker", "dress": "Dress", "bag": "Bag"}
+    correct = sum(pred == names[_expected(p)] for p, pred in zip(DEMO, predictions))
+    assert correct >= 4, list(zip([p.name for p in DEMO], predictions))

@@ -12,6 +12,7 @@ from diffusion_classifier.data import fashion_mnist_dir
 from diffusion_classifier.errors import UserError
 from diffusion_classifier.loading import load_denoiser, resolve_model_dir, weights_fingerprint
 from diffusion_classifier.replay import replay
+from diffusion_classifier.schedules import NoiseSchedule
 from diffusion_classifier.store import ResultsStore
 from diffusion_classifier.strategies import strategy_from_description
 
@@ -41,8 +42,10 @@ def test_a_stored_run_replays_to_its_predictions_and_errors(run):
     config, records, matrices = _read(run)
     strategy = strategy_from_description(config["strategy"])
     ok = [r for r in records if r["status"] == "ok"]
-    replayed = [int(replay(strategy, *matrices[r["idx"]], 1000, config["aggregate"]).ranking(config["aggregate"])[0])
-                for r in ok]
+    grid = config.get("grid") or "even"
+    schedule = NoiseSchedule(1000).with_grid(grid)
+    aggregate = config["aggregate"]
+    replayed = [int(replay(strategy, *matrices[r["idx"]], schedule, aggregate).ranking(aggregate)[0]) for r in ok]
     assert replayed == [r["prediction"] for r in ok]
 
     try:
@@ -51,13 +54,18 @@ def test_a_stored_run_replays_to_its_predictions_and_errors(run):
         pytest.skip("Fashion-MNIST is not installed (make data)")
     from diffusion_classifier.data import fashion_mnist_arrays
 
-    if weights_fingerprint(resolve_model_dir(config["model"])) != config["model_weights_sha256"]:
+    try:
+        model_dir = resolve_model_dir(config["model"])
+    except UserError:
+        pytest.skip(f"{config['model']} is not on this machine (a local training run)")
+    if weights_fingerprint(model_dir) != config["model_weights_sha256"]:
         pytest.skip(f"{config['model']} was re-shipped since this run")
     images, _ = fashion_mnist_arrays(config["split"])
+    options = {k: config[k] for k in ("target", "weighting") if config.get(k)}
     clf = DiffusionClassifier(
         _denoiser(config["model"]), labels=config["labels"], prompts=config["prompts"], strategy=strategy,
         loss=config["loss"], aggregate=config["aggregate"], seed=config["seed"],
-        interpolation=config["interpolation"])
+        interpolation=config["interpolation"], grid=grid, **options)
     sample = [ok[len(ok) // 2]]  # one image of each run (500 NFE): the check is the engine, not the sample
     ids = [int(r["id"].split("/")[1]) for r in sample]
     fresh = clf.classify([images[i] for i in ids])

@@ -7,7 +7,8 @@ from .config import ScoringConfig  # noqa: E402
 from .denoisers import Denoiser  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .loading import load_denoiser  # noqa: E402
-from .strategies import Elimination, Exhaustive, FixedTimesteps, Staged, preset  # noqa: E402
+from .presets import DatasetPreset, preset  # noqa: E402
+from .strategies import Elimination, Exhaustive, FixedTimesteps, Staged  # noqa: E402
 
-__all__ = ["Classification", "Denoiser", "DiffusionClassifier", "Elimination", "Exhaustive", "FixedTimesteps",
-           "ScoringConfig", "Staged", "UserError", "load_denoiser", "preset"]
+__all__ = ["Classification", "DatasetPreset", "Denoiser", "DiffusionClassifier", "Elimination", "Exhaustive",
+           "FixedTimesteps", "ScoringConfig", "Staged", "UserError", "load_denoiser", "preset"]

@@ -17,6 +17,8 @@ from .denoisers import Denoiser
 from .errors import UserError
 from .labels import candidate_classes
 from .loading import load_denoiser
+from .presets import DatasetPreset
+from .presets import preset as load_preset
 from .scoring import ScoringEngine, check_robust_options, image_seed, prepare_images
 from .strategies import ScoreTable
 
@@ -57,13 +59,24 @@ class DiffusionClassifier:
         calibrated unless the temperature was fitted on held-out data (`calibrate`). None: the
         temperature stored with the model (model_index.json "calibration"), else 1.0.
     timestep_weights: per-timestep weights from `calibrate --per-timestep` instead of a temperature.
+    preset: a dataset preset (name or `preset(name)`): its class names and the paper's prompts unless labels,
+        templates or prompts are given, and its staged schedule and loss unless a strategy or loss is
+        (class-conditional models take only the schedule and loss).
     """
 
     def __init__(self, denoiser: Denoiser, labels: Sequence[str | int] | None = None,
                  templates: Sequence[str] | None = None, prompts: Sequence[Sequence[str]] | None = None,
                  config: ScoringConfig | None = None, temperature: float | None = None,
-                 timestep_weights: dict[int, float] | None = None, **options):
+                 timestep_weights: dict[int, float] | None = None, preset: str | DatasetPreset | None = None,
+                 **options):
         self.denoiser = denoiser
+        if preset is not None:
+            preset = load_preset(preset)
+            if config is None and "strategy" not in options and preset.strategy is not None:
+                options["strategy"] = preset.strategy
+            if denoiser.conditioning == "text" and prompts is None:
+                labels, prompts = preset.candidates(labels, templates)
+                templates = None
         self.config = config.with_options(**options) if config else ScoringConfig.from_options(**options)
         if temperature is None:
             temperature = float(denoiser.info.temperature or 1.0)

@@ -7,9 +7,7 @@ import sys
 
 from . import config
 from .errors import UserError
-from .strategies import PRESETS
-
-PRESET_NAMES = list(PRESETS)
+from .presets import PRESET_NAMES
 
 
 def _add_train(sub) -> None:
@@ -23,7 +21,7 @@ def _add_train(sub) -> None:
     p.add_argument("--labels", help="comma-separated class names replacing the dataset's, in class-index order")
     p.add_argument("--out", required=True, help="output directory (diffusers pipeline + checkpoint.pt)")
     p.add_argument("--conditioning", choices=["class", "text"], default="class", help="class ids or text captions")
-    p.add_argument("--architecture", default="", help="network preset (class-small, text-small)")
+    p.add_argument("--architecture", default="", help="network preset (class-small, class-tiny, text-small)")
     p.add_argument("--resolution", type=int, default=28, help="training image side in pixels")
     p.add_argument("--batch-size", type=int, default=128, help="images per optimisation step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
@@ -105,7 +103,9 @@ def _add_scoring_options(p, probabilities: bool = True) -> None:
     g.add_argument("--timesteps", type=int, default=25, help="timesteps per class (exhaustive)")
     g.add_argument("--n-samples", type=int, nargs="+", help="timesteps per stage (staged), e.g. 50 500")
     g.add_argument("--to-keep", type=int, nargs="+", help="classes kept after each stage (staged), e.g. 5 1")
-    g.add_argument("--preset", help="the paper's schedule for a dataset: " + ", ".join(PRESET_NAMES))
+    g.add_argument("--preset", help="one of the paper's datasets (" + ", ".join(PRESET_NAMES) + "): its class names "
+                   "and prompts unless --labels / --template are given, and its staged schedule and loss unless "
+                   "--strategy, --n-samples or --to-keep are")
     g.add_argument("--error-rate", type=float, default=0.05,
                    help="elimination: chance of dropping the best class, per image (default 0.05)")
     g.add_argument("--max-nfe", type=int, default=None, help="elimination: network evaluations per image at most")
@@ -127,21 +127,20 @@ def _add_scoring_options(p, probabilities: bool = True) -> None:
 
 
 def _strategy(args):
-    from .strategies import Elimination, Exhaustive, Staged, preset
+    from .presets import preset
+    from .strategies import Elimination, Exhaustive, Staged
 
     if args.strategy == "elimination":
-        if args.preset or args.n_samples or args.to_keep:
-            raise UserError("--strategy elimination does not take --preset, --n-samples or --to-keep")
+        if args.n_samples or args.to_keep:
+            raise UserError("--strategy elimination does not take --n-samples or --to-keep")
         tree = _read_json(args.class_tree, "class tree") if args.class_tree else None
         return Elimination(args.error_rate, args.max_nfe, args.max_timesteps, shortlist=args.shortlist,
                            class_tree=tree, keep_groups=args.keep_groups)
     if args.class_tree:
         raise UserError("--class-tree needs --strategy elimination")
-    if args.preset:
-        if args.strategy == "exhaustive" or args.n_samples or args.to_keep:
-            raise UserError("--preset sets the staged schedule; do not combine it with --strategy exhaustive, "
-                            "--n-samples or --to-keep")
-        return preset(args.preset)
+    chosen = args.strategy or args.n_samples or args.to_keep
+    if args.preset and not chosen and preset(args.preset).strategy is not None:
+        return preset(args.preset).strategy
     if args.strategy == "staged" or args.n_samples or args.to_keep:
         if not args.n_samples or not args.to_keep:
             raise UserError("the staged strategy needs both --n-samples and --to-keep")
@@ -193,6 +192,9 @@ def _digest(items) -> str:
     return hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()
 
 
+PRESET_LABELS = object()  # evaluate's marker: the dataset was relabelled to the preset's classes
+
+
 def _classifier(args, labels, group=None):
     from .classifier import DiffusionClassifier
     from .loading import load_denoiser
@@ -206,6 +208,12 @@ def _classifier(args, labels, group=None):
     denoiser = load_denoiser(args.model, device=device, dtype=parse_dtype(args.dtype))
     if denoiser.conditioning != "text":
         templates = None
+        if labels is PRESET_LABELS:  # the preset's label order is the model's class-id order
+            from .presets import preset
+
+            labels = list(range(len(preset(args.preset).classes)))
+    if labels is PRESET_LABELS:
+        labels = None
     calibration = {"temperature": args.temperature}  # None: the model's stored temperature, else 1.0
     if args.calibration:
         from .calibration import read_calibration
@@ -213,7 +221,8 @@ def _classifier(args, labels, group=None):
         calibration = read_calibration(args.calibration)
     return DiffusionClassifier(denoiser, labels=labels, templates=templates, config=scoring,
                                temperature=calibration["temperature"],
-                               timestep_weights=calibration.get("timestep_weights"))
+                               timestep_weights=calibration.get("timestep_weights"),
+                               preset=args.preset if denoiser.conditioning == "text" else None)
 
 
 def _add_classify(sub) -> None:
@@ -377,9 +386,17 @@ def cmd_evaluate(args) -> int:
         from .labels import validate_labels
 
         dataset.class_names = validate_labels(labels, expected=len(dataset.class_names))
+        labels = dataset.class_names
+    elif args.preset:
+        from .presets import preset
+
+        dataset = preset(args.preset).relabel(dataset)
+        labels = PRESET_LABELS
+    else:
+        labels = dataset.class_names
     group = init_from_env()
     try:
-        classifier = _classifier(args, dataset.class_names, group)
+        classifier = _classifier(args, labels, group)
         run_config = {"model": str(args.model), "data": str(args.data), "split": args.split,
                       "images": len(dataset), "image_ids_sha256": _digest(dataset.ids),
                       "model_weights_sha256": weights_fingerprint(classifier.denoiser.source_dir)}
@@ -477,6 +494,28 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="a web page to try a model (needs the demo extra: gradio)",
+                       description="Serve a page where an image is dropped or picked, labels typed, and the "
+                                   "ranked labels, the cost and per-timestep errors shown. Loopback only unless "
+                                   "--host is given.")
+    p.add_argument("--model", default="fashion-mnist-text", help="built-in name, local pipeline directory or hub id")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    p.add_argument("--timesteps", type=int, default=10, help="initial timesteps per label")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+
+
+def cmd_serve(args) -> int:
+    from .demo import serve
+    from .runtime import parse_device
+
+    if not 0 < args.port < 65536:
+        raise UserError("--port must be between 1 and 65535")
+    serve(args.model, host=args.host, port=args.port, device=parse_device(args.device), timesteps=args.timesteps)
+    return 0
+
+
 def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="fit the probability temperature on a labelled evaluate run",
                        description="Fit the softmax temperature on a seeded part of a stored labelled run and "
@@ -510,6 +549,8 @@ def cmd_calibrate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-classifier",
                                      description="Zero-shot image classification with conditional diffusion models.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the warnings and log lines of diffusers, transformers and torch")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_classify(sub)
     _add_match(sub)
@@ -517,11 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_calibrate(sub)
     _add_train(sub)
+    _add_serve(sub)
     return parser
 
 
 COMMANDS = {"classify": cmd_classify, "match": cmd_match, "evaluate": cmd_evaluate, "report": cmd_report,
-            "calibrate": cmd_calibrate, "train": cmd_train}
+            "calibrate": cmd_calibrate, "train": cmd_train, "serve": cmd_serve}
 
 
 def _quiet_libraries() -> None:
@@ -545,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    if not args.verbose:
+        _quiet_libraries()
     tune_cpu_allocator()  # once per process, here and not inside library calls (see runtime.py)
     try:
         return COMMANDS[args.command](args)

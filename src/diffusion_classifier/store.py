@@ -30,14 +30,23 @@ STORE_NAME = "results.sqlite"
 IMAGE_LIST_KEYS = {"images", "image_ids_sha256"}  # what may differ between a run and one it reuses
 
 
-def array_bytes(array: np.ndarray) -> bytes:
+def array_bytes(array: np.ndarray, dtype=np.float64) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, np.asarray(array, dtype=np.float64), allow_pickle=False)
+    np.save(buffer, np.asarray(array, dtype=dtype), allow_pickle=False)
     return buffer.getvalue()
 
 
+def errors_bytes(errors: np.ndarray) -> bytes:
+    """An error matrix as float32: the network's errors are float32 values, so this is lossless (checked) and
+    halves what a stored run adds to the repository. Older runs hold float64; both read back as stored."""
+    compact = np.asarray(errors, dtype=np.float32)
+    if not np.array_equal(compact, errors, equal_nan=True):
+        return array_bytes(errors)  # a float64 error from elsewhere: keep it exactly
+    return array_bytes(compact, np.float32)
+
+
 def array_from_bytes(blob: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(blob), allow_pickle=False)
+    return np.load(io.BytesIO(blob), allow_pickle=False).astype(np.float64)  # float32 matrices compute as before
 
 
 def package_versions() -> dict:
@@ -105,7 +114,7 @@ class ResultsStore:
     def row(idx: int, image_id: str, label: int, result) -> tuple:
         ranking = json.dumps([[name, score] for name, score in result.ranking])
         return (idx, image_id, int(label), result.prediction_index, int(result.prediction_index == label),
-                result.nfe, result.seconds, ranking, array_bytes(result.mean_errors), array_bytes(result.errors),
+                result.nfe, result.seconds, ranking, array_bytes(result.mean_errors), errors_bytes(result.errors),
                 json.dumps(result.timesteps), "ok", None)
 
     @staticmethod

@@ -348,25 +348,6 @@ def _best_groups(groups: list, class_scores: np.ndarray, keep: int) -> list:
 
 
 # The paper's per-dataset schedules (to_keep, n_samples, loss).
-PRESETS: dict[str, tuple[list[int], list[int], str]] = {
-    "cifar10": ([5, 1], [50, 500], "l1"),
-    "pets": ([5, 1], [25, 250], "l1"),
-    "stl10": ([5, 1], [100, 500], "l1"),
-    "food": ([20, 10, 5, 1], [20, 50, 100, 500], "l2"),
-    "aircraft": ([20, 10, 5, 1], [20, 50, 100, 500], "l2"),
-    "flowers": ([20, 10, 5, 1], [20, 50, 100, 500], "l1"),
-    "imagenet": ([500, 50, 10, 1], [50, 100, 500, 1000], "l2"),
-    "objectnet": ([25, 10, 5, 1], [50, 100, 500, 1000], "l2"),
-}
-
-
-def preset(name: str) -> Staged:
-    if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    to_keep, n_samples, loss = PRESETS[name]
-    return Staged(n_samples, to_keep, loss=loss)
-
-
 def strategy_from_description(description: dict) -> Strategy:
     """The strategy a run stored (its describe()), rebuilt: runs can be re-created and replayed."""
     settings = dict(description)

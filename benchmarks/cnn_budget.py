@@ -1,0 +1,168 @@
+"""An honest discriminative baseline: the small CNN reference trained for the same CPU budget as a diffusion
+model it is compared with, without and with the standard augmentation, scored on the same test images.
+
+    python benchmarks/cnn_budget.py --minutes 50            # both CNNs side by side, one torch thread each
+
+The budget is wall time on one torch thread, as the diffusion models were trained (the flow benchmark's
+DDPM control: 50 minutes of class-tiny; the shipped fashion-mnist-class: 274 minutes of class-small).
+Augmentation: random horizontal flips and random shifts of up to 2 pixels (edge-replicated), per image.
+Each run checkpoints every 5 minutes into train-runs/cnn-budget/ and resumes from there; the test accuracy
+at each checkpoint is kept, which gives a learning curve for free. Paired differences (same images) against
+every stored 2,000-image evaluate run of a diffusion model found in benchmarks/runs/ (the shipped models'
+runs are in the repository; the flow benchmark's DDPM control appears once benchmarks/flow.py has run).
+Results go to benchmarks/results/cnn_budget.json and a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from common import RESULTS, RUNS, SmallCNN, cnn_correct, test_subset, to_pixels  # benchmarks/
+
+from diffusion_classifier.data import fashion_mnist_arrays
+from diffusion_classifier.runtime import atomic_write_text
+from diffusion_classifier.store import ResultsStore
+
+ROOT = Path(__file__).resolve().parents[1]
+AUGMENTATIONS = ("none", "flips+shifts")
+CHECKPOINT_MINUTES = 5.0
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Random horizontal flips and integer shifts of up to max_shift pixels, drawn per image."""
+    n = len(x)
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    dy, dx = (torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator))
+    size = x.shape[-1]
+    rows = (dy.view(-1, 1) + torch.arange(size)).view(n, 1, size, 1).expand(n, 1, size, padded.shape[-1])
+    x = padded.gather(2, rows)
+    cols = (dx.view(-1, 1) + torch.arange(size)).view(n, 1, 1, size).expand(n, 1, size, size)
+    return x.gather(3, cols)
+
+
+def train(minutes: float, augmentation: str, out: Path, pixels: torch.Tensor, labels: np.ndarray,
+          seed: int = 0) -> dict:
+    """Train (resuming from out/checkpoint.pt) until `minutes` of training in all; return the run's summary."""
+    torch.set_num_threads(1)
+    images, train_labels = fashion_mnist_arrays("train")
+    x, y = to_pixels(images), torch.from_numpy(train_labels)
+    model = SmallCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    state = {"seconds": 0.0, "steps": 0, "curve": []}
+    checkpoint = out / "checkpoint.pt"
+    if checkpoint.is_file():
+        saved = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        state = saved["state"]
+
+    def save():
+        state["curve"].append({"minutes": round(state["seconds"] / 60, 2), "steps": state["steps"],
+                               "accuracy": float(cnn_correct(model.eval(), pixels, labels).mean())})
+        model.train()
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(), "state": state}, tmp)
+        tmp.replace(checkpoint)
+
+    model.train()
+    while state["seconds"] < minutes * 60:
+        started = time.monotonic()
+        stop = min(minutes * 60, (state["seconds"] // (CHECKPOINT_MINUTES * 60) + 1) * CHECKPOINT_MINUTES * 60)
+        while state["seconds"] + time.monotonic() - started < stop:
+            index = torch.randint(0, len(x), (128,), generator=generator)
+            batch = augment(x[index], generator) if augmentation != "none" else x[index]
+            loss = F.cross_entropy(model(batch), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            state["steps"] += 1
+        state["seconds"] += time.monotonic() - started
+        save()
+    correct = cnn_correct(model.eval(), pixels, labels)
+    return {"minutes": minutes, "augmentation": augmentation, "steps": state["steps"],
+            "epochs": state["steps"] * 128 / len(x), "images": len(correct), "accuracy": float(correct.mean()),
+            "accuracy_standard_error": float(correct.std(ddof=1) / np.sqrt(len(correct))),
+            "curve": state["curve"], "correct": correct}
+
+
+def diffusion_runs(subset: np.ndarray, runs_dir: Path) -> dict[str, np.ndarray]:
+    """{run name: per-image correctness} of the complete exhaustive runs over exactly these test images."""
+    ids = [f"test/{i}" for i in subset]
+    found = {}
+    for run in sorted(runs_dir.glob(f"fashion-mnist-*-test{len(subset)}-grid*")):
+        if "variant" in run.name or not (run / "results.sqlite").is_file():
+            continue
+        store = ResultsStore(run)
+        try:
+            records = {r["id"]: r for r in store.records() if r["status"] == "ok"}
+        finally:
+            store.close()
+        if all(i in records for i in ids):
+            found[run.name] = np.array([records[i]["correct"] for i in ids], dtype=float)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=50.0, help="training budget of each CNN, in all")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--train-dir", default=str(ROOT / "train-runs" / "cnn-budget"))
+    parser.add_argument("--runs-dir", default=str(RUNS))
+    parser.add_argument("--out", default=str(RESULTS / "cnn_budget.json"))
+    parser.add_argument("--worker", choices=AUGMENTATIONS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    subset = test_subset(args.images)
+    images, labels = fashion_mnist_arrays("test")
+    pixels, labels = to_pixels(images[subset]), labels[subset]
+    train_dir = Path(args.train_dir)
+    if args.worker:  # one CNN, in its own process so the two train side by side on one thread each
+        out = train_dir / f"{args.minutes:g}min-{args.worker}"
+        out.mkdir(parents=True, exist_ok=True)
+        summary = train(args.minutes, args.worker, out, pixels, labels)
+        summary["correct"] = "".join("1" if c else "0" for c in summary["correct"])
+        atomic_write_text(json.dumps(summary) + "\n", out / "summary.json")
+        return
+    workers = [subprocess.Popen([sys.executable, __file__, "--worker", a, "--minutes", str(args.minutes),
+                                 "--images", str(args.images), "--train-dir", str(train_dir)])
+               for a in AUGMENTATIONS]
+    if any(w.wait() != 0 for w in workers):
+        raise SystemExit("a CNN training run failed")
+    references = diffusion_runs(subset, Path(args.runs_dir))
+    rows = []
+    for a in AUGMENTATIONS:
+        summary = json.loads((train_dir / f"{args.minutes:g}min-{a}" / "summary.json").read_text())
+        correct = np.array([c == "1" for c in summary.pop("correct")], dtype=float)
+        summary["paired_vs_diffusion"] = {}
+        for name, other in references.items():
+            d = correct - other
+            summary["paired_vs_diffusion"][name] = {"difference": float(d.mean()),
+                                                    "standard_error": float(d.std(ddof=1) / np.sqrt(len(d))),
+                                                    "diffusion_accuracy": float(other.mean())}
+        rows.append(summary)
+    result = {"images": args.images, "test_indices_rule": "np.sort(np.random.default_rng(0).permutation(10000)[:N])",
+              "threads": 1, "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M")}
+    atomic_write_text(json.dumps(result, indent=2) + "\n", Path(args.out))
+    for r in rows:
+        print(f"CNN {r['minutes']:g} min, augmentation {r['augmentation']}: {100 * r['accuracy']:.1f}% +- "
+              f"{100 * r['accuracy_standard_error']:.1f} ({r['epochs']:.1f} epochs; curve "
+              + ", ".join(f"{c['minutes']:.0f} min {100 * c['accuracy']:.1f}" for c in r["curve"]) + ")")
+        for name, p in r["paired_vs_diffusion"].items():
+            print(f"    minus {name} ({100 * p['diffusion_accuracy']:.1f}%): {100 * p['difference']:+.1f} +- "
+                  f"{100 * p['standard_error']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
