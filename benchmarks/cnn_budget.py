@@ -6,8 +6,9 @@ model it is compared with, without and with the standard augmentation, scored on
 The budget is wall time on one torch thread, as the diffusion models were trained (the flow benchmark's
 DDPM control: 50 minutes of class-tiny; the shipped fashion-mnist-class: 274 minutes of class-small).
 Augmentation: random horizontal flips and random shifts of up to 2 pixels (edge-replicated), per image.
-Each run checkpoints every 5 minutes into train-runs/cnn-budget/ and resumes from there; the test accuracy
-at each checkpoint is kept, which gives a learning curve for free. Paired differences (same images) against
+Each run checkpoints every 5 minutes into train-runs/cnn-budget/{none,flips+shifts}/ and resumes from there
+(a rerun with a larger --minutes extends it); the test accuracy at each checkpoint is kept, which gives a
+learning curve for free. Paired differences (same images) against
 every stored 2,000-image evaluate run of a diffusion model found in benchmarks/runs/ (the shipped models'
 runs are in the repository; the flow benchmark's DDPM control appears once benchmarks/flow.py has run).
 Results go to benchmarks/results/cnn_budget.json and a table is printed.
@@ -129,7 +130,7 @@ def main() -> None:
     pixels, labels = to_pixels(images[subset]), labels[subset]
     train_dir = Path(args.train_dir)
     if args.worker:  # one CNN, in its own process so the two train side by side on one thread each
-        out = train_dir / f"{args.minutes:g}min-{args.worker}"
+        out = train_dir / args.worker  # a later, larger --minutes resumes and extends the run
         out.mkdir(parents=True, exist_ok=True)
         summary = train(args.minutes, args.worker, out, pixels, labels)
         summary["correct"] = "".join("1" if c else "0" for c in summary["correct"])
@@ -143,7 +144,7 @@ def main() -> None:
     references = diffusion_runs(subset, Path(args.runs_dir))
     rows = []
     for a in AUGMENTATIONS:
-        summary = json.loads((train_dir / f"{args.minutes:g}min-{a}" / "summary.json").read_text())
+        summary = json.loads((train_dir / a / "summary.json").read_text())
         correct = np.array([c == "1" for c in summary.pop("correct")], dtype=float)
         summary["paired_vs_diffusion"] = {}
         for name, other in references.items():
