@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import RESULTS, RUNS, SmallCNN, cnn_correct, test_subset, to_pixels  # benchmarks/
+from common import RESULTS, RUNS, SmallCNN, cnn_correct, paired_difference, test_subset, to_pixels  # benchmarks/
 
 from diffusion_classifier.data import fashion_mnist_arrays
 from diffusion_classifier.runtime import atomic_write_text
@@ -148,9 +148,8 @@ def main() -> None:
         correct = np.array([c == "1" for c in summary.pop("correct")], dtype=float)
         summary["paired_vs_diffusion"] = {}
         for name, other in references.items():
-            d = correct - other
-            summary["paired_vs_diffusion"][name] = {"difference": float(d.mean()),
-                                                    "standard_error": float(d.std(ddof=1) / np.sqrt(len(d))),
+            difference, stderr = paired_difference(correct, other)
+            summary["paired_vs_diffusion"][name] = {"difference": difference, "standard_error": stderr,
                                                     "diffusion_accuracy": float(other.mean())}
         rows.append(summary)
     result = {"images": args.images, "test_indices_rule": "np.sort(np.random.default_rng(0).permutation(10000)[:N])",

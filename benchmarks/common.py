@@ -108,6 +108,12 @@ def replayed_decisions(strategy, errors: list[np.ndarray], grid: list[int], labe
     return np.array([t.ranking()[0] for t in tables]) == labels, np.array([t.nfe for t in tables])
 
 
+def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Mean of a - b over the same items, and its standard error (paired, so per-item difficulty cancels)."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
 class SmallCNN(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, RUNS, model_fingerprint  # benchmarks/
+from common import RESULTS, RUNS, model_fingerprint, paired_difference  # benchmarks/
 
 from diffusion_classifier.data import fashion_mnist_arrays
 from diffusion_classifier.matching_metrics import standard_error, winoground_outcomes, winoground_scores
@@ -57,11 +57,6 @@ def manifest_for(n: int) -> Path:
     if not manifest.is_file():
         write_winoground(test_examples(n), manifest.parent)
     return manifest
-
-
-def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    d = np.asarray(a, float) - np.asarray(b, float)
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
 # ----- sections ---------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, test_subset  # benchmarks/
+from common import RESULTS, paired_difference, test_subset  # benchmarks/
 from fashion_mnist import grid_run  # benchmarks/
 
 from diffusion_classifier import load_denoiser
@@ -69,11 +69,6 @@ def model_dir(args, objective: str) -> Path:
 def accuracy(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Per image, 1.0 where the lowest mean error is the true class. scores: [images, classes]."""
     return (scores.argmin(axis=1) == truth).astype(float)
-
-
-def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    d = a - b
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def main() -> None:
@@ -123,7 +118,7 @@ def main() -> None:
                 key = (objective, k)
                 if name == "eps, even grid":
                     baseline[key] = correct
-                diff, se = paired(correct, baseline[key][mask])
+                diff, se = paired_difference(correct, baseline[key][mask])
                 rows.append({"model": objective, "variant": name, "timesteps": k, "nfe": 10 * k,
                              "images": len(correct),
                              "accuracy": float(correct.mean()),
@@ -131,7 +126,7 @@ def main() -> None:
                              "paired_vs_default": diff, "paired_standard_error": se})
     for r in rows:
         if r["model"] == "flow" and r["variant"] == "eps, even grid":
-            r["minus_ddpm_control"], r["minus_ddpm_control_standard_error"] = paired(
+            r["minus_ddpm_control"], r["minus_ddpm_control_standard_error"] = paired_difference(
                 baseline[("flow", r["timesteps"])], baseline[("ddpm", r["timesteps"])])
     result = {"images": args.images, "architecture": args.architecture,
               "test_indices_rule": "np.sort(np.random.default_rng(0).permutation(10000)[:N])",
