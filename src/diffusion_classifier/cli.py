@@ -46,6 +46,14 @@ def _add_train(sub) -> None:
                         "(text models; captions from resources/fashion_mnist_pairs.json or --captions-file)")
     p.add_argument("--single-prob", type=float, default=0.2, help="pairs layout: share of one-item images")
     p.add_argument("--max-text-length", type=int, default=16, help="text models: tokens per caption")
+    p.add_argument("--hard-negatives", type=float, default=0.0, metavar="WEIGHT",
+                   help="pairs layout: add WEIGHT x a ranking loss asking each caption to denoise its image "
+                        "better than the same words with the two items swapped (0: the generative loss only)")
+    p.add_argument("--hard-negative-temperature", type=float, default=0.1,
+                   help="scale of the ranking loss's log error ratio")
+    p.add_argument("--init-from", default="", metavar="RUN_DIR",
+                   help="start from another run's checkpoint.pt (same network; e.g. to fine-tune with "
+                        "--hard-negatives); ignored when --out already holds a checkpoint")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -69,7 +77,8 @@ def cmd_train(args) -> int:
                          captions_file=args.captions_file, empty_caption_prob=args.empty_caption_prob,
                          text_pooling=args.text_pooling, threads=args.threads, layout=args.layout,
                          objective=args.objective, single_prob=args.single_prob,
-                         max_text_length=args.max_text_length)
+                         max_text_length=args.max_text_length, hard_negatives=args.hard_negatives,
+                         hard_negative_temperature=args.hard_negative_temperature, init_from=args.init_from)
     summary = train(dataset, args.out, config, progress=not args.quiet)
     summary.pop("config")
     print(json.dumps(summary))

@@ -77,6 +77,9 @@ class TrainConfig:
     objective: str = "ddpm"  # "ddpm": epsilon prediction, linear VP schedule; "flow": rectified flow (velocity)
     layout: str = "single"  # "single": one item per image; "pairs": two items side by side (pairs.py)
     single_prob: float = 0.2  # pairs layout: share of training images with one item on one side
+    hard_negatives: float = 0.0  # pairs layout: weight of the swapped-caption ranking loss (0: generative only)
+    hard_negative_temperature: float = 0.1  # scale of that loss's log error ratio
+    init_from: str = ""  # a run directory whose checkpoint.pt starts this run (weights, EMA, optimizer, step)
     threads: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -94,6 +97,10 @@ class TrainConfig:
             raise UserError("--layout pairs trains a text-conditioned model: add --conditioning text")
         if self.architecture not in ARCHITECTURES:
             raise UserError(f"unknown architecture {self.architecture!r}; choose from {', '.join(ARCHITECTURES)}")
+        if self.hard_negatives < 0 or self.hard_negative_temperature <= 0:
+            raise UserError("--hard-negatives must be >= 0 and its temperature > 0")
+        if self.hard_negatives and self.layout != "pairs":
+            raise UserError("--hard-negatives needs --layout pairs (swapped captions are its negatives)")
 
 
 def build_network(config: TrainConfig, num_classes: int, channels: int, cross_attention_dim: int = 0):
@@ -232,11 +239,22 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
 
     checkpoint_path = out_dir / "checkpoint.pt"
     step, images_seen, seconds, losses = 0, 0, 0.0, []
+    state = None
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         stored = {**_comparable(TrainConfig(conditioning=config.conditioning)), **state["config"]}  # newer fields
         if stored != _comparable(config):
             raise UserError(f"{checkpoint_path} was made with another configuration; use a new output directory")
+    elif config.init_from:
+        source = Path(config.init_from) / "checkpoint.pt"
+        if not source.is_file():
+            raise UserError(f"--init-from {config.init_from}: no checkpoint.pt there")
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        if state["config"].get("architecture") != config.architecture or any(
+                state["config"].get(k) != getattr(config, k) for k in ("conditioning", "layout", "objective")):
+            raise UserError(f"--init-from {config.init_from}: its network ({state['config'].get('architecture')}, "
+                            f"{state['config'].get('layout')}) differs from this run's")
+    if state is not None:
         network.load_state_dict(state["network"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -251,6 +269,7 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
     bar = tqdm(total=budget if by_time else config.max_steps, initial=0 if by_time else step, disable=not progress,
                unit="s" if by_time else "step", dynamic_ncols=True, desc="train (time budget)" if by_time else "train")
     permutation, epoch_of_permutation = None, -1
+    ranks: list[float] = []  # this invocation's ranking losses (--hard-negatives)
     started = time.monotonic()
 
     def save_checkpoint():
@@ -276,14 +295,27 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
             x_t = schedule.noised(x0, noise, t)  # the same x_t the classifier scores at position t
             target = noise if config.objective == "ddpm" else schedule.velocity(x0, noise, t)
             t = schedule.model_timestep(t)
+            n_neg = 0
             if text_cond is None:
                 pred = network(x_t, t, class_labels=y).sample
             else:
                 if config.layout != "pairs":
                     caption = bank.sample(y, gen, config.empty_caption_prob)
+                negative = bank.swapped[caption] if config.hard_negatives else torch.zeros(0, dtype=torch.long)
+                use = negative >= 0
+                n_neg = int(use.sum())
+                if n_neg:  # the same x_t, t and target under the swapped caption, in the same forward pass
+                    x_t, t = torch.cat([x_t, x_t[use]]), torch.cat([t, t[use]])
+                    caption = torch.cat([caption, negative[use]])
                 pred = network(x_t, t, encoder_hidden_states=text_cond["encoder_hidden_states"][caption],
                                encoder_attention_mask=text_cond["encoder_attention_mask"][caption]).sample
-            loss = torch.nn.functional.mse_loss(pred, target)
+            pred, pred_negative = pred[:len(index)], pred[len(index):]
+            mse = torch.nn.functional.mse_loss(pred, target)
+            loss = mse
+            if n_neg:
+                rank = ranking_loss(pred[use], pred_negative, target[use], config.hard_negative_temperature)
+                loss = mse + config.hard_negatives * rank
+                ranks.append(rank.item())
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, config)
             optimizer.zero_grad(set_to_none=True)
@@ -296,12 +328,13 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
                     p_ema.lerp_(p, 1 - decay)
             step += 1
             images_seen += len(index)
-            losses.append(loss.item())
+            losses.append(mse.item())  # the denoising loss alone, comparable across runs
             if progress:
                 elapsed = seconds + time.monotonic() - started
                 bar.update(min(budget, int(time.monotonic() - started)) - bar.n if by_time else 1)
                 bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}", img_s=f"{images_seen / max(elapsed, 1e-9):.0f}",
-                                epoch=f"{images_seen / n:.2f}")
+                                epoch=f"{images_seen / n:.2f}", **({"rank": f"{np.mean(ranks[-200:]):.3f}"} if ranks
+                                                                   else {}))
             if time.monotonic() - last_checkpoint > config.checkpoint_minutes * 60:
                 save_checkpoint()
                 export(ema, scheduler, out_dir, config, class_names, tokenizer, text_encoder, stats)
@@ -314,9 +347,22 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
     total_seconds = seconds + time.monotonic() - started
     summary = dict(steps=step, images_seen=images_seen, epochs=images_seen / n, train_seconds=round(total_seconds, 1),
                    final_loss=float(np.mean(losses[-500:])) if losses else None,
+                   **({"final_ranking_loss": float(np.mean(ranks[-500:]))} if ranks else {}),
                    parameters=sum(p.numel() for p in network.parameters()), config=asdict(config))
     (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def ranking_loss(pred: torch.Tensor, pred_negative: torch.Tensor, target: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """Swapped-caption ranking loss (as in DiffusionITM's hard-negative fine-tuning, in a bounded form):
+    softplus(log(e_true / e_swapped) / temperature), e = per-sample squared error at the same (x_t, t). It
+    asks the true caption to denoise better than the same words in the other order, and stops pushing once
+    it does by a margin, so the swapped caption's error is not driven up without bound."""
+    e_true = (pred - target).pow(2).flatten(1).mean(1)
+    e_swapped = (pred_negative - target).pow(2).flatten(1).mean(1)
+    return torch.nn.functional.softplus((e_true.clamp_min(1e-8).log() - e_swapped.clamp_min(1e-8).log())
+                                        / temperature).mean()
 
 
 def _text_config(config: TrainConfig) -> dict:
