@@ -250,10 +250,10 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
         if not source.is_file():
             raise UserError(f"--init-from {config.init_from}: no checkpoint.pt there")
         state = torch.load(source, map_location="cpu", weights_only=True)
-        if state["config"].get("architecture") != config.architecture or any(
-                state["config"].get(k) != getattr(config, k) for k in ("conditioning", "layout", "objective")):
-            raise UserError(f"--init-from {config.init_from}: its network ({state['config'].get('architecture')}, "
-                            f"{state['config'].get('layout')}) differs from this run's")
+        network_keys = ("architecture", "conditioning", "layout", "objective", "resolution")
+        if any(state["config"].get(k) != getattr(config, k) for k in network_keys):
+            raise UserError(f"--init-from {config.init_from}: its network "
+                            f"({', '.join(str(state['config'].get(k)) for k in network_keys)}) differs from this run's")
     if state is not None:
         network.load_state_dict(state["network"])
         ema.load_state_dict(state["ema"])
@@ -301,9 +301,10 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
             else:
                 if config.layout != "pairs":
                     caption = bank.sample(y, gen, config.empty_caption_prob)
-                negative = bank.swapped[caption] if config.hard_negatives else torch.zeros(0, dtype=torch.long)
-                use = negative >= 0
-                n_neg = int(use.sum())
+                if config.hard_negatives:
+                    negative = bank.swapped[caption]
+                    use = negative >= 0  # two-item captions have a swapped twin; single items and "" do not
+                    n_neg = int(use.sum())
                 if n_neg:  # the same x_t, t and target under the swapped caption, in the same forward pass
                     x_t, t = torch.cat([x_t, x_t[use]]), torch.cat([t, t[use]])
                     caption = torch.cat([caption, negative[use]])
