@@ -213,3 +213,115 @@ def test_hard_negative_fine_tuning_continues_a_pairs_run(tmp_path):
               progress=False)
     with pytest.raises(UserError, match="--layout pairs"):
         TrainConfig(conditioning="text", hard_negatives=0.1)
+
+
+def _toy_folder(root) -> str:
+    """The toy dataset as an ImageFolder, for `train` run in subprocesses (torchrun, SIGKILL)."""
+    toy = _toy_dataset()
+    for k, (image, label) in enumerate(zip(toy.items, toy.labels)):
+        (root / toy.class_names[label]).mkdir(parents=True, exist_ok=True)
+        image.save(root / toy.class_names[label] / f"{k:03d}.png")
+    return str(root)
+
+
+def _train_command(data: str, out, *extra: str) -> list[str]:
+    # the real class-small network (the fixture's tiny one does not reach subprocesses), at 8 x 8
+    return ["-m", "diffusion_classifier", "train", "--data", data, "--out", str(out), "--resolution", "8",
+            "--batch-size", "16", "--warmup-steps", "2", "--threads", "1", "--quiet", *extra]
+
+
+def _weights(run_dir) -> dict:
+    return load_file(run_dir / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_two_process_ddp_trains_the_same_run_as_one_and_exports_a_model(tmp_path):
+    import subprocess
+    import sys
+
+    from .test_runs import _free_port
+
+    data = _toy_folder(tmp_path / "data")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, *_train_command(data, tmp_path / "one", "--max-steps", "3")], check=True,
+                   env=env, capture_output=True)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(_free_port()), *_train_command(data, tmp_path / "two", "--max-steps", "3")],
+                         env=env, capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    summary = json.loads(ddp.stdout.strip().splitlines()[-1])  # printed once, by rank 0
+    assert summary["processes"] == 2 and summary["steps"] == 3 and summary["images_seen"] == 48
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    # Each rank's half-batch gradient, averaged by DDP, is the whole batch's gradient up to float rounding,
+    # which Adam's normalisation can magnify for parameters whose gradient is near zero: nearly every weight
+    # agrees to 1e-5, and none is off by more than a fraction of one step (lr 2e-3).
+    diff = torch.cat([(two[key] - one[key]).abs().flatten() for key in one])
+    assert (diff <= 1e-5).float().mean() > 0.995 and diff.max() < 1e-3
+    denoiser = load_denoiser(tmp_path / "two")
+    assert len(DiffusionClassifier(denoiser, strategy=Exhaustive(4)).classify(_toy_dataset(1).items)) == 2
+
+
+def test_training_resumes_exactly_after_sigkill(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = _toy_folder(tmp_path / "data")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    every_step = ("--max-steps", "8", "--checkpoint-minutes", "0")
+    subprocess.run([sys.executable, *_train_command(data, tmp_path / "straight", "--max-steps", "8")], check=True,
+                   env=env, capture_output=True)
+    victim = subprocess.Popen([sys.executable, *_train_command(data, tmp_path / "killed", *every_step)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and victim.poll() is None:
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=True)["step"] >= 2:
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = torch.load(checkpoint, weights_only=True)["step"]
+    subprocess.run([sys.executable, *_train_command(data, tmp_path / "killed", *every_step)], check=True, env=env,
+                   capture_output=True)
+    assert torch.load(checkpoint, weights_only=True)["step"] == 8 and killed_at >= 2
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+
+
+def test_bf16_autocast_trains_on_the_cpu(tmp_path):
+    summary = train(_toy_dataset(), tmp_path / "m", _config(max_steps=3, precision="bf16", device="cpu"),
+                    progress=False)
+    assert summary["steps"] == 3 and summary["precision"] == "bf16" and np.isfinite(summary["final_loss"])
+    assert all(v.dtype == torch.float32 for v in _weights(tmp_path / "m").values())  # float32 master weights
+    assert load_denoiser(tmp_path / "m").network.training is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_train_on_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys):
+    code = main(["train", "--data", _toy_folder(tmp_path / "data"), "--out", str(tmp_path / "m"), "--device", "cuda",
+                 "--max-steps", "1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "CUDA is not available" in err
+
+
+def test_train_flags_come_from_the_config():
+    from dataclasses import fields
+
+    from diffusion_classifier.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--data", "x", "--out", "y", "--precision", "bf16", "--lr", "0.01"])
+    assert all(hasattr(args, f.name) for f in fields(TrainConfig))
+    assert args.precision == "bf16" and args.lr == 0.01 and args.device == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--data", "x", "--out", "y", "--precision", "fp8"])
+
+
+def test_training_leaves_global_torch_state_alone(tmp_path):
+    threads = torch.get_num_threads()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train(_toy_dataset(), tmp_path / "m", _config(max_steps=1), progress=False)
+    assert torch.equal(torch.rand(3), expected) and torch.get_num_threads() == threads

