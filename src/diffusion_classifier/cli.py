@@ -102,7 +102,8 @@ def _add_scoring_options(p, probabilities: bool = True) -> None:
                        help="softmax temperature of probabilities (default: the model's stored one, else 1.0)")
         g.add_argument("--calibration", help="calibration.json (or a run directory holding one) from `calibrate`")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    g.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    g.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on the CPU), float32, float16 "
+                   "or bfloat16")
     groups["robustness"] = p.add_argument_group("robustness (pixel-space models)")
     config.add_arguments(groups, config.ScoringConfig)  # --loss, --aggregate, --seed, --batch-size, ...
 
@@ -187,7 +188,7 @@ def _classifier(args, labels, group=None):
     device = parse_device(args.device)
     if group is not None:
         device = group.device(device)
-    denoiser = load_denoiser(args.model, device=device, dtype=parse_dtype(args.dtype))
+    denoiser = load_denoiser(args.model, device=device, dtype=parse_dtype(args.dtype, device))
     if denoiser.conditioning != "text":
         templates = None
         if labels is PRESET_LABELS:  # the preset's label order is the model's class-id order
@@ -282,7 +283,7 @@ def _matcher(args, with_null: bool, group=None):
     device = parse_device(args.device)
     if group is not None:
         device = group.device(device)
-    denoiser = load_denoiser(args.model, device=device, dtype=parse_dtype(args.dtype))
+    denoiser = load_denoiser(args.model, device=device, dtype=parse_dtype(args.dtype, device))
     return ImageTextMatcher(denoiser, config=scoring, with_null=with_null)
 
 

@@ -54,6 +54,9 @@ class ScoringConfig:
                                        "range (undoes contrast and brightness changes; for range-normalised "
                                        "data such as Fashion-MNIST)", group="robustness")
     batch_size: int = option(256, "network evaluations per forward pass", affects_results=False)
+    compile: bool = option(False, "torch.compile the network with one fixed batch shape (the last batch of a wave "
+                           "is padded); compile time is reported; falls back to eager with a warning where it "
+                           "cannot compile", affects_results=False)
     images_per_batch: int = option(32, "images scored together (and committed, in evaluate)", affects_results=False)
 
     def __post_init__(self):

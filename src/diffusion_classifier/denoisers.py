@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .errors import UserError, warn_once
 from .schedules import NoiseSchedule, schedule_from_scheduler
 
 LOSSES = ("l2", "l1", "huber")
@@ -50,6 +50,24 @@ def per_sample_error(target: torch.Tensor, prediction: torch.Tensor, loss: str =
     else:
         raise UserError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     return elementwise.flatten(1).mean(dim=1)
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot run on this device here, or None."""
+    import importlib.util
+    import os
+    import shutil
+
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "compiling for CUDA needs triton, which is not installed"
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++")
+                                        if c):
+        return "compiling for the CPU needs a C++ compiler (none found)"
+    if device.type not in ("cpu", "cuda"):
+        return f"compiling for {device.type} is not supported here"
+    return None
 
 
 @dataclass
@@ -169,6 +187,25 @@ class Denoiser:
             if changes:
                 module.to(**changes)
         return self
+
+    # ----- compilation -----------------------------------------------------------
+    compiled = False
+
+    def compile(self) -> bool:
+        """torch.compile the network in place for fixed shapes (the engine pads batches to one size).
+        Results are unchanged up to float rounding. Where compiling cannot work here, a one-line warning
+        and False; a failure at the first call falls back the same way (ScoringEngine)."""
+        reason = compile_unavailable(self.device)
+        if reason:
+            warn_once(f"--compile: {reason}; running eager")
+            return False
+        self.network.compile(dynamic=False)
+        self.compiled = True
+        return True
+
+    def uncompile(self) -> None:
+        self.network._compiled_call_impl = None  # what nn.Module.compile set
+        self.compiled = False
 
     def _modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.network, self.vae) if m is not None]

@@ -65,32 +65,45 @@ def evaluate(classifier: DiffusionClassifier, dataset: LabelledImages, run_dir: 
     return metrics
 
 
+def _prepare(dataset: LabelledImages, batch: list[int], classifier: DiffusionClassifier, store: ResultsStore):
+    """Decode and preprocess one batch of images: (failed rows, good indices, pixels or None)."""
+    denoiser = classifier.denoiser
+    failed, good, pixels = [], [], []
+    for i in batch:
+        try:
+            pixels.append(preprocess([dataset.items[i]], denoiser.image_size, denoiser.image_channels,
+                                     classifier.interpolation)[0])
+            good.append(i)
+        except UserError as exc:
+            failed.append(store.failed_row(i, dataset.ids[i], dataset.labels[i], str(exc)))
+    return failed, good, torch.stack(pixels) if pixels else None
+
+
 def _classify_into(store: ResultsStore, classifier: DiffusionClassifier, dataset: LabelledImages, todo: list[int],
                    images_per_batch: int, progress: bool, group: ProcessGroup) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    denoiser = classifier.denoiser
     bar = tqdm(total=len(todo), disable=not progress or not group.is_main, unit="img", dynamic_ncols=True,
                desc="evaluate" if group.world_size == 1 else f"evaluate (rank 0 of {group.world_size})")
     correct = seen = 0
-    for start in range(0, len(todo), images_per_batch):
-        batch = todo[start:start + images_per_batch]
-        started = time.perf_counter()
-        rows, good, pixels = [], [], []
-        for i in batch:
-            try:
-                pixels.append(preprocess([dataset.items[i]], denoiser.image_size, denoiser.image_channels,
-                                         classifier.interpolation)[0])
-                good.append(i)
-            except UserError as exc:
-                rows.append(store.failed_row(i, dataset.ids[i], dataset.labels[i], str(exc)))
-        if good:
-            results = classifier.classify_pixels(torch.stack(pixels), [dataset.ids[i] for i in good], started=started)
-            for i, result in zip(good, results):
-                rows.append(store.row(i, dataset.ids[i], dataset.labels[i], result))
-                correct += int(result.prediction_index == dataset.labels[i])
-        store.add(rows)
-        seen += len(good)
-        bar.update(len(batch))
-        bar.set_postfix(acc=f"{correct / max(seen, 1):.3f}")
+    batches = [todo[start:start + images_per_batch] for start in range(0, len(todo), images_per_batch)]
+    # the next batch is decoded and preprocessed in a background thread while this one is scored
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="preprocess") as pool:
+        upcoming = pool.submit(_prepare, dataset, batches[0], classifier, store) if batches else None
+        for k, batch in enumerate(batches):
+            rows, good, pixels = upcoming.result()
+            if k + 1 < len(batches):
+                upcoming = pool.submit(_prepare, dataset, batches[k + 1], classifier, store)
+            started = time.perf_counter()
+            if good:
+                results = classifier.classify_pixels(pixels, [dataset.ids[i] for i in good], started=started)
+                for i, result in zip(good, results):
+                    rows.append(store.row(i, dataset.ids[i], dataset.labels[i], result))
+                    correct += int(result.prediction_index == dataset.labels[i])
+            store.add(rows)
+            seen += len(good)
+            bar.update(len(batch))
+            bar.set_postfix(acc=f"{correct / max(seen, 1):.3f}")
     bar.close()

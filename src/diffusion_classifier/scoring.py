@@ -27,7 +27,7 @@ import torch
 
 from . import robust
 from .denoisers import Conditions, Denoiser
-from .errors import UserError
+from .errors import UserError, warn_once
 from .strategies import Round, ScoreTable, Strategy
 
 if TYPE_CHECKING:
@@ -96,34 +96,46 @@ class _Running:
     job: Job
     table: ScoreTable
     rounds: Iterator[Round]
-    noise_cache: dict = field(default_factory=dict)
+    noise_cache: dict = field(default_factory=dict)  # column -> noise on the model's device
     done: bool = False
 
-    def noise(self, column: int, t: int) -> torch.Tensor:
+    def noise(self, column: int, t: int, device: torch.device) -> torch.Tensor:
         if column not in self.noise_cache:
             explicit = self.job.explicit_noise
             if explicit is not None:
                 if column >= len(explicit):
                     raise UserError(f"explicit noise has {len(explicit)} entries but the strategy "
                                     f"evaluates more distinct timesteps than that")
-                self.noise_cache[column] = explicit[column]
+                noise = explicit[column]
             else:
-                self.noise_cache[column] = noise_for(self.job.noise_key, t, self.job.x0.shape)
+                noise = noise_for(self.job.noise_key, t, self.job.x0.shape)
+            if noise.device.type == "cpu" and device.type == "cuda":
+                noise = noise.pin_memory()
+            self.noise_cache[column] = noise.to(device, non_blocking=True)
         return self.noise_cache[column]
 
 
 @dataclass
 class EngineStats:
-    network_seconds: float = 0.0
+    network_seconds: float = 0.0  # wall time of the waves (network work and the one host sync per wave)
     network_calls: int = 0
     evaluations: int = 0
+    padded: int = 0  # evaluations of padding rows (fixed batch shapes for a compiled network)
+    compile_seconds: float = 0.0  # the first (compiling) call of a compiled network
 
 
 class ScoringEngine:
-    """Scores jobs against rows of one embedded condition bank (conditions: one row per condition)."""
+    """Scores jobs against rows of one embedded condition bank (conditions: one row per condition).
+
+    A wave (every running job's next round) is laid out as arrays of work items, evaluated in batches
+    that are gathered on the device (no per-item stacking), with the errors kept on the device until the
+    wave ends: the host waits for the device once per wave, so it queues the next batch while the
+    current one runs. With `compile=True` the network is compiled and every batch is padded to
+    `batch_size`, so one compiled graph serves the whole run.
+    """
 
     def __init__(self, denoiser: Denoiser, conditions: Conditions, loss: str = "l2", batch_size: int = 256,
-                 target: str = "eps", grid: str = "even", weighting: str = "uniform"):
+                 target: str = "eps", grid: str = "even", weighting: str = "uniform", compile: bool = False):
         if batch_size < 1:
             raise UserError("--batch-size must be at least 1")
         if weighting not in WEIGHTINGS:
@@ -132,15 +144,20 @@ class ScoringEngine:
         self.loss, self.batch_size, self.target = loss, batch_size, target
         self.schedule = denoiser.schedule.with_grid(grid)
         # ELBO weighting multiplies each error by -dlogSNR/dt at its position (mean 1 over the schedule)
-        self.weights = denoiser.schedule.elbo_weights().float() if weighting == "elbo" else None
+        weights = denoiser.schedule.elbo_weights().float() if weighting == "elbo" else None
+        self.weights = None if weights is None else weights.to(denoiser.device)
+        self.compile = compile
         self.stats = EngineStats()
 
     @classmethod
     def for_config(cls, denoiser: Denoiser, conditions: Conditions, config: ScoringConfig) -> ScoringEngine:
-        return cls(denoiser, conditions, config.loss, config.batch_size, config.target, config.grid, config.weighting)
+        return cls(denoiser, conditions, config.loss, config.batch_size, config.target, config.grid, config.weighting,
+                   compile=config.compile)
 
     def score(self, jobs: Sequence[Job], strategy: Strategy, aggregate: str = "min") -> list[ScoreTable]:
         """Run `strategy` for every job; one ScoreTable per job, in order."""
+        if self.compile and not self.denoiser.compiled:
+            self.denoiser.compile()
         running = []
         for job in jobs:
             n_candidates, n_prompts = np.shape(job.rows)
@@ -160,38 +177,92 @@ class ScoringEngine:
                 return [run.table for run in running]
             self._evaluate(work)
 
+    def _first_compiled_call(self, x0, noise, t, cond) -> torch.Tensor:
+        """The call that compiles; where compiling fails (no C compiler, an unsupported operation), a one-line
+        warning and the eager network from then on."""
+        started = time.perf_counter()
+        try:
+            errors = self.denoiser.error(x0, noise, t, cond, self.loss, self.target)
+            if errors.device.type == "cuda":
+                torch.cuda.synchronize(errors.device)
+        except Exception as exc:  # torch._dynamo / inductor raise many kinds
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            warn_once(f"--compile: compiling {type(self.denoiser.network).__name__} failed ({reason}); "
+                      f"running eager")
+            self.denoiser.uncompile()
+            return self.denoiser.error(x0, noise, t, cond, self.loss, self.target)
+        self.stats.compile_seconds = time.perf_counter() - started
+        return errors
+
+    @staticmethod
+    def _work_items(work: list[tuple[_Running, Round]]) -> dict[str, np.ndarray]:
+        """The wave's (job, condition row, timestep, column, candidate or NULL, prompt) items not yet
+        evaluated, as parallel arrays, ordered job by job, then candidate, prompt, timestep."""
+        parts = []
+        for j, (run, round_) in enumerate(work):
+            table, rows = run.table, np.asarray(run.job.rows)
+            timesteps = np.asarray(round_.timesteps, dtype=np.int64)
+            columns = np.array([table.column(int(t)) for t in timesteps], dtype=np.int64)
+            classes = np.asarray(round_.classes, dtype=np.int64)
+            c, p, k = np.meshgrid(classes, np.arange(rows.shape[1]), np.arange(len(timesteps)), indexing="ij")
+            c, p, k = c.ravel(), p.ravel(), k.ravel()
+            todo = np.isnan(table.errors[c, p, columns[k]])
+            c, p, k = c[todo], p[todo], k[todo]
+            parts.append(dict(job=np.full(len(c), j), row=rows[c, p].astype(np.int64), t=timesteps[k],
+                              col=columns[k], cand=c, prompt=p))
+            if run.job.null_row is not None:
+                todo = np.isnan(table.null_errors[columns])
+                n = int(todo.sum())
+                parts.append(dict(job=np.full(n, j), row=np.full(n, run.job.null_row, dtype=np.int64),
+                                  t=timesteps[todo], col=columns[todo], cand=np.full(n, NULL), prompt=np.zeros(n,
+                                                                                                           np.int64)))
+        return {key: np.concatenate([part[key] for part in parts]).astype(np.int64) for key in parts[0]}
+
     def _evaluate(self, work: list[tuple[_Running, Round]]) -> None:
         """Evaluate every (job, candidate, prompt, timestep) item of this wave in shared batches."""
-        items = []  # (run, condition row, t, column, candidate or NULL, prompt)
-        for run, round_ in work:
-            table, rows = run.table, run.job.rows
-            columns = [(t, table.column(t)) for t in round_.timesteps]
-            for c in round_.classes:
-                for p in range(rows.shape[1]):
-                    for t, col in columns:
-                        if np.isnan(table.errors[c, p, col]):
-                            items.append((run, int(rows[c, p]), t, col, c, p))
-            if run.job.null_row is not None:
-                items += [(run, run.job.null_row, t, col, NULL, 0) for t, col in columns
-                          if np.isnan(table.null_errors[col])]
+        items = self._work_items(work)
+        n = len(items["t"])
+        if n == 0:
+            return
         device = self.denoiser.device
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start:start + self.batch_size]
-            x0 = torch.stack([run.job.x0 for run, *_ in chunk])
-            noise = torch.stack([run.noise(col, t) for run, _, t, col, _, _ in chunk]).to(device)
-            t = torch.tensor([item[2] for item in chunk], device=device)
-            rows = torch.tensor([item[1] for item in chunk], device=device)
-            cond = {key: value[rows] for key, value in self.conditions.items()}
-            started = time.perf_counter()
-            errors = self.denoiser.error(x0, noise, t, cond, self.loss, self.target).cpu()
+        started = time.perf_counter()
+        # one noise tensor per distinct (job, column) of the wave, gathered per batch by index
+        pairs, first, noise_index = np.unique(np.stack([items["job"], items["col"]], axis=1), axis=0,
+                                              return_index=True, return_inverse=True)
+        noise_bank = torch.stack([work[j][0].noise(c, t, device)
+                                  for (j, c), t in zip(pairs.tolist(), items["t"][first].tolist())])
+        x0_bank = torch.stack([run.job.x0 for run, _ in work]).to(device)
+        as_device = {key: torch.from_numpy(value).to(device) for key, value in items.items()}
+        as_device["noise"] = torch.from_numpy(noise_index.reshape(-1).astype(np.int64)).to(device)
+        errors = torch.empty(n, device=device)
+        for start in range(0, n, self.batch_size):
+            take = torch.arange(start, min(start + self.batch_size, n), device=device)
+            if self.compile and len(take) < self.batch_size:  # one batch shape for the compiled graph
+                take = torch.cat([take, take[-1:].expand(self.batch_size - len(take))])
+            x0 = x0_bank[as_device["job"][take]]
+            noise = noise_bank[as_device["noise"][take]]
+            t = as_device["t"][take]
+            cond = {key: value[as_device["row"][take]] for key, value in self.conditions.items()}
+            if self.denoiser.compiled and not self.stats.compile_seconds:
+                batch_errors = self._first_compiled_call(x0, noise, t, cond)
+            else:
+                batch_errors = self.denoiser.error(x0, noise, t, cond, self.loss, self.target)
             if self.weights is not None:
-                errors = errors * self.weights[t.cpu()]
-            errors = errors.numpy()
-            self.stats.network_seconds += time.perf_counter() - started
+                batch_errors = batch_errors * self.weights[t]
+            real = min(self.batch_size, n - start)
+            errors[start:start + real] = batch_errors[:real]
             self.stats.network_calls += 1
-            self.stats.evaluations += len(chunk)
-            for (run, _, _, col, c, p), value in zip(chunk, errors):
-                if c == NULL:
-                    run.table.null_errors[col] = value
-                else:
-                    run.table.errors[c, p, col] = value
+            self.stats.evaluations += real
+            self.stats.padded += len(take) - real
+        host = errors.to("cpu", non_blocking=device.type == "cuda")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.stats.network_seconds += time.perf_counter() - started
+        values = host.numpy().astype(np.float64)
+        for j, (run, _) in enumerate(work):  # scatter into each job's table with fancy indexing
+            mine = items["job"] == j
+            null = mine & (items["cand"] == NULL)
+            real = mine & ~null
+            run.table.errors[items["cand"][real], items["prompt"][real], items["col"][real]] = values[real]
+            if null.any():
+                run.table.null_errors[items["col"][null]] = values[null]
