@@ -38,16 +38,18 @@ CHECKPOINT_MINUTES = 5.0
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Random horizontal flips and integer shifts of up to max_shift pixels, drawn per image."""
-    n = len(x)
-    flip = torch.rand(n, generator=generator) < 0.5
+    """Random horizontal flips and integer shifts of up to max_shift pixels, drawn per image (on x's device,
+    from a generator on that device)."""
+    n, device = len(x), x.device
+    flip = torch.rand(n, generator=generator, device=device) < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
     padded = F.pad(x, (max_shift,) * 4, mode="replicate")
-    dy, dx = (torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator))
+    dy, dx = (torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator, device=device))
     size = x.shape[-1]
-    rows = (dy.view(-1, 1) + torch.arange(size)).view(n, 1, size, 1).expand(n, 1, size, padded.shape[-1])
+    steps = torch.arange(size, device=device)
+    rows = (dy.view(-1, 1) + steps).view(n, 1, size, 1).expand(n, 1, size, padded.shape[-1])
     x = padded.gather(2, rows)
-    cols = (dx.view(-1, 1) + torch.arange(size)).view(n, 1, 1, size).expand(n, 1, size, size)
+    cols = (dx.view(-1, 1) + steps).view(n, 1, 1, size).expand(n, 1, size, size)
     return x.gather(3, cols)
 
 

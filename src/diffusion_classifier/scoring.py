@@ -99,20 +99,15 @@ class _Running:
     noise_cache: dict = field(default_factory=dict)  # column -> noise on the model's device
     done: bool = False
 
-    def noise(self, column: int, t: int, device: torch.device) -> torch.Tensor:
-        if column not in self.noise_cache:
-            explicit = self.job.explicit_noise
-            if explicit is not None:
-                if column >= len(explicit):
-                    raise UserError(f"explicit noise has {len(explicit)} entries but the strategy "
-                                    f"evaluates more distinct timesteps than that")
-                noise = explicit[column]
-            else:
-                noise = noise_for(self.job.noise_key, t, self.job.x0.shape)
-            if noise.device.type == "cpu" and device.type == "cuda":
-                noise = noise.pin_memory()
-            self.noise_cache[column] = noise.to(device, non_blocking=True)
-        return self.noise_cache[column]
+    def new_noise(self, column: int, t: int) -> torch.Tensor:
+        """The noise of this image's column (timestep t), made on the CPU (the engine moves it)."""
+        explicit = self.job.explicit_noise
+        if explicit is not None:
+            if column >= len(explicit):
+                raise UserError(f"explicit noise has {len(explicit)} entries but the strategy "
+                                f"evaluates more distinct timesteps than that")
+            return explicit[column].cpu()
+        return noise_for(self.job.noise_key, t, self.job.x0.shape)
 
 
 @dataclass
@@ -226,11 +221,21 @@ class ScoringEngine:
             return
         device = self.denoiser.device
         started = time.perf_counter()
-        # one noise tensor per distinct (job, column) of the wave, gathered per batch by index
+        # one noise tensor per distinct (job, column) of the wave, gathered per batch by index; noise new to
+        # this wave is made on the CPU (the noise contract) and moved in one pinned copy
         pairs, first, noise_index = np.unique(np.stack([items["job"], items["col"]], axis=1), axis=0,
                                               return_index=True, return_inverse=True)
-        noise_bank = torch.stack([work[j][0].noise(c, t, device)
-                                  for (j, c), t in zip(pairs.tolist(), items["t"][first].tolist())])
+        pairs, pair_t = pairs.tolist(), items["t"][first].tolist()
+        missing = [k for k, (j, c) in enumerate(pairs) if c not in work[j][0].noise_cache]
+        if missing:
+            fresh = torch.stack([work[pairs[k][0]][0].new_noise(pairs[k][1], pair_t[k]) for k in missing])
+            if device.type == "cuda":
+                fresh = fresh.pin_memory()
+            fresh = fresh.to(device, non_blocking=True)
+            for k, noise in zip(missing, fresh):
+                j, c = pairs[k]
+                work[j][0].noise_cache[c] = noise
+        noise_bank = torch.stack([work[j][0].noise_cache[c] for j, c in pairs])
         x0_bank = torch.stack([run.job.x0 for run, _ in work]).to(device)
         as_device = {key: torch.from_numpy(value).to(device) for key, value in items.items()}
         as_device["noise"] = torch.from_numpy(noise_index.reshape(-1).astype(np.int64)).to(device)
@@ -259,10 +264,11 @@ class ScoringEngine:
             torch.cuda.synchronize(device)
         self.stats.network_seconds += time.perf_counter() - started
         values = host.numpy().astype(np.float64)
+        bounds = np.searchsorted(items["job"], np.arange(len(work) + 1))  # items are grouped by job
         for j, (run, _) in enumerate(work):  # scatter into each job's table with fancy indexing
-            mine = items["job"] == j
-            null = mine & (items["cand"] == NULL)
-            real = mine & ~null
-            run.table.errors[items["cand"][real], items["prompt"][real], items["col"][real]] = values[real]
+            mine = slice(bounds[j], bounds[j + 1])
+            cand, prompt, col, value = items["cand"][mine], items["prompt"][mine], items["col"][mine], values[mine]
+            null = cand == NULL
+            run.table.errors[cand[~null], prompt[~null], col[~null]] = value[~null]
             if null.any():
-                run.table.null_errors[items["col"][null]] = values[null]
+                run.table.null_errors[col[null]] = value[null]

@@ -303,8 +303,8 @@ class Trainer:
         self.ema.to(self.device)
         self.scheduler = build_scheduler(config)
         self.schedule = schedule_from_scheduler(self.scheduler)
-        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=config.lr,
-                                           weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                           fused=self.device.type == "cuda")  # one kernel per step on GPUs
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.model = self.network  # what the step calls: the network, or its DDP wrapper
         if self.group.world_size > 1:
