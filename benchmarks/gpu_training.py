@@ -62,8 +62,10 @@ def train_diffusion(objective: str, args, device, out: Path, train_set: Labelled
     return summary
 
 
-def score_all(model_dir: Path, pixels: torch.Tensor, labels: np.ndarray, args, device) -> tuple[np.ndarray, dict]:
-    """Errors [images, classes, grid] of every test image on the `args.grid`-timestep grid, and timing."""
+def score_all(model_dir: Path, pixels: torch.Tensor, labels: np.ndarray, args, device,
+              deadline: float) -> tuple[np.ndarray, dict]:
+    """Errors [images, classes, grid] of the test images on the `args.grid`-timestep grid, and timing; stops
+    after the chunk that passes `deadline` (then the first images only: the report says how many)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what --dtype auto picks
     clf = DiffusionClassifier(load_denoiser(model_dir, device=device, dtype=dtype), strategy=Exhaustive(args.grid),
                               batch_size=args.score_batch)
@@ -76,6 +78,8 @@ def score_all(model_dir: Path, pixels: torch.Tensor, labels: np.ndarray, args, d
         errors += [r.errors[:, 0, np.argsort(r.timesteps)] for r in results]  # columns in timestep order
         if device.type == "cuda":
             peaks.append(torch.cuda.max_memory_allocated(device) / 2**20)
+        if time.perf_counter() > deadline:
+            break
     seconds = time.perf_counter() - started
     errors = np.stack(errors)
     nfe = errors.shape[1] * errors.shape[2]
@@ -134,6 +138,13 @@ def train_cnn(augmentation: bool, seconds: float, x: torch.Tensor, y: torch.Tens
     correct = accuracy()
     return {"augmentation": "flips+shifts" if augmentation else "none", "seconds": seconds, "steps": steps,
             "epochs": steps * 128 / len(x), **rate(correct), "curve": curve, "correct": correct}
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """Paired difference of two correctness vectors on the test images both scored (a common prefix)."""
+    n = min(len(a), len(b))
+    difference, stderr = paired_difference(a[:n], b[:n])
+    return {"difference": difference, "standard_error": stderr, "images": n}
 
 
 def pack(model_dir: Path, tar_path: Path) -> None:
@@ -207,26 +218,29 @@ def main() -> None:
                 continue
             run_dir = out / f"train-{section}"
             summary = train_diffusion(section, args, device, run_dir, train_set)
-            errors, timing = score_all(run_dir, test_pixels, test_labels, args, device)
-            rows = exhaustive_rows(errors, test_labels)
-            entry = {"training": summary, "scoring": timing}
+            pack(run_dir, out / f"{section}.tar")
+            entry = result["sections"][section] = {"training": summary}
+            save()  # the trained model and its summary survive a scoring that runs out of time
+            errors, timing = score_all(run_dir, test_pixels, test_labels, args, device,
+                                       deadline=started + args.budget_seconds - 5)
+            scored = test_labels[:len(errors)]
+            rows = exhaustive_rows(errors, scored)
+            entry["scoring"] = timing
             if section == "flow":
                 from diffusion_classifier.schedules import RectifiedFlowSchedule
 
                 schedule = RectifiedFlowSchedule(1000)
                 grid = torch.tensor(timing["grid"])
                 sigma = schedule.sigmas[grid].numpy()
-                entry["velocity"] = exhaustive_rows(errors / (1 - sigma) ** 2, test_labels)
-                entry["elbo"] = exhaustive_rows(errors, test_labels, schedule.elbo_weights()[grid].numpy())
+                entry["velocity"] = exhaustive_rows(errors / (1 - sigma) ** 2, scored)
+                entry["elbo"] = exhaustive_rows(errors, scored, schedule.elbo_weights()[grid].numpy())
                 for kind in ("velocity", "elbo"):
                     for nfe, row in entry[kind].items():
                         correct[f"flow {kind} {nfe}"] = row.pop("correct")
             entry["exhaustive"] = rows
             for nfe, row in rows.items():
                 correct[f"{section} {nfe}"] = row.pop("correct")
-            entry["elimination"] = elimination_row(errors, test_labels, timing["grid"], args.elimination_sample)
-            result["sections"][section] = entry
-            pack(run_dir, out / f"{section}.tar")
+            entry["elimination"] = elimination_row(errors, scored, timing["grid"], args.elimination_sample)
         elif section == "cnn":
             if not fits(2 * args.cnn_minutes * 60 + 10, section):
                 continue
@@ -239,8 +253,8 @@ def main() -> None:
                 correct[f"cnn {row['augmentation']}"] = row.pop("correct")
                 rows.append(row)
             result["sections"]["cnn"] = rows
-        result["paired"] = {f"{a} minus {b}": dict(zip(("difference", "standard_error"), paired_difference(
-            correct[a], correct[b]))) for a in correct for b in correct if a < b}
+        result["paired"] = {f"{a} minus {b}": paired(correct[a], correct[b]) for a in correct for b in correct
+                            if a < b}
         save()
     save()
     for name, c in correct.items():

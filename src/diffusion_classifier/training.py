@@ -559,5 +559,4 @@ def export(network, scheduler, out_dir: Path, config: TrainConfig, class_names: 
             shutil.rmtree(target)
         os.replace(item, target)
     tmp.rmdir()
-    network.train()
 
