@@ -38,6 +38,7 @@ from common import (  # benchmarks/
     cnn_reference,
     grid_run_dirs,
     grid_run_name,
+    model_fingerprint,
     replayed_accuracy,
     replayed_decisions,
     test_subset,
@@ -74,7 +75,8 @@ def section_accuracy(pixels, labels, args, out):
         strategies[f"staged {g // 5}/{g} keep 3/1"] = Staged([g // 5, g], [3, 1])
         strategies[f"elimination error_rate=0.05 (max {g} timesteps)"] = Elimination(0.05, max_timesteps=g)
         for name, strategy in strategies.items():
-            row = {"model": model, "strategy": name, "config": strategy.describe(),
+            row = {"model": model, "model_weights_sha256": model_fingerprint(model), "strategy": name,
+                   "config": strategy.describe(),
                    **replayed_accuracy(strategy, errors, grid, truth, denoiser.num_train_timesteps)}
             row["seconds_per_image"] = row["nfe_mean"] * seconds_per_nfe
             rows.append(row)

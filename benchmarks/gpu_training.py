@@ -255,6 +255,8 @@ def main() -> None:
             result["sections"]["cnn"] = rows
         result["paired"] = {f"{a} minus {b}": paired(correct[a], correct[b]) for a in correct for b in correct
                             if a < b}
+        # per-image correctness, so later runs (another lease, another model) can be compared paired
+        result["correct"] = {name: "".join("1" if c else "0" for c in v) for name, v in correct.items()}
         save()
     save()
     for name, c in correct.items():

@@ -66,11 +66,31 @@ def with_tables(text: str, tables: str, begin: str = BEGIN) -> str:
 def headline() -> str:
     """The README's short table: the best-supported number of each result, linked to its full table."""
     rows = []
+    gpu = load("gpu_training")
+    if gpu and not gpu.get("tiny"):
+        ddpm = gpu["sections"]["ddpm"]
+        r = ddpm["exhaustive"]["500 NFE"]
+        rows.append((f"class-small DDPM, {ddpm['training']['train_seconds'] / 60:.1f} GPU-minutes "
+                     f"({ddpm['training']['epochs']:.0f} epochs; shipped as `fashion-mnist-class`), exhaustive 50",
+                     pct(r["accuracy"], r["standard_error"]), f"all {gpu['test_images']:,} test images, 500 NFE"))
+        for c in gpu["sections"].get("cnn", []):
+            rows.append((f"small CNN, {c['seconds']:.0f} GPU-seconds ({c['epochs']:.0f} epochs), augmentation: "
+                         f"{c['augmentation']}", pct(c["accuracy"], c["standard_error"]),
+                         f"all {gpu['test_images']:,} test images"))
+    gpu_flow = load("gpu_training_flow")
+    if gpu_flow and "flow" in gpu_flow["sections"]:
+        f = gpu_flow["sections"]["flow"]
+        r = f["exhaustive"]["500 NFE"]
+        rows.append((f"class-small rectified flow, {f['training']['train_seconds'] / 60:.1f} GPU-minutes "
+                     f"({f['training']['epochs']:.0f} epochs; shipped as `fashion-mnist-flow`), eps error",
+                     pct(r["accuracy"], r["standard_error"]), f"all {gpu_flow['test_images']:,} test images, 500 NFE"))
     fm = load("fashion_mnist")
     if fm:
         for r in fm.get("accuracy", []):
             if r["strategy"].startswith(("exhaustive, 50", "elimination")):
-                rows.append((f"`{r['model']}`, {r['strategy']}", pct(r["accuracy"], r["accuracy_standard_error"]),
+                earlier = r.get("model_weights_sha256") not in (None, model_fingerprint(r["model"]))
+                name = f"`{r['model']}`" + (f" (earlier weights, {r['model_weights_sha256'][:10]})" if earlier else "")
+                rows.append((f"{name}, {r['strategy']}", pct(r["accuracy"], r["accuracy_standard_error"]),
                              f"{r['images']:,} Fashion-MNIST test images, {r['nfe_mean']:.0f} NFE / image"))
         if "cnn" in fm:
             c = fm["cnn"]
@@ -132,6 +152,8 @@ def print_all():
                   f"{100 * r['accuracy']:.1f}% +- {100 * r['accuracy_standard_error']:.1f} | "
                   f"{r['seconds_per_image']:.2f} |")
         print()
+        for model, sha in dict.fromkeys((r["model"], r.get("model_weights_sha256")) for r in fm["accuracy"]):
+            print_stale_note(model, sha)
     if fm and "cnn" in fm:
         c = fm["cnn"]
         print(f"CNN reference ({fm['meta']['cnn']['images']} images of the same subset): {100 * c['accuracy']:.1f}% "
@@ -188,6 +210,61 @@ def print_all():
     render_cnn_budget(load("cnn_budget"))
     render_flow(load("flow"))
     render_compositional(load("compositional"))
+    render_gpu_throughput(load("gpu_throughput"))
+    render_gpu_training(load("gpu_training"), load("gpu_training_flow"))
+
+
+def render_gpu_throughput(gpu):
+    if not gpu or gpu.get("tiny"):
+        return
+    print(f"**Scoring throughput on a GPU** ({gpu['device']}, torch {gpu['torch']}; random-weight networks from "
+          f"the published configs; SD 2 rows: {gpu['classes']} classes, staged {gpu['staged']['n_samples']} keep "
+          f"{gpu['staged']['to_keep']} = {gpu['nfe_per_image']:,} NFE per image, {gpu['images']} images per row)\n")
+    print("| network | what | batch | forwards/s | s / image | vs eager ceiling | vs per-image loop | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in gpu["rows"]:
+        cells = [f"{r['seconds_per_image']:.2f}" if "seconds_per_image" in r else "",
+                 f"{r['vs_ceiling']:.3f}" if "vs_ceiling" in r else "", f"{r['vs_loop']:.2f}x" if "vs_loop" in r
+                 else "", f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else ""]
+        what = r["what"] + (f" (compile {r['compile_seconds']:.0f} s, not counted)" if "compile_seconds" in r else "")
+        print(f"| {r['model']} | {what} | {r['batch']} | {r['forwards_per_s']:.0f} | " + " | ".join(cells) + " |")
+    print()
+
+
+def render_gpu_training(gpu, flow=None):
+    if not gpu or gpu.get("tiny"):
+        return
+    sections = {**gpu["sections"], **((flow or {}).get("sections", {}))}
+    print(f"**Equal GPU-minutes on all {gpu['test_images']:,} test images** ({gpu['device']}; "
+          f"`benchmarks/gpu_training.py`; diffusion models scored in bfloat16, exhaustive on the 50-timestep grid "
+          f"and its even subsets; elimination replayed on a {sections['ddpm']['elimination']['images']:,}-image "
+          f"sample)\n")
+    print("| model | trained | epochs | images/s | scored | accuracy (+- standard error) |")
+    print("|---|---|---|---|---|---|")
+    for c in sections.get("cnn", []):
+        print(f"| small CNN, augmentation: {c['augmentation']} | {c['seconds']:.0f} s | {c['epochs']:.1f} | | "
+              f"| {pct(c['accuracy'], c['standard_error'])} |")
+    for name in ("ddpm", "flow"):
+        if name not in sections:
+            continue
+        e, t = sections[name], sections[name]["training"]
+        label = "class-small, DDPM (eps)" if name == "ddpm" else "class-small, rectified flow"
+        for kind in ("exhaustive", "velocity", "elbo"):
+            for nfe, r in e.get(kind, {}).items():
+                error = {"exhaustive": "eps error", "velocity": "velocity error", "elbo": "eps error, ELBO weights"}
+                print(f"| {label} | {t['train_seconds']:.0f} s, batch {gpu['settings']['batch_size']}, "
+                      f"{t['precision']} | {t['epochs']:.1f} | {t['images_per_second']:,.0f} | {error[kind]}, "
+                      f"{nfe} | {pct(r['accuracy'], r['standard_error'])} |")
+        el = e["elimination"]
+        print(f"| {label} | | | | elimination 0.05, {el['nfe_mean']:.0f} NFE (mean) | "
+              f"{pct(el['accuracy'], el['standard_error'])} |")
+    print("\nPaired differences on the same images (+- standard error): " + "; ".join(
+        f"{k}: {100 * v['difference']:+.2f} +- {100 * v['standard_error']:.2f}" for k, v in gpu["paired"].items()
+        if "cnn" in k and "500 NFE" in k or k == "cnn flips+shifts minus cnn none") + ". Scoring ran at " + ", ".join(
+        f"{sections[n]['scoring']['forwards_per_second']:,.0f} forwards/s ({n})" for n in ("ddpm", "flow")
+        if n in sections) + "; peak GPU memory per 1,000-image chunk: " + ", ".join(
+        f"{min(sections[n]['scoring']['peak_mib_per_chunk']):.0f}-{max(sections[n]['scoring']['peak_mib_per_chunk']):.0f}"
+        f" MiB ({n})" for n in ("ddpm", "flow") if n in sections) + ".\n")
 
 
 def render_cnn_budget(cnn):

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.list or not args.name:
         for folder, commit in sorted(available.items()):
-            print(f"{folder}  (from {commit[:10]})")
+            print(f"{folder}  (held until {commit[:10]}, restored from its parent)")
         return 0
     name = args.name.rstrip("/")
     candidates = [name] if "/" in name else [f"{place}/{name}" for place in PLACES]
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     written = restore(match, available[match])
     size = sum(p.stat().st_size for p in written)
-    print(f"restored {match} from {available[match][:10]}: {len(written)} files, {size / 2**20:.1f} MiB")
+    print(f"restored {match} from {available[match]}: {len(written)} files, {size / 2**20:.1f} MiB")
     return 0
 
 

@@ -175,4 +175,5 @@ class DiffusionClassifier:
         """The settings that determine results (stored with evaluation runs)."""
         return {"labels": list(self.classes_), "prompts": self.prompts_, **self.config.describe(),
                 "strategy": self.strategy.describe(), "conditioning": self.denoiser.conditioning,
-                "dtype": str(self.denoiser.dtype).replace("torch.", "")}
+                "dtype": str(self.denoiser.dtype).replace("torch.", ""),
+                **({"resolution": self.denoiser.scoring_resolution} if self.denoiser.scoring_resolution else {})}

@@ -102,6 +102,9 @@ def _add_scoring_options(p, probabilities: bool = True) -> None:
                        help="softmax temperature of probabilities (default: the model's stored one, else 1.0)")
         g.add_argument("--calibration", help="calibration.json (or a run directory holding one) from `calibrate`")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--resolution", type=int, default=None, metavar="PIXELS",
+                   help="latent models whose networks take any size (SD 1.x/2.x, SDXL, SD3, Flux): score at this "
+                   "image side instead of the native one (cost grows with its square; Flux's shift follows it)")
     g.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on the CPU), float32, float16 "
                    "or bfloat16")
     groups["robustness"] = p.add_argument_group("robustness (pixel-space models)")
@@ -189,6 +192,8 @@ def _classifier(args, labels, group=None):
     if group is not None:
         device = group.device(device)
     denoiser = load_denoiser(args.model, device=device, dtype=parse_dtype(args.dtype, device))
+    if args.resolution is not None:
+        denoiser.set_resolution(args.resolution)
     if denoiser.conditioning != "text":
         templates = None
         if labels is PRESET_LABELS:  # the preset's label order is the model's class-id order
@@ -284,6 +289,8 @@ def _matcher(args, with_null: bool, group=None):
     if group is not None:
         device = group.device(device)
     denoiser = load_denoiser(args.model, device=device, dtype=parse_dtype(args.dtype, device))
+    if args.resolution is not None:
+        denoiser.set_resolution(args.resolution)
     return ImageTextMatcher(denoiser, config=scoring, with_null=with_null)
 
 

@@ -155,9 +155,47 @@ class Denoiser:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of the sample the network denoises."""
+        if self.scoring_resolution:
+            side = self.scoring_resolution // self.vae_scale_factor
+            return (self.network.config.in_channels, side, side)
         size = self.network.config.sample_size
         height, width = (size, size) if isinstance(size, int) else (size[0], size[1])
         return (self.network.config.in_channels, height, width)
+
+    # ----- scoring resolution (latent models whose networks take any size) ---------
+    scoring_resolution: int | None = None  # pixels per side, when set_resolution chose one
+
+    @property
+    def takes_any_size(self) -> bool:
+        """Whether the network accepts other sample sizes than its native one (families override)."""
+        return False
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor times the network's downsampling."""
+        config = self.network.config
+        if "block_out_channels" in config:
+            down = 2 ** (len(config.block_out_channels) - 1)
+        else:
+            down = int(config.get("patch_size") or 1)
+        return self.vae_scale_factor * down
+
+    def set_resolution(self, pixels: int) -> Denoiser:
+        """Score at `pixels` x `pixels` instead of the native size (cost grows with the square of the side).
+        Only latent families whose networks take any size; a one-line error for the others."""
+        if not self.takes_any_size:
+            height, width = self.image_size
+            raise UserError(f"--resolution: {type(self.network).__name__} of this model takes one size "
+                            f"({height} x {width} pixels), so it cannot score at another")
+        multiple = self.size_multiple
+        if pixels < multiple or pixels % multiple:
+            raise UserError(f"--resolution must be a positive multiple of {multiple} for this model, got {pixels}")
+        self.scoring_resolution = int(pixels)
+        self._resolution_changed()
+        return self
+
+    def _resolution_changed(self) -> None:
+        """Families whose schedule depends on the image size re-derive it here (Flux)."""
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -128,7 +128,8 @@ class ImageTextMatcher:
     def describe(self) -> dict:
         """The settings that determine results (stored with evaluation runs)."""
         return {**self.config.describe(), "with_null": self.with_null, "conditioning": "text",
-                "dtype": str(self.denoiser.dtype).replace("torch.", "")}
+                "dtype": str(self.denoiser.dtype).replace("torch.", ""),
+                **({"resolution": self.denoiser.scoring_resolution} if self.denoiser.scoring_resolution else {})}
 
     def match(self, images: Sequence, texts: Sequence[str], names: Sequence[str] | None = None) -> Matching:
         """Every image against every text: one Matching with an [N, M] score matrix."""

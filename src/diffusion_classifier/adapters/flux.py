@@ -82,6 +82,20 @@ class FluxDenoiser(Denoiser):
         side = self.resolution_px // self.vae_scale_factor
         return (self.network.config.in_channels // 4, side, side)
 
+    @property
+    def takes_any_size(self) -> bool:
+        return True
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 * self.vae_scale_factor  # latents are packed in 2 x 2 patches
+
+    def _resolution_changed(self) -> None:
+        """The shift follows the scored image's token count, as diffusers' pipeline computes it."""
+        self.resolution_px = self.scoring_resolution
+        side = self.resolution_px // self.vae_scale_factor
+        self.schedule = shifted_schedule(self.scheduler, side, side)
+
     def _modules(self):
         return super()._modules() + self.text_encoders
 

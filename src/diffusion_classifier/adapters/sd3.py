@@ -31,6 +31,10 @@ class SD3Denoiser(Denoiser):
         self.tokenizers = list(tokenizers)  # CLIP-L, CLIP-G, T5 (or None)
         self.text_encoders = [None if e is None else e.eval() for e in text_encoders]
 
+    @property
+    def takes_any_size(self) -> bool:
+        return True
+
     @classmethod
     def from_components(cls, load, specs, info, directory):
         tokenizers = [load("tokenizer"), load("tokenizer_2"), load.optional("tokenizer_3")]

@@ -29,6 +29,10 @@ class SDXLDenoiser(Denoiser):
         self.tokenizers = list(tokenizers)
         self.text_encoders = [e.eval() for e in text_encoders]
 
+    @property
+    def takes_any_size(self) -> bool:
+        return True
+
     @classmethod
     def from_components(cls, load, specs, info, directory):
         pairs = [(load(t), load(e)) for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))

@@ -55,6 +55,10 @@ class TextUNetDenoiser(Denoiser):
     def _modules(self):
         return super()._modules() + [self.text_encoder]
 
+    @property
+    def takes_any_size(self) -> bool:
+        return self.vae is not None  # Stable Diffusion 1.x / 2.x; our pixel models are trained at one size
+
     def components(self):
         parts = super().components()
         if not self.info.text_encoder_source:
