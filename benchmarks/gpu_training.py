@@ -4,7 +4,8 @@
     python benchmarks/gpu_training.py --tiny --out-dir /tmp/smoke       # a CPU smoke test (the tests run it)
 
 Sections, in order; one that would pass --budget-seconds is skipped and named in the JSON:
-  ddpm   class-small trained with `train --device cuda --precision bf16` for --minutes, then every test image
+  ddpm   class-small trained with `train --device cuda --precision bf16` for --minutes (scoring the first
+         --curve-images test images after each of --curve-minutes on the way: a learning curve), then every test image
          scored exhaustively on the 50-timestep grid (500 NFE, bf16); 250 / 100 NFE rows from column subsets
          of the same errors, elimination (error rate 0.05) replayed on a sample of them.
   cnn    the small CNN of benchmarks/common.py, trained on the GPU for --cnn-minutes without and with
@@ -34,6 +35,7 @@ from common import SmallCNN, paired_difference, to_pixels  # noqa: E402
 
 from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, load_denoiser  # noqa: E402
 from diffusion_classifier.data import LabelledImages, fashion_mnist_arrays  # noqa: E402
+from diffusion_classifier.loading import weights_fingerprint  # noqa: E402
 from diffusion_classifier.replay import replay  # noqa: E402
 from diffusion_classifier.runtime import atomic_write_text  # noqa: E402
 from diffusion_classifier.schedules import even_subset  # noqa: E402
@@ -49,10 +51,11 @@ def rate(correct: np.ndarray) -> dict:
     return {"accuracy": float(correct.mean()), "standard_error": float(correct.std(ddof=1) / np.sqrt(len(correct)))}
 
 
-def train_diffusion(objective: str, args, device, out: Path, train_set: LabelledImages) -> dict:
+def train_diffusion(objective: str, args, device, out: Path, train_set: LabelledImages, minutes: float) -> dict:
+    """Train (or continue, from out/checkpoint.pt) for `minutes` more."""
     config = TrainConfig(conditioning="class", architecture=args.architecture, batch_size=args.batch_size,
                          lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
-                         max_minutes=args.minutes, checkpoint_minutes=10**6, objective=objective,
+                         max_minutes=minutes, checkpoint_minutes=10**6, objective=objective,
                          device=str(device), precision=args.precision)
     trainer = Trainer(train_set, out, config)
     trainer.resume()
@@ -159,6 +162,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: seconds of training, 40 test images")
     parser.add_argument("--minutes", type=float, default=2.5, help="training budget of each diffusion model")
     parser.add_argument("--cnn-minutes", type=float, default=0.5, help="training budget of each CNN")
+    parser.add_argument("--curve-minutes", type=float, nargs="*", default=[],
+                        help="also score the diffusion models after these many minutes of their training")
+    parser.add_argument("--curve-images", type=int, default=2000, help="test images scored at each curve point")
     parser.add_argument("--sections", nargs="+", default=["cnn", "ddpm", "flow"], choices=["ddpm", "cnn", "flow"])
     parser.add_argument("--architecture", default="class-small")
     parser.add_argument("--batch-size", type=int, default=1024)
@@ -214,12 +220,26 @@ def main() -> None:
     score_estimate = 60 if device.type == "cuda" else 30  # seconds to score the test images
     for section in args.sections:
         if section in ("ddpm", "flow"):
-            if not fits(args.minutes * 60 + score_estimate, section):
+            points = sorted(m for m in set(args.curve_minutes) if 0 < m < args.minutes)
+            if not fits(args.minutes * 60 + score_estimate * (1 + 0.2 * len(points)), section):
                 continue
             run_dir = out / f"train-{section}"
-            summary = train_diffusion(section, args, device, run_dir, train_set)
+            curve, trained = [], 0.0
+            for minutes in points:  # the same run, scored on the way (the EMA export at that point)
+                summary = train_diffusion(section, args, device, run_dir, train_set, minutes - trained)
+                trained = minutes
+                n = min(args.curve_images, len(test_labels))
+                errors, timing = score_all(run_dir, test_pixels[:n], test_labels[:n], args, device,
+                                           deadline=started + args.budget_seconds - 5)
+                point = exhaustive_rows(errors, test_labels[:len(errors)])[f"{errors.shape[1] * errors.shape[2]} NFE"]
+                point.pop("correct")
+                curve.append({"minutes": minutes, "epochs": summary["epochs"], "images": len(errors), **point})
+                print(f"{section} after {minutes:g} min ({summary['epochs']:.1f} epochs): "
+                      f"{100 * point['accuracy']:.2f}% on {len(errors)} test images", flush=True)
+            summary = train_diffusion(section, args, device, run_dir, train_set, args.minutes - trained)
             pack(run_dir, out / f"{section}.tar")
-            entry = result["sections"][section] = {"training": summary}
+            entry = result["sections"][section] = {"training": summary, "curve": curve,
+                                                   "model_weights_sha256": weights_fingerprint(run_dir)}
             save()  # the trained model and its summary survive a scoring that runs out of time
             errors, timing = score_all(run_dir, test_pixels, test_labels, args, device,
                                        deadline=started + args.budget_seconds - 5)

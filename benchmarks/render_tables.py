@@ -211,6 +211,11 @@ def print_all():
     render_flow(load("flow"))
     render_compositional(load("compositional"))
     render_gpu_throughput(load("gpu_throughput"))
+    for path in sorted(RESULTS.glob("train_throughput_*.json")):
+        t = load(path.stem)
+        print(f"**Training throughput** (`train`, {t['architecture']}, {t['precision']}, {t['device']}, "
+              f"{t['threads']} threads): " + ", ".join(f"batch {r['batch_size']}: {r['images_per_second']:,.0f} "
+                                                       f"images/s" for r in t["rows"]) + "\n")
     render_gpu_training(load("gpu_training"), load("gpu_training_flow"))
 
 

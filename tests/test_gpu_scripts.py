@@ -35,11 +35,12 @@ def test_gpu_training_tiny(tmp_path):
         fashion_mnist_dir()
     except UserError:
         pytest.skip("Fashion-MNIST is not installed (make data)")
-    _run("gpu_training.py", "--out-dir", str(tmp_path), "--sections", "cnn", "ddpm")
+    _run("gpu_training.py", "--out-dir", str(tmp_path), "--sections", "cnn", "ddpm", "--curve-minutes", "0.02")
     result = json.loads((tmp_path / "gpu_training.json").read_text())
     ddpm = result["sections"]["ddpm"]
     assert ddpm["training"]["steps"] >= 1 and ddpm["scoring"]["images"] == result["test_images"]
     assert set(ddpm["exhaustive"]) == {"100 NFE", "50 NFE", "20 NFE"}
+    assert [point["minutes"] for point in ddpm["curve"]] == [0.02] and ddpm["curve"][0]["images"] > 0
     assert [row["augmentation"] for row in result["sections"]["cnn"]] == ["none", "flips+shifts"]
     assert "ddpm 100 NFE minus cnn none" in result["paired"] or "cnn none minus ddpm 100 NFE" in result["paired"]
     assert (tmp_path / "ddpm.tar").stat().st_size > 0

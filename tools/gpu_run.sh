@@ -28,7 +28,8 @@ timeout "$t1" $py benchmarks/gpu_throughput.py $tiny --images 2 --budget-seconds
   --out "$OUT/gpu_throughput.json" >> "$log" 2>&1
 echo "gpu_throughput exit $?" >> "$log"
 work=$(mktemp -d)
-timeout "$t2" $py benchmarks/gpu_training.py $tiny --minutes "$minutes" --cnn-minutes "$cnn" \
+curve=; [ -z "$tiny" ] && curve="--curve-minutes ${CURVE_MINUTES:-0.7 1.4}"
+timeout "$t2" $py benchmarks/gpu_training.py $tiny --minutes "$minutes" --cnn-minutes "$cnn" $curve \
   --budget-seconds $((t2 - 25)) --out-dir "$work" >> "$log" 2>&1
 echo "gpu_training exit $?" >> "$log"
 cp "$work"/gpu_training.json "$work"/*.tar "$OUT"/ 2>/dev/null

@@ -110,6 +110,47 @@ class _Running:
         return noise_for(self.job.noise_key, t, self.job.x0.shape)
 
 
+class _NoiseBank:
+    """A wave's noise on the device, one row per distinct (job, column) pair, filled as batches need it:
+    from a job's cache when an earlier wave used that noise, else made on the CPU and copied through
+    pinned memory (without waiting for the copy)."""
+
+    def __init__(self, work: list[tuple[_Running, Round]], pairs: np.ndarray, pair_t: np.ndarray,
+                 device: torch.device):
+        self.work, self.device = work, device
+        self.jobs, self.columns, self.timesteps = pairs[:, 0].tolist(), pairs[:, 1].tolist(), pair_t.tolist()
+        self.bank = torch.empty((len(pairs), *work[0][0].job.x0.shape), device=device)
+        self.ready = np.zeros(len(pairs), dtype=bool)
+        self.in_flight: list[torch.Tensor] = []  # pinned host buffers whose copies may still run
+
+    def fill(self, rows: np.ndarray) -> None:
+        rows = np.unique(rows)
+        rows = rows[~self.ready[rows]]
+        if not len(rows):
+            return
+        self.ready[rows] = True
+        cached, fresh = [], []
+        for k in rows.tolist():
+            (cached if self.columns[k] in self.work[self.jobs[k]][0].noise_cache else fresh).append(k)
+        if cached:
+            self.bank[torch.tensor(cached, device=self.device)] = torch.stack(
+                [self.work[self.jobs[k]][0].noise_cache[self.columns[k]] for k in cached])
+        if fresh:
+            host = torch.stack([self.work[self.jobs[k]][0].new_noise(self.columns[k], self.timesteps[k])
+                                for k in fresh])
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+                self.in_flight.append(host)
+            index = torch.tensor(fresh, device=self.device)
+            self.bank[index] = host.to(self.device, non_blocking=True)
+            for k in fresh:  # later waves of the same image reuse it (staged and elimination rounds)
+                self.work[self.jobs[k]][0].noise_cache[self.columns[k]] = self.bank[k]
+
+    def release(self) -> None:
+        """After the wave's sync: the copies are done, the pinned buffers can go."""
+        self.in_flight.clear()
+
+
 @dataclass
 class EngineStats:
     network_seconds: float = 0.0  # wall time of the waves (network work and the one host sync per wave)
@@ -221,37 +262,30 @@ class ScoringEngine:
             return
         device = self.denoiser.device
         started = time.perf_counter()
-        # one noise tensor per distinct (job, column) of the wave, gathered per batch by index; noise new to
-        # this wave is made on the CPU (the noise contract) and moved in one pinned copy
+        # one noise row per distinct (job, column) of the wave, gathered per batch by index; each batch fills
+        # the rows it needs just before it is queued, so making noise on the CPU (the noise contract)
+        # overlaps the device's work on the batches before it
         pairs, first, noise_index = np.unique(np.stack([items["job"], items["col"]], axis=1), axis=0,
                                               return_index=True, return_inverse=True)
-        pairs, pair_t = pairs.tolist(), items["t"][first].tolist()
-        missing = [k for k, (j, c) in enumerate(pairs) if c not in work[j][0].noise_cache]
-        if missing:
-            fresh = torch.stack([work[pairs[k][0]][0].new_noise(pairs[k][1], pair_t[k]) for k in missing])
-            if device.type == "cuda":
-                fresh = fresh.pin_memory()
-            fresh = fresh.to(device, non_blocking=True)
-            for k, noise in zip(missing, fresh):
-                j, c = pairs[k]
-                work[j][0].noise_cache[c] = noise
-        noise_bank = torch.stack([work[j][0].noise_cache[c] for j, c in pairs])
+        noise_index = noise_index.reshape(-1)
+        noise = _NoiseBank(work, pairs, items["t"][first], device)
         x0_bank = torch.stack([run.job.x0 for run, _ in work]).to(device)
         as_device = {key: torch.from_numpy(value).to(device) for key, value in items.items()}
-        as_device["noise"] = torch.from_numpy(noise_index.reshape(-1).astype(np.int64)).to(device)
+        as_device["noise"] = torch.from_numpy(noise_index.astype(np.int64)).to(device)
         errors = torch.empty(n, device=device)
         for start in range(0, n, self.batch_size):
+            noise.fill(noise_index[start:start + self.batch_size])
             take = torch.arange(start, min(start + self.batch_size, n), device=device)
             if self.compile and len(take) < self.batch_size:  # one batch shape for the compiled graph
                 take = torch.cat([take, take[-1:].expand(self.batch_size - len(take))])
             x0 = x0_bank[as_device["job"][take]]
-            noise = noise_bank[as_device["noise"][take]]
+            eps = noise.bank[as_device["noise"][take]]
             t = as_device["t"][take]
             cond = {key: value[as_device["row"][take]] for key, value in self.conditions.items()}
             if self.denoiser.compiled and not self.stats.compile_seconds:
-                batch_errors = self._first_compiled_call(x0, noise, t, cond)
+                batch_errors = self._first_compiled_call(x0, eps, t, cond)
             else:
-                batch_errors = self.denoiser.error(x0, noise, t, cond, self.loss, self.target)
+                batch_errors = self.denoiser.error(x0, eps, t, cond, self.loss, self.target)
             if self.weights is not None:
                 batch_errors = batch_errors * self.weights[t]
             real = min(self.batch_size, n - start)
@@ -262,6 +296,7 @@ class ScoringEngine:
         host = errors.to("cpu", non_blocking=device.type == "cuda")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        noise.release()
         self.stats.network_seconds += time.perf_counter() - started
         values = host.numpy().astype(np.float64)
         bounds = np.searchsorted(items["job"], np.arange(len(work) + 1))  # items are grouped by job
