@@ -211,6 +211,13 @@ def print_all():
     render_flow(load("flow"))
     render_compositional(load("compositional"))
     render_gpu_throughput(load("gpu_throughput"))
+    check = load("compile_check")
+    if check:
+        print(f"**`--compile` per family** (tiny random-weight pipelines, CPU, torch {check['torch']}; "
+              "`benchmarks/compile_check.py`): " + "; ".join(
+                  f"{r['family']} ({r['network']}): {'compiled' if r['compiled'] else 'fell back to eager'}, "
+                  f"errors within {r['max_relative_difference']:.0e} of eager" for r in check["rows"]) +
+              ". Compile times depend on inductor's on-disk cache and are not comparable between rows.\n")
     for path in sorted(RESULTS.glob("train_throughput_*.json")):
         t = load(path.stem)
         print(f"**Training throughput** (`train`, {t['architecture']}, {t['precision']}, {t['device']}, "
