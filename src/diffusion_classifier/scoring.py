@@ -192,8 +192,8 @@ class ScoringEngine:
 
     def score(self, jobs: Sequence[Job], strategy: Strategy, aggregate: str = "min") -> list[ScoreTable]:
         """Run `strategy` for every job; one ScoreTable per job, in order."""
-        if self.compile and not self.denoiser.compiled:
-            self.denoiser.compile()
+        if self.compile and not self.denoiser.compiled and not self.denoiser.compile():
+            self.compile = False  # cannot compile here: eager, unpadded, and no retry
         running = []
         for job in jobs:
             n_candidates, n_prompts = np.shape(job.rows)
@@ -226,6 +226,7 @@ class ScoringEngine:
             warn_once(f"--compile: compiling {type(self.denoiser.network).__name__} failed ({reason}); "
                       f"running eager")
             self.denoiser.uncompile()
+            self.compile = False
             return self.denoiser.error(x0, noise, t, cond, self.loss, self.target)
         self.stats.compile_seconds = time.perf_counter() - started
         return errors
@@ -276,7 +277,7 @@ class ScoringEngine:
         for start in range(0, n, self.batch_size):
             noise.fill(noise_index[start:start + self.batch_size])
             take = torch.arange(start, min(start + self.batch_size, n), device=device)
-            if self.compile and len(take) < self.batch_size:  # one batch shape for the compiled graph
+            if self.compile and self.denoiser.compiled and len(take) < self.batch_size:  # one compiled shape
                 take = torch.cat([take, take[-1:].expand(self.batch_size - len(take))])
             x0 = x0_bank[as_device["job"][take]]
             eps = noise.bank[as_device["noise"][take]]
