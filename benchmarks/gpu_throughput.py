@@ -224,7 +224,7 @@ def main() -> None:
     best_eager = max(r["forwards_per_s"] for r in rows if r["what"] == f"forward eager {half}")
 
     scheduler = sd_scheduler()
-    denoiser = TextUNetDenoiser(network, scheduler, tokenizer=None, text_encoder=torch.nn.Identity())
+    denoiser = TextUNetDenoiser(network, scheduler)
     text = torch.randn(n_classes, 77, width, device=device, dtype=bf16)
     class_rows = np.arange(n_classes).reshape(-1, 1)
     generator = torch.Generator().manual_seed(0)

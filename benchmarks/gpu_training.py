@@ -34,7 +34,7 @@ from cnn_budget import augment  # noqa: E402
 from common import SmallCNN, paired_difference, to_pixels  # noqa: E402
 
 from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, load_denoiser  # noqa: E402
-from diffusion_classifier.data import LabelledImages, fashion_mnist_arrays  # noqa: E402
+from diffusion_classifier.data import LabelledImages, fashion_mnist_arrays, load_dataset  # noqa: E402
 from diffusion_classifier.loading import weights_fingerprint  # noqa: E402
 from diffusion_classifier.replay import replay  # noqa: E402
 from diffusion_classifier.runtime import atomic_write_text  # noqa: E402
@@ -188,17 +188,12 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    images, labels = fashion_mnist_arrays("train")
+    train_set = load_dataset("fashion-mnist", "train")
+    if args.tiny:
+        train_set = train_set.subset(range(2000))
+    images, labels = fashion_mnist_arrays("train")  # the CNN's training data, as arrays
     test_images, test_labels = fashion_mnist_arrays("test")
     test_images, test_labels = test_images[:args.test_images], test_labels[:args.test_images]
-    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-             "Ankle boot"]
-    if args.tiny:
-        images, labels = images[:2000], labels[:2000]
-    from PIL import Image
-
-    train_set = LabelledImages([Image.fromarray(a) for a in images], labels, names,
-                               [str(i) for i in range(len(images))])
     test_pixels = to_pixels(test_images)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "tiny": args.tiny, "settings": {k: v for k, v in vars(args).items()

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 from common import RESULTS
-from PIL import Image
 
-from diffusion_classifier.data import LabelledImages, fashion_mnist_arrays
+from diffusion_classifier.data import load_dataset
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
 from diffusion_classifier.training import TrainConfig, Trainer
 
@@ -38,9 +37,7 @@ def main() -> None:
     tune_cpu_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
-    images, labels = fashion_mnist_arrays("train")
-    dataset = LabelledImages([Image.fromarray(a) for a in images], labels, [str(i) for i in range(10)],
-                             [str(i) for i in range(len(images))])
+    dataset = load_dataset("fashion-mnist", "train")
     rows = []
     for batch in args.batch_sizes:
         config = TrainConfig(architecture=args.architecture, batch_size=batch, max_minutes=args.seconds / 60,

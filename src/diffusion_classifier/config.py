@@ -25,9 +25,11 @@ RECORDED_WHEN_CHANGED = ("target", "grid", "weighting")
 
 
 def option(default: Any, help: str, choices: tuple | None = None, affects_results: bool = True,
-           group: str = "scoring") -> Any:
+           group: str | None = None, **extra: Any) -> Any:
+    """A config field with its CLI flag's help and choices (extra: argparse settings such as metavar).
+    affects_results=False: the setting changes only speed or budget, so a run may resume with another value."""
     return field(default=default, metadata={"help": help, "choices": choices, "affects_results": affects_results,
-                                            "group": group})
+                                            "group": group, **extra})
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def add_arguments(groups: dict[str, argparse._ArgumentGroup], cls: type = Scorin
     for f in fields(cls):
         if "help" not in f.metadata:
             continue
-        group = groups[f.metadata.get("group", default_group)]
+        group = groups[f.metadata.get("group") or default_group]
         if f.type in ("bool", bool):
             group.add_argument(flag(f.name), action="store_true", help=f.metadata["help"])
             continue

@@ -30,7 +30,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +40,13 @@ from tqdm import tqdm
 from . import distributed
 from .adapters.class_unet import ClassUNetDenoiser
 from .adapters.text_unet import TextUNetDenoiser
+from .config import option
 from .data import LabelledImages, preprocess
 from .errors import UserError
 from .loading import text_encoder_dir
 from .pairs import PairSampler, load_spec
 from .robust import intensity_stats
-from .runtime import atomic_torch_save, parse_device
+from .runtime import atomic_torch_save, parse_device, parse_dtype
 from .schedules import schedule_from_scheduler
 
 ARCHITECTURES = {
@@ -63,16 +64,8 @@ ARCHITECTURES = {
         up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"], attention_head_dim=8),
 }
 RESOURCES = Path(__file__).resolve().parent / "resources"
-
-
-
-def option(default, help: str, choices: tuple | None = None, resume: bool = True, **kw):
-    """A TrainConfig field: its CLI help and choices; resume=False for settings a resumed run may change."""
-    return field(default=default, metadata={"help": help, "choices": choices, "resume": resume, **kw})
-
-
 CAPTION_STATES = "caption_states.pt"
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", "bf16", "fp16")  # fp32, or autocast to that half type over float32 weights
 
 
 @dataclass
@@ -87,9 +80,9 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay")
     warmup_steps: int = option(500, "linear learning-rate warm-up steps")
     ema_decay: float = option(0.999, "EMA decay of the exported weights")
-    max_steps: int = option(10**9, "stop after this many steps in total", resume=False)
-    max_minutes: float = option(60.0, "time budget for this invocation", resume=False)
-    checkpoint_minutes: float = option(5.0, "minutes between checkpoints/exports", resume=False)
+    max_steps: int = option(10**9, "stop after this many steps in total", affects_results=False)
+    max_minutes: float = option(60.0, "time budget for this invocation", affects_results=False)
+    checkpoint_minutes: float = option(5.0, "minutes between checkpoints/exports", affects_results=False)
     seed: int = option(0, "seed of weights, data order, timesteps and noise")
     num_train_timesteps: int = option(1000, "diffusion steps of the training schedule")
     beta_schedule: str = option("linear", "DDPM beta schedule")
@@ -114,10 +107,10 @@ class TrainConfig:
     init_from: str = option("", "start from another run's checkpoint.pt (same network; e.g. to fine-tune with "
                             "--hard-negatives); ignored when --out already holds a checkpoint", metavar="RUN_DIR")
     device: str = option("auto", "auto (cuda when available), cpu, cuda or cuda:N; under torchrun each rank "
-                         "takes the GPU of its local rank", resume=False)
+                         "takes the GPU of its local rank", affects_results=False)
     precision: str = option("fp32", "fp32, or bf16 / fp16 autocast with float32 master weights (fp16 with a "
                             "gradient scaler; bf16 on CPUs without native bfloat16, such as AVX2-only ones, is "
-                            "slow)", tuple(PRECISIONS), resume=False)
+                            "slow)", PRECISIONS, affects_results=False)
 
     def __post_init__(self):
         for f in fields(self):
@@ -246,7 +239,8 @@ class Trainer:
             raise UserError(f"--batch-size {config.batch_size} does not split evenly over "
                             f"{self.group.world_size} processes")
         self.device = self.group.device(parse_device(config.device))
-        self.autocast_dtype = PRECISIONS[config.precision]
+        half = parse_dtype(config.precision)
+        self.autocast_dtype = None if half == torch.float32 else half
         if self.group.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self._build_data(dataset)
@@ -254,6 +248,7 @@ class Trainer:
         self.step, self.images_seen, self.seconds, self.losses, self.ranks = 0, 0, 0.0, [], []
         self._pending: list[torch.Tensor] = []  # device losses not yet brought to the host
         self._pending_ranks: list[torch.Tensor] = []
+        self._epoch, self._permutation = None, None  # the data order of the current epoch
 
     # ----- build ------------------------------------------------------------------
     def _build_data(self, dataset: LabelledImages) -> None:
@@ -372,7 +367,7 @@ class Trainer:
         """The whole batch of step `step` (every process draws the same), as (x0, conditioning, t, noise)."""
         config, device = self.config, self.data_device
         epoch, position = divmod(step, max(1, self.n // config.batch_size))
-        if epoch != getattr(self, "_epoch", None):
+        if epoch != self._epoch:
             generator = torch.Generator(device).manual_seed(config.seed * 100003 + epoch)
             self._permutation, self._epoch = torch.randperm(self.n, generator=generator, device=device), epoch
         index = self._permutation[position * config.batch_size:(position + 1) * config.batch_size]
@@ -529,6 +524,7 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
     trainer.resume()
     return trainer.run(progress)
 
+
 def ranking_loss(pred: torch.Tensor, pred_negative: torch.Tensor, target: torch.Tensor,
                  temperature: float) -> torch.Tensor:
     """Swapped-caption ranking loss (as in DiffusionITM's hard-negative fine-tuning, in a bounded form):
@@ -553,8 +549,9 @@ def _text_config(config: TrainConfig) -> dict:
 
 def _comparable(config: TrainConfig) -> dict:
     """The settings a resumed run must share with the one it continues (budgets and device may change)."""
-    skip = {f.name for f in fields(config) if not f.metadata.get("resume", True)}
+    skip = {f.name for f in fields(config) if not f.metadata.get("affects_results", True)}
     return {k: v for k, v in asdict(config).items() if k not in skip}
+
 
 def export(network, scheduler, out_dir: Path, config: TrainConfig, class_names: list[str],
            stats: dict | None = None) -> None:
@@ -568,7 +565,7 @@ def export(network, scheduler, out_dir: Path, config: TrainConfig, class_names: 
     else:
         extra.update(text_encoder_source=config.text_encoder, **_text_config(config))
         # the pipeline names its encoder (text_encoder_source) instead of holding a copy, so none is needed here
-        denoiser = TextUNetDenoiser(network, scheduler, tokenizer=None, text_encoder=torch.nn.Identity(), info=extra)
+        denoiser = TextUNetDenoiser(network, scheduler, info=extra)
     tmp = out_dir / ".export-tmp"
     denoiser.save_pretrained(tmp)
     for item in tmp.iterdir():  # swap each part in by rename, so a reader never sees a half-written model

@@ -33,10 +33,12 @@ class TextUNetDenoiser(Denoiser):
     conditioning = "text"
     pipeline_class_name = "StableDiffusionPipeline"
 
-    def __init__(self, network, scheduler, tokenizer, text_encoder, vae=None, info=None, schedule=None):
+    def __init__(self, network, scheduler, tokenizer=None, text_encoder=None, vae=None, info=None, schedule=None):
+        """tokenizer and text_encoder may be None when the conditions come already embedded (training
+        exports, which name their encoder in `text_encoder_source`; benchmarks on random networks)."""
         super().__init__(network, scheduler, vae, info, schedule)
         self.tokenizer = tokenizer
-        self.text_encoder = text_encoder.eval()
+        self.text_encoder = text_encoder.eval() if text_encoder is not None else None
         if vae is None:
             self.pipeline_class_name = "PixelTextDiffusionPipeline"
 
@@ -53,7 +55,7 @@ class TextUNetDenoiser(Denoiser):
         return cls(load("unet"), load("scheduler"), tokenizer, text_encoder, vae, info)
 
     def _modules(self):
-        return super()._modules() + [self.text_encoder]
+        return super()._modules() + ([self.text_encoder] if self.text_encoder is not None else [])
 
     @property
     def takes_any_size(self) -> bool:
@@ -74,6 +76,8 @@ class TextUNetDenoiser(Denoiser):
 
     @torch.inference_mode()
     def embed_conditions(self, prompts: Sequence[str], batch_size: int = 64) -> Conditions:
+        if self.text_encoder is None:
+            raise UserError("this text model was built without its text encoder, so it cannot embed prompts")
         masked = self.info.text_attention_mask
         hidden, masks = [], []
         for start in range(0, len(prompts), batch_size):
