@@ -29,8 +29,7 @@ browser:
 
 demo: venv
 	$(VENV)/bin/diffusion-classifier classify examples/fashion-mnist/*.png --model fashion-mnist-text \
-	  --labels "t-shirt,trousers,pullover,dress,coat,sandal,shirt,sneaker,bag,ankle boot" \
-	  --template "a photo of a {}." --timesteps 25 --top-k 3
+	  --preset fashion-mnist --timesteps 25 --top-k 3
 
 serve: venv
 	$(VENV)/bin/diffusion-classifier serve --model fashion-mnist-text

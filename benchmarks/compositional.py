@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 from common import RESULTS, RUNS, model_fingerprint, paired_difference  # benchmarks/
 
+from diffusion_classifier import EvaluationRun, run_evaluation
 from diffusion_classifier.data import fashion_mnist_arrays
 from diffusion_classifier.matching_metrics import standard_error, winoground_outcomes, winoground_scores
 from diffusion_classifier.pairs import ITEM, compose, load_spec, winoground_examples, write_winoground
@@ -65,14 +64,12 @@ def section_diffusion(args, out: dict) -> None:
     manifest = manifest_for(args.examples)
     tag = f"{Path(args.model).name}-{model_fingerprint(args.model)[:10]}"
     run_dir = RUNS / f"compositional-{tag}-test{args.examples}-grid{args.grid}"
-    command = [sys.executable, "-m", "diffusion_classifier", "evaluate", "--task", "winoground", "--data",
-               str(manifest), "--model", args.model, "--out", str(run_dir), "--timesteps", str(args.grid),
-               "--batch-size", str(args.batch_size), "--quiet", "--json"]
-    print(" ".join(command[1:]), flush=True)
+    run = EvaluationRun(model=args.model, data=manifest, out=run_dir, task="winoground",
+                        scoring={"strategy": Exhaustive(args.grid), "batch_size": args.batch_size})
+    print(f"evaluate --task winoground --data {manifest} --model {args.model} --out {run_dir} "
+          f"--timesteps {args.grid} --batch-size {args.batch_size}", flush=True)
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(result.stderr.strip().splitlines()[-1])
+    run_evaluation(run, progress=False)
     seconds = time.perf_counter() - started
     with ResultsStore(run_dir) as store:
         rows = store.db.execute("SELECT ranking, errors, timesteps FROM results ORDER BY idx").fetchall()

@@ -285,7 +285,7 @@ def section_throughput(pixels, labels, args, out):
     engine_wall = time.perf_counter() - started
     network_share = clf.engine.stats.network_seconds / engine_wall
     started = time.perf_counter()
-    loop_predictions = per_image_loop(denoiser, pixels, n, args.loop_batch_size, clf.seed)
+    loop_predictions = per_image_loop(denoiser, pixels, n, args.loop_batch_size, clf.config.seed)
     loop_wall = time.perf_counter() - started
     agree = float(np.mean(np.array(loop_predictions) == np.array([r.prediction_index for r in results])))
     out["throughput"] = {"timesteps": n, "images": len(pixels), "engine_images_per_s": len(pixels) / engine_wall,

@@ -45,7 +45,15 @@ from common import (  # benchmarks/
     to_pixels,
 )
 
-from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, Staged, load_denoiser
+from diffusion_classifier import (
+    DiffusionClassifier,
+    Elimination,
+    EvaluationRun,
+    Exhaustive,
+    Staged,
+    load_denoiser,
+    run_evaluation,
+)
 from diffusion_classifier.adapters.text_unet import sentence_embedding
 from diffusion_classifier.data import FASHION_MNIST_CLASSES, fashion_mnist_arrays
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
@@ -92,29 +100,31 @@ def evenly_from(grid: list[int], k: int) -> list[int]:
 
 
 def grid_run(denoiser, model: str, n_images: int, args, template: str = "a photo of a {}.", variant: str = "",
-             extra: tuple[str, ...] = ()) -> tuple[list[np.ndarray], list[int], np.ndarray, float]:
-    """Run (or resume) `diffusion-classifier evaluate` over the fixed test subset; return its error matrices.
+             extra: dict | None = None) -> tuple[list[np.ndarray], list[int], np.ndarray, float]:
+    """Run (or resume) the evaluation run over the fixed test subset; return its error matrices.
 
-    The run is the user's own command, so it can be run beforehand on more processes, e.g.
-    torchrun --nproc-per-node 2 -m diffusion_classifier evaluate ... with the arguments printed here.
+    It is what `diffusion-classifier evaluate` runs with the arguments printed here, so it can be run
+    beforehand on more processes (torchrun --nproc-per-node 2 -m diffusion_classifier evaluate ...).
     Text models take `template` (the training wording by default). A run with another template or `extra`
-    evaluate options is named by its `variant` tag."""
+    scoring settings (e.g. {"loss": "l1"}) is named by its `variant` tag."""
     run_dir = Path(args.runs_dir) / grid_run_name(model, n_images, args.grid, variant)
     run_dir.mkdir(parents=True, exist_ok=True)
     subset_file = run_dir / "subset.txt"
     atomic_write_text("".join(f"{i}\n" for i in test_subset(n_images)), subset_file)
-    command = ["evaluate", "--data", "fashion-mnist", "--split", "test", "--subset", str(subset_file),
-               "--model", model, "--strategy", "exhaustive", "--timesteps", str(args.grid), "--seed", "0",
-               "--batch-size", str(args.batch_size), "--out", str(run_dir), "--quiet"]
-    if denoiser.conditioning == "text":
-        command += ["--template", template]
-    command += list(extra)
-    for other in grid_run_dirs(model, args.grid, Path(args.runs_dir)) if not variant else []:
-        if other != run_dir and (other / "results.sqlite").exists():
-            command += ["--reuse", str(other)]  # the subsets are nested: a smaller run's images are ours
-    print("python -m diffusion_classifier " + " ".join(f"'{c}'" if " " in c else c for c in command), flush=True)
-    if not run_complete(run_dir, n_images):  # a complete run needs no model load in a subprocess
-        subprocess.run([sys.executable, "-m", "diffusion_classifier", *command], check=True)
+    text = denoiser.conditioning == "text"
+    reuse = [other for other in (grid_run_dirs(model, args.grid, Path(args.runs_dir)) if not variant else [])
+             if other != run_dir and (other / "results.sqlite").exists()]  # nested subsets: a smaller run's
+    run = EvaluationRun(model=model, data="fashion-mnist", split="test", subset=test_subset(n_images).tolist(),
+                        out=run_dir, templates=[template] if text else None, reuse=tuple(reuse),
+                        scoring={"strategy": Exhaustive(args.grid), "seed": 0, "batch_size": args.batch_size,
+                                 **(extra or {})})
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (extra or {}).items())
+    print(f"python -m diffusion_classifier evaluate --data fashion-mnist --split test --subset {subset_file} "
+          f"--model {model} --strategy exhaustive --timesteps {args.grid} --seed 0 --batch-size {args.batch_size} "
+          f"--out {run_dir}" + (f" --template '{template}'" if text else "") + (f" {flags}" if flags else "")
+          + "".join(f" --reuse {other}" for other in reuse), flush=True)
+    if not run_complete(run_dir, n_images):
+        run_evaluation(run, denoiser=denoiser, progress=False)
     store = ResultsStore(run_dir)
     try:
         matrices = store.error_matrices()
@@ -251,7 +261,7 @@ def section_ablation(pixels, labels, args, out):
         out["ablation"]["loss"] = {"images": n, "baseline": "l2", "variants": {}}
         for loss in args.ablation_losses:
             variant, _, _, _ = grid_run(denoiser, "fashion-mnist-class", n, args, variant=f"loss-{loss}",
-                                        extra=("--loss", loss))
+                                        extra={"loss": loss})
             out["ablation"]["loss"]["variants"][loss] = paired_rows(baseline, variant, grid, loss_truth,
                                                                     [*args.timesteps, len(grid)], f"loss {loss}")
 

@@ -4,14 +4,14 @@ test images.
 
     python benchmarks/flow.py --train-minutes 50 --images 2000      # trains both side by side, then scores
 
-Training: `diffusion-classifier train --conditioning class --objective {ddpm,flow}` into
+Training: what `diffusion-classifier train --conditioning class --objective {ddpm,flow}` runs, into
 train-runs/flow-bench/fashion-mnist-{ddpm,flow}, the two in parallel on one torch thread each; re-running trains
 on until each has --train-minutes of training in all (resumable). class-tiny rather than class-small because
 scoring, not training, is the cost here: 2,000 images x 500 NFE x 2 runs is about 2 CPU-hours on class-tiny.
-Scoring: one `diffusion-classifier evaluate` run per model, exhaustive over the paper's even 50-point grid
-(stored in benchmarks/runs/, resumable), plus one with `--grid logit-normal` for the flow model (on the first
---logit-images of the test images). The other variants follow exactly from the even-grid errors
-(tested in tests/test_schedules.py), so they cost no network evaluations:
+Scoring: one evaluation run (`run_evaluation`, as `diffusion-classifier evaluate`) per model, exhaustive over
+the paper's even 50-point grid (stored in benchmarks/runs/, resumable), plus one with `--grid logit-normal` for
+the flow model (on the first --logit-images of the test images). The other variants follow exactly from the
+even-grid errors (tested in tests/test_schedules.py), so they cost no network evaluations:
   * velocity target: the flow model's eps error times 1 / (1 - sigma_t)^2 (L2);
   * ELBO weighting: each error times the schedule's -dlogSNR/dt weight (mean 1).
 Rows at 10 / 25 / 50 timesteps (100 / 250 / 500 NFE) use even subsets of the grid; each variant's accuracy
@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -34,8 +33,10 @@ from common import RESULTS, paired_difference, test_subset  # benchmarks/
 from fashion_mnist import grid_run  # benchmarks/
 
 from diffusion_classifier import load_denoiser
+from diffusion_classifier.data import load_dataset
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
 from diffusion_classifier.schedules import even_subset
+from diffusion_classifier.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("ddpm", "flow")
@@ -43,23 +44,32 @@ OBJECTIVES = ("ddpm", "flow")
 
 def train_both(args) -> dict:
     """Bring each model to --train-minutes of training (both in parallel); return their summaries."""
-    procs = {}
+    workers = {}
+    spawn = multiprocessing.get_context("spawn")
     for objective in OBJECTIVES:
         out = model_dir(args, objective)
         summary = out / "training_summary.json"
         done = json.loads(summary.read_text())["train_seconds"] / 60 if summary.is_file() else 0.0
         if done < args.train_minutes - min(0.5, 0.05 * args.train_minutes):  # a little slack: budgets overrun
-            command = [sys.executable, "-m", "diffusion_classifier", "train", "--data", "fashion-mnist",
-                       "--conditioning", "class", "--objective", objective, "--architecture", args.architecture,
-                       "--out", str(out), "--batch-size", "64",
-                       "--lr", "1.5e-3", "--warmup-steps", "300", "--threads", "1", "--seed", "0", "--quiet",
-                       "--max-minutes", str(args.train_minutes - done)]
-            print(" ".join(command[1:]), flush=True)
-            procs[objective] = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    for objective, proc in procs.items():
-        if proc.wait() != 0:
+            config = TrainConfig(conditioning="class", objective=objective, architecture=args.architecture,
+                                 batch_size=64, lr=1.5e-3, warmup_steps=300, seed=0,
+                                 max_minutes=args.train_minutes - done)
+            print(f"train --data fashion-mnist --conditioning class --objective {objective} --architecture "
+                  f"{args.architecture} --out {out} --batch-size 64 --lr 1.5e-3 --warmup-steps 300 --threads 1 "
+                  f"--seed 0 --max-minutes {config.max_minutes:g}", flush=True)
+            workers[objective] = spawn.Process(target=train_one, args=(config, str(out)))
+            workers[objective].start()
+    for objective, worker in workers.items():
+        worker.join()
+        if worker.exitcode != 0:
             raise SystemExit(f"training the {objective} model failed")
     return {o: json.loads((model_dir(args, o) / "training_summary.json").read_text()) for o in OBJECTIVES}
+
+
+def train_one(config: TrainConfig, out: str) -> None:
+    """One model on one torch thread (a worker process: the two train side by side)."""
+    torch.set_num_threads(1)
+    train(load_dataset("fashion-mnist", "train"), out, config, progress=False)
 
 
 def model_dir(args, objective: str) -> Path:
@@ -99,7 +109,7 @@ def main() -> None:
             sigma = denoiser.schedule.sigmas[t].numpy()
             variants["velocity target"] = errors / (1 - sigma) ** 2
             logit, logit_grid, _, _ = grid_run(denoiser, model, args.logit_images, args, variant="logit-normal",
-                                               extra=("--grid", "logit-normal"))
+                                               extra={"grid": "logit-normal"})
             variants["logit-normal grid"] = np.stack([e[:, 0, :] for e in logit])
             grids = {"logit-normal grid": logit_grid}
             # the smaller run's images are the first of the same permutation; rows are in dataset-index order

@@ -3,9 +3,10 @@
     python benchmarks/memory.py                # 1,000 and 10,000 Fashion-MNIST test images
     python benchmarks/memory.py --sizes 200 2000
 
-Each size runs `diffusion-classifier evaluate` in a fresh process (built-in class-conditional
-model, one timestep per class so the run is cheap) and samples the process's resident set size
-every 50 ms with psutil. Prints a table and writes benchmarks/results/memory.json.
+Each size runs one evaluation run (`run_evaluation`, what `diffusion-classifier evaluate` calls) in a
+fresh process (built-in class-conditional model, one timestep per class so the run is cheap) and samples
+the process's resident set size every 50 ms with psutil. Prints a table and writes
+benchmarks/results/memory.json.
 """
 
 from __future__ import annotations
@@ -39,17 +40,29 @@ def peak_rss_of(cmd: list[str]) -> tuple[float, float]:
     return peak / 2**20, time.perf_counter() - started
 
 
+def evaluate_once(model: str, n: int, out: str) -> None:
+    from diffusion_classifier import EvaluationRun, Exhaustive, run_evaluation
+
+    run_evaluation(EvaluationRun(model=model, data="fashion-mnist", limit=n, out=out, device="cpu",
+                                 scoring={"strategy": Exhaustive(1), "batch_size": 500, "images_per_batch": 64}),
+                   progress=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--model", default="fashion-mnist-class")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # the measured process: one run of N images
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        evaluate_once(args.model, args.child, args.out)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
-            cmd = [sys.executable, "-m", "diffusion_classifier", "evaluate", "--model", args.model,
-                   "--data", "fashion-mnist", "--limit", str(n), "--timesteps", "1", "--batch-size", "500",
-                   "--images-per-batch", "64", "--quiet", "--out", str(Path(tmp) / f"run{n}")]
+            cmd = [sys.executable, __file__, "--child", str(n), "--model", args.model,
+                   "--out", str(Path(tmp) / f"run{n}")]
             peak, seconds = peak_rss_of(cmd)
             store = (Path(tmp) / f"run{n}" / "results.sqlite").stat().st_size / 2**20
             rows.append({"images": n, "peak_rss_mib": round(peak, 1), "seconds": round(seconds, 1),

@@ -119,11 +119,27 @@ def test_labels_file_with_bom_and_blank_lines(models, image_files, tmp_path, cap
     assert {r["label"] for r in json.loads(out)["ranking"]} == {"cat", "dog"}
 
 
-def test_every_command_has_help():
-    for command in ("classify", "evaluate", "train"):
-        out = subprocess.run([sys.executable, "-m", "diffusion_classifier", command, "--help"],
-                             capture_output=True, text=True, check=True).stdout
-        assert "--model" in out or "--data" in out
+def test_every_command_and_option_has_help():
+    """Every subcommand has a description, and every option of it help text that --help shows."""
+    import argparse
+
+    from diffusion_classifier.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == set(COMMANDS)
+    for name, sub in subparsers.choices.items():
+        assert sub.description, name
+        shown = sub.format_help()
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and action.help.strip(), f"{name} {action.option_strings or action.dest}: no help"
+            for option in action.option_strings:
+                assert option in shown, f"{name} --help does not show {option}"
+    out = subprocess.run([sys.executable, "-m", "diffusion_classifier", "evaluate", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--task" in out and "--preset" in out
 
 
 def test_resuming_a_run_with_other_weights_is_refused(models, image_folder, tmp_path, capsys):

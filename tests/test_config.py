@@ -88,8 +88,8 @@ def test_the_classifier_takes_a_config_or_its_fields(models):
     config = ScoringConfig(strategy=Exhaustive(3), seed=5)
     a = DiffusionClassifier.from_pretrained(models["pixel_class"], config=config)
     b = DiffusionClassifier.from_pretrained(models["pixel_class"], strategy=Exhaustive(3), seed=5)
-    assert a.describe() == b.describe() and a.seed == 5
-    assert DiffusionClassifier.from_pretrained(models["pixel_class"], config=config, seed=6).seed == 6
+    assert a.describe() == b.describe() and a.config.seed == 5
+    assert DiffusionClassifier.from_pretrained(models["pixel_class"], config=config, seed=6).config.seed == 6
     with pytest.raises(UserError, match="unknown scoring option"):
         DiffusionClassifier.from_pretrained(models["pixel_class"], sed=1)
     with pytest.raises(UserError, match="unknown loss"):

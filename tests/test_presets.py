@@ -13,7 +13,7 @@ from diffusion_classifier.store import ResultsStore
 from .conftest import image_folder
 
 SIZES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "pets": 37, "flowers": 102, "food": 101, "aircraft": 100,
-         "imagenet": 1000, "objectnet": 113, "mnist": 10}
+         "imagenet": 1000, "objectnet": 113, "mnist": 10, "fashion-mnist": 10}
 
 
 def test_every_dataset_of_the_issue_has_a_preset():
@@ -74,13 +74,13 @@ def test_classifier_takes_names_prompts_and_schedule_from_a_preset(models):
     clf = DiffusionClassifier.from_pretrained(models["sd"], preset="cifar10")
     assert clf.classes_ == list(preset("cifar10").classes)
     assert clf.prompts_[0] == ["a blurry photo of a airplane."]
-    assert clf.strategy.n_samples == [50, 500] and clf.loss == "l1"
+    assert clf.strategy.n_samples == [50, 500] and clf.config.loss == "l1"
     from diffusion_classifier import Exhaustive
 
     mine = DiffusionClassifier.from_pretrained(models["sd"], preset="pets", labels=["cat", "dog"],
                                                strategy=Exhaustive(3))
     assert mine.prompts_ == [["a photo of a cat, a type of pet."], ["a photo of a dog, a type of pet."]]
-    assert mine.strategy.n_timesteps == 3 and mine.loss == "l2"
+    assert mine.strategy.n_timesteps == 3 and mine.config.loss == "l2"
 
 
 def test_evaluate_with_a_preset_needs_no_labels(models, tmp_path, capsys):

@@ -5,7 +5,7 @@ import torch
 from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, Staged, UserError, load_denoiser, preset
 from diffusion_classifier.data import preprocess
 from diffusion_classifier.schedules import even_timesteps
-from diffusion_classifier.scoring import noise_for
+from diffusion_classifier.scoring import image_seed, noise_for
 from diffusion_classifier.strategies import ScoreTable
 
 from .conftest import CLASSES, random_images
@@ -45,7 +45,7 @@ PAPER_SCHEDULES = {
 def test_every_preset_matches_the_original_stage_grids(name):
     strategy = preset(name).strategy
     to_keep, n_samples, loss = PAPER_SCHEDULES[name]
-    assert (strategy.to_keep, strategy.n_samples, strategy.loss) == (to_keep, n_samples, loss)
+    assert (strategy.to_keep, strategy.n_samples, preset(name).loss) == (to_keep, n_samples, loss)
     assert strategy.stage_timesteps(1000) == _original_stage_grids(strategy.n_samples)
 
 
@@ -106,7 +106,7 @@ def test_explicit_noise_reproduces_errors_and_matches_a_hand_computation(models)
     (default,) = clf.classify(img)
     pixels = preprocess(img, 16, 3)
     x0 = clf.denoiser.encode_images(pixels)
-    seed = clf._seed_for(pixels[0])
+    seed = image_seed(clf.config.seed, pixels[0])
     noise = torch.stack([noise_for(seed, t, x0.shape[1:]) for t in default.timesteps])
     (explicit,) = clf.classify(img, noise=[noise])
     np.testing.assert_allclose(explicit.errors, default.errors, rtol=1e-6)

@@ -12,7 +12,7 @@ from diffusion_classifier.presets import PRESET_NAMES, preset
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "datasets.md"
 
-HEAD = """# The paper's datasets
+HEAD = """# Dataset presets: the paper's datasets, and Fashion-MNIST
 
 `--preset NAME` (API: `preset=NAME`, or `preset(NAME)` for the preset itself) supplies a dataset's class
 names in its label order and the paper's prompts, unless `--labels` / `--template` are given, and the
@@ -21,13 +21,16 @@ paper's staged schedule and loss, unless `--strategy`, `--n-samples` or `--to-ke
 is named by the class, by the dataset's own folder name (ImageNet WordNet ids, Food-101's `apple_pie`),
 or by the label id (from 0; folders numbered 1..K with no 0, as Flowers-102's originals, count from 1).
 Case, `_` and repeated spaces are ignored. Every class of the preset is a candidate, even when the folder
-holds only some of them. Class-conditional models (DiT) take the schedule and loss only: their class ids
-are the label order.
+holds only some of them. Class-conditional models (DiT, our class models) score only their own classes:
+with a preset, the preset's label order must be the model's class order (most names agreeing, as DiT's
+ImageNet classes do with the imagenet preset); a model trained on other classes is refused, not renamed.
+An explicit `--timesteps`, `--strategy`, `--n-samples` or `--to-keep` always wins over the preset's schedule.
 
 The presets are data files in `src/diffusion_classifier/resources/datasets/`; this page is generated
 from them by `python tools/render_datasets.py`. The paper's accuracy is Diffusion Classifier's zero-shot
-accuracy with Stable Diffusion 2.0 (Li et al. 2023, Table 1); nothing here was run on these datasets on
-our machines (no downloads, no GPU).
+accuracy with Stable Diffusion 2.0 (Li et al. 2023, Table 1); nothing here was run on the paper's datasets
+on our machines (no downloads). `fashion-mnist` is ours: the dataset of the shipped models, and the
+demo's names and prompt (`make demo` is `classify ... --preset fashion-mnist`).
 
 | preset | dataset | classes | prompt | staged schedule (timesteps, classes kept) | loss | paper, SD 2.0 |
 |---|---|---|---|---|---|---|

@@ -1,14 +1,16 @@
 """diffusion-classifier: zero-shot image classification with conditional diffusion models."""
 
-__version__ = "0.1.0"
+from ._version import __version__
+from .classifier import Classification, DiffusionClassifier
+from .config import ScoringConfig
+from .denoisers import Denoiser
+from .errors import UserError
+from .loading import load_denoiser
+from .matching import ImageTextMatcher
+from .presets import DatasetPreset, preset
+from .runs import EvaluationRun, run_evaluation
+from .strategies import Elimination, Exhaustive, FixedTimesteps, Staged
 
-from .classifier import Classification, DiffusionClassifier  # noqa: E402
-from .config import ScoringConfig  # noqa: E402
-from .denoisers import Denoiser  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .loading import load_denoiser  # noqa: E402
-from .presets import DatasetPreset, preset  # noqa: E402
-from .strategies import Elimination, Exhaustive, FixedTimesteps, Staged  # noqa: E402
-
-__all__ = ["Classification", "DatasetPreset", "Denoiser", "DiffusionClassifier", "Elimination", "Exhaustive",
-           "FixedTimesteps", "ScoringConfig", "Staged", "UserError", "load_denoiser", "preset"]
+__all__ = ["__version__", "Classification", "DatasetPreset", "Denoiser", "DiffusionClassifier", "Elimination",
+           "EvaluationRun", "Exhaustive", "FixedTimesteps", "ImageTextMatcher", "ScoringConfig", "Staged",
+           "UserError", "load_denoiser", "preset", "run_evaluation"]

@@ -14,12 +14,12 @@ from . import probabilities
 from .config import ScoringConfig
 from .data import preprocess
 from .denoisers import Denoiser
-from .errors import UserError
+from .errors import UserError, warn_once
 from .labels import candidate_classes
 from .loading import load_denoiser
-from .presets import DatasetPreset
+from .presets import DatasetPreset, scoring_config
 from .presets import preset as load_preset
-from .scoring import ScoringEngine, check_robust_options, image_seed, prepare_images
+from .scoring import ScoringEngine, check_robust_options, prepare_images
 from .strategies import ScoreTable
 
 
@@ -37,13 +37,17 @@ class Classification:
     nfe: int  # network evaluations spent on this image
     seconds: float  # wall time attributed to this image (its share of its batch)
     extra: dict = field(default_factory=dict)
+    tied_with: list[str] = field(default_factory=list)  # labels whose mean error equals the prediction's exactly
+    timesteps_per_label: dict[str, int] = field(default_factory=dict)  # what each mean error rests on
 
     def to_dict(self, top_k: int | None = None) -> dict:
+        """The JSON form: "score" is a label's mean denoising error (lower is better, as "better" says)."""
         ranking = self.ranking[:top_k] if top_k else self.ranking
-        return {"image": self.image, "prediction": self.prediction, "nfe": self.nfe,
-                "seconds": round(self.seconds, 4),
-                "ranking": [{"label": label, "score": None if np.isnan(score) else float(score)}
-                            for label, score in ranking]}
+        counts = self.timesteps_per_label
+        return {"image": self.image, "prediction": self.prediction, "tie": bool(self.tied_with),
+                "tied_with": self.tied_with, "nfe": self.nfe, "seconds": round(self.seconds, 4), "better": "lower",
+                "ranking": probabilities.mark_ties([{"label": label, "score": None if np.isnan(score) else float(score),
+                                                     "timesteps": counts.get(label)} for label, score in ranking])}
 
 
 class DiffusionClassifier:
@@ -57,7 +61,9 @@ class DiffusionClassifier:
         aggregate="min", seed=0, batch_size=256, ...), which also override a given config.
     temperature: predict_proba is softmax(-(error - leader's error) / temperature). It is NOT
         calibrated unless the temperature was fitted on held-out data (`calibrate`). None: the
-        temperature stored with the model (model_index.json "calibration"), else 1.0.
+        temperature stored with the model (model_index.json "calibration") when this classifier scores
+        as it was fitted (stored_temperature_applies), else 1.0 with a warning; `probability_source`
+        says which ("calibrated", "given" or "not calibrated").
     timestep_weights: per-timestep weights from `calibrate --per-timestep` instead of a temperature.
     preset: a dataset preset (name or `preset(name)`): its class names and the paper's prompts unless labels,
         templates or prompts are given, and its staged schedule and loss unless a strategy or loss is
@@ -72,36 +78,39 @@ class DiffusionClassifier:
         self.denoiser = denoiser
         if preset is not None:
             preset = load_preset(preset)
-            if config is None and "strategy" not in options and preset.strategy is not None:
-                options["strategy"] = preset.strategy
             if denoiser.conditioning == "text" and prompts is None:
                 labels, prompts = preset.candidates(labels, templates)
                 templates = None
-        self.config = config.with_options(**options) if config else ScoringConfig.from_options(**options)
-        if temperature is None:
-            temperature = float(denoiser.info.temperature or 1.0)
+        self.config = config.with_options(**options) if config else scoring_config(preset, **options)
+        self.timestep_weights = dict(timestep_weights) if timestep_weights else None
+        self.probability_source = "given" if temperature is not None else "calibrated"
+        if self.timestep_weights:
+            self.probability_source = "calibrated"
+        elif temperature is None:
+            reason = stored_temperature_applies(denoiser.info.calibration, self.config)
+            temperature = float(denoiser.info.temperature) if reason is None else 1.0
+            if reason is not None:
+                self.probability_source = "not calibrated"
+                if denoiser.info.calibration:
+                    warn_once(f"probabilities are not calibrated: {reason}; the model's stored temperature does "
+                              "not apply (fit one for these settings with evaluate + calibrate)")
         if temperature <= 0:
             raise UserError("temperature must be positive")
         self.temperature = temperature
-        self.timestep_weights = dict(timestep_weights) if timestep_weights else None
         check_robust_options(denoiser, self.config)
         self.classes_, conditions = candidate_classes(denoiser, labels, templates, prompts)
         self.strategy = self.config.strategy.resolve(self.classes_)
         if denoiser.conditioning == "text":
             self.prompts_ = conditions
             flat = [c for per_class in conditions for c in per_class]
+            for a, b in denoiser.check_texts(flat):
+                warn_once(f"prompts {a!r} and {b!r} are identical within what the model reads of them, so their "
+                          "classes tie exactly (a tie is reported, never a decision)")
             self._rows = np.arange(len(flat)).reshape(len(conditions), len(conditions[0]))
         else:
             self.prompts_, flat = None, conditions
             self._rows = np.arange(len(flat)).reshape(-1, 1)
         self.engine = ScoringEngine.for_config(denoiser, denoiser.embed_conditions(flat), self.config)
-
-    # settings, read from the config
-    loss = property(lambda self: self.config.loss)
-    aggregate = property(lambda self: self.config.aggregate)
-    seed = property(lambda self: self.config.seed)
-    interpolation = property(lambda self: self.config.interpolation)
-    images_per_batch = property(lambda self: self.config.images_per_batch)
 
     @classmethod
     def from_pretrained(cls, model: str | Path, device: str | torch.device = "cpu",
@@ -117,10 +126,11 @@ class DiffusionClassifier:
         names = list(names) if names is not None else [str(im) if isinstance(im, (str, Path)) else f"#{i}"
                                                         for i, im in enumerate(images)]
         results = []
-        for start in range(0, len(images), self.images_per_batch):
-            chunk = images[start:start + self.images_per_batch]
+        for start in range(0, len(images), self.config.images_per_batch):
+            chunk = images[start:start + self.config.images_per_batch]
             started = time.perf_counter()
-            pixels = preprocess(chunk, self.denoiser.image_size, self.denoiser.image_channels, self.interpolation)
+            pixels = preprocess(chunk, self.denoiser.image_size, self.denoiser.image_channels,
+                                self.config.interpolation)
             chunk_noise = None if noise is None else noise[start:start + len(chunk)]
             results.extend(self.classify_pixels(pixels, names[start:start + len(chunk)], chunk_noise, started))
         return results
@@ -130,20 +140,20 @@ class DiffusionClassifier:
         """Classify preprocessed images ([B, C, H, W] in [-1, 1])."""
         started = time.perf_counter() if started is None else started
         jobs = prepare_images(self.denoiser, self.config, pixels, self._rows, noise=noise)
-        tables = self.engine.score(jobs, self.strategy, self.aggregate)
+        tables = self.engine.score(jobs, self.strategy, self.config.aggregate)
         seconds = (time.perf_counter() - started) / max(1, len(tables))
         return [self._result(name, table, seconds) for name, table in zip(names, tables)]
 
-    def _seed_for(self, pixels: torch.Tensor) -> int:
-        return image_seed(self.seed, pixels)
-
     def _result(self, name: str, table: ScoreTable, seconds: float) -> Classification:
-        scores = table.class_scores(self.aggregate)
-        order = table.ranking(self.aggregate)
+        scores = table.class_scores(self.config.aggregate)
+        order = table.ranking(self.config.aggregate)
+        counts = np.isfinite(table.errors[:, 0, :]).sum(axis=1)
+        tied = [self.classes_[i] for i in order[1:] if scores[i] == scores[order[0]] and counts[i] == counts[order[0]]]
         return Classification(image=name, prediction=self.classes_[order[0]], prediction_index=int(order[0]),
                               ranking=[(self.classes_[i], float(scores[i])) for i in order], mean_errors=scores,
                               errors=table.errors.copy(), timesteps=list(table.timesteps), nfe=table.nfe,
-                              seconds=seconds, extra={"evidence": table.evidence} if table.evidence else {})
+                              seconds=seconds, extra={"evidence": table.evidence} if table.evidence else {},
+                              tied_with=tied, timesteps_per_label={c: int(n) for c, n in zip(self.classes_, counts)})
 
     def predict(self, images: Sequence) -> np.ndarray:
         """Predicted labels, one per image."""
@@ -159,7 +169,7 @@ class DiffusionClassifier:
             return np.zeros((0, len(self.classes_)))
         if self.timestep_weights:
             return np.stack([self._weighted_probabilities(r) for r in results])
-        relative = np.stack([probabilities.relative_scores(r.errors, r.prediction_index, self.aggregate)
+        relative = np.stack([probabilities.relative_scores(r.errors, r.prediction_index, self.config.aggregate)
                              for r in results])
         return probabilities.softmax_of_errors(relative, self.temperature)
 
@@ -167,7 +177,8 @@ class DiffusionClassifier:
         if sorted(result.timesteps) != sorted(self.timestep_weights):
             raise UserError(f"the per-timestep calibration was fitted at timesteps {sorted(self.timestep_weights)}; "
                             f"this strategy evaluated {sorted(result.timesteps)}: use the same exhaustive strategy")
-        gaps = probabilities.timestep_gaps(result.errors, result.timesteps, result.prediction_index, self.aggregate)
+        gaps = probabilities.timestep_gaps(result.errors, result.timesteps, result.prediction_index,
+                                        self.config.aggregate)
         weights = np.array([self.timestep_weights[t] for t in sorted(result.timesteps)])
         return probabilities.weighted_probabilities(gaps, weights)
 
@@ -177,3 +188,29 @@ class DiffusionClassifier:
                 "strategy": self.strategy.describe(), "conditioning": self.denoiser.conditioning,
                 "dtype": str(self.denoiser.dtype).replace("torch.", ""),
                 **({"resolution": self.denoiser.scoring_resolution} if self.denoiser.scoring_resolution else {})}
+
+
+# A stored temperature holds for the scoring settings it was fitted with, and for a timestep count within this
+# factor of the fitted one (the gaps' scale does not depend on the count; their noise does, mildly).
+TIMESTEP_RANGE = 4
+FITTED_DEFAULTS = {"loss": "l2", "target": "eps", "grid": "even", "weighting": "uniform", "aggregate": "min"}
+
+
+def stored_temperature_applies(calibration: dict | None, config: ScoringConfig) -> str | None:
+    """None when a model's stored calibration holds for `config`; else why not (a short phrase)."""
+    if not calibration or not calibration.get("temperature"):
+        return "the model carries no fitted temperature"
+    fitted = calibration.get("fitted_on", {})
+    settings = {**FITTED_DEFAULTS, **{k: v for k, v in fitted.get("scoring", {}).items() if v is not None}}
+    for name, value in settings.items():
+        if getattr(config, name) != value:
+            return f"it was fitted with {name} {value}, this run uses {getattr(config, name)}"
+    strategy = fitted.get("strategy") or {}
+    fitted_count = strategy.get("n_timesteps") or max(strategy.get("n_samples") or [0]) or strategy.get(
+        "max_timesteps") or len(strategy.get("timesteps") or [])
+    count = config.strategy.timestep_budget()
+    low, high = -(-fitted_count // TIMESTEP_RANGE), fitted_count * TIMESTEP_RANGE  # ceil, so the range is exact
+    if fitted_count and not low <= count <= high:
+        return (f"it was fitted at {fitted_count} timesteps and holds for {low} to {high}; this run scores at up "
+                f"to {count}")
+    return None

@@ -33,7 +33,6 @@ def cmd_train(args) -> int:
 
     import torch
 
-    from . import distributed
     from .data import load_dataset, read_subset
     from .labels import parse_label_list
     from .training import TrainConfig, train
@@ -46,13 +45,9 @@ def cmd_train(args) -> int:
         dataset = dataset.subset(read_subset(args.subset))
     if args.labels:
         dataset.class_names = parse_label_list(args.labels, expected=len(dataset.class_names))
-    group = distributed.init_from_env()
-    try:
-        summary = train(dataset, args.out, training, progress=not args.quiet, group=group)
-    finally:
-        distributed.shutdown(group)
+    summary = train(dataset, args.out, training, progress=not args.quiet)
     summary.pop("config")
-    if group.is_main:
+    if summary.pop("is_main"):
         print(json.dumps(summary))
     return 0
 
@@ -81,7 +76,7 @@ def _add_scoring_options(p, probabilities: bool = True) -> None:
     g.add_argument("--strategy", choices=["exhaustive", "staged", "elimination"], default=None,
                    help="exhaustive: every class at --timesteps; staged: the paper's adaptive schedule; "
                         "elimination: drop classes once paired statistics rule them out")
-    g.add_argument("--timesteps", type=int, default=25, help="timesteps per class (exhaustive)")
+    g.add_argument("--timesteps", type=int, default=None, help="timesteps per class (exhaustive; default 25)")
     g.add_argument("--n-samples", type=int, nargs="+", help="timesteps per stage (staged), e.g. 50 500")
     g.add_argument("--to-keep", type=int, nargs="+", help="classes kept after each stage (staged), e.g. 5 1")
     g.add_argument("--preset", help="one of the paper's datasets (" + ", ".join(PRESET_NAMES) + "): its class names "
@@ -112,25 +107,27 @@ def _add_scoring_options(p, probabilities: bool = True) -> None:
 
 
 def _strategy(args):
-    from .presets import preset
+    """The strategy the flags ask for; None when none is asked for (the preset's, else exhaustive 25)."""
     from .strategies import Elimination, Exhaustive, Staged
 
     if args.strategy == "elimination":
-        if args.n_samples or args.to_keep:
-            raise UserError("--strategy elimination does not take --n-samples or --to-keep")
+        if args.n_samples or args.to_keep or args.timesteps is not None:
+            raise UserError("--strategy elimination does not take --n-samples, --to-keep or --timesteps "
+                            "(it takes --max-timesteps and --max-nfe)")
         tree = _read_json(args.class_tree, "class tree") if args.class_tree else None
         return Elimination(args.error_rate, args.max_nfe, args.max_timesteps, shortlist=args.shortlist,
                            class_tree=tree, keep_groups=args.keep_groups)
     if args.class_tree:
         raise UserError("--class-tree needs --strategy elimination")
-    chosen = args.strategy or args.n_samples or args.to_keep
-    if args.preset and not chosen and preset(args.preset).strategy is not None:
-        return preset(args.preset).strategy
     if args.strategy == "staged" or args.n_samples or args.to_keep:
         if not args.n_samples or not args.to_keep:
             raise UserError("the staged strategy needs both --n-samples and --to-keep")
+        if args.timesteps is not None:
+            raise UserError("--timesteps is the exhaustive strategy's; the staged one takes --n-samples")
         return Staged(args.n_samples, args.to_keep)
-    return Exhaustive(args.timesteps)
+    if args.strategy == "exhaustive" or args.timesteps is not None:
+        return Exhaustive(25 if args.timesteps is None else args.timesteps)
+    return None
 
 
 def _read_json(path: str, what: str):
@@ -158,59 +155,26 @@ def _labels(args) -> list[str] | None:
 
 
 def _templates(args) -> list[str] | None:
-    from .labels import validate_templates
+    from .labels import read_lines, validate_templates
 
-    templates = list(args.templates or [])
-    if args.templates_file:
-        from pathlib import Path
-
-        path = Path(args.templates_file)
-        if not path.is_file():
-            raise UserError(f"templates file not found: {path}")
-        templates += [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    templates = list(args.templates or []) + (read_lines(args.templates_file, "templates")
+                                              if args.templates_file else [])
     return validate_templates(templates) if templates else None
 
 
-def _digest(items) -> str:
-    import hashlib
-
-    return hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()
-
-
-PRESET_LABELS = object()  # evaluate's marker: the dataset was relabelled to the preset's classes
+def _scoring_fields(args) -> dict:
+    """The scoring config's fields from the flags; strategy None (and loss None) leave them to the preset."""
+    fields = config.arguments_of(args, config.ScoringConfig)
+    return {**fields, "strategy": _strategy(args)}
 
 
-def _classifier(args, labels, group=None):
-    from .classifier import DiffusionClassifier
-    from .loading import load_denoiser
-    from .runtime import parse_device, parse_dtype
+def _model(args):
+    from .runs import load_model
 
-    # validate cheap options before loading a model
-    scoring = config.from_arguments(args, config.ScoringConfig, strategy=_strategy(args))
-    templates = _templates(args)
-    device = parse_device(args.device)
-    if group is not None:
-        device = group.device(device)
-    denoiser = load_denoiser(args.model, device=device, dtype=parse_dtype(args.dtype, device))
+    denoiser = load_model(args.model, args.device, args.dtype)
     if args.resolution is not None:
         denoiser.set_resolution(args.resolution)
-    if denoiser.conditioning != "text":
-        templates = None
-        if labels is PRESET_LABELS:  # the preset's label order is the model's class-id order
-            from .presets import preset
-
-            labels = list(range(len(preset(args.preset).classes)))
-    if labels is PRESET_LABELS:
-        labels = None
-    calibration = {"temperature": args.temperature}  # None: the model's stored temperature, else 1.0
-    if args.calibration:
-        from .calibration import read_calibration
-
-        calibration = read_calibration(args.calibration)
-    return DiffusionClassifier(denoiser, labels=labels, templates=templates, config=scoring,
-                               temperature=calibration["temperature"],
-                               timestep_weights=calibration.get("timestep_weights"),
-                               preset=args.preset if denoiser.conditioning == "text" else None)
+    return denoiser
 
 
 def _add_classify(sub) -> None:
@@ -226,9 +190,14 @@ def cmd_classify(args) -> int:
     import json
 
     from .data import load_image
+    from .presets import scoring_config
+    from .runs import make_classifier
 
     images = [load_image(path) for path in args.images]  # fail fast, naming the bad file
-    classifier = _classifier(args, _labels(args))
+    labels, templates = _labels(args), _templates(args)
+    scoring = scoring_config(args.preset, **_scoring_fields(args))  # validate cheap options before loading
+    classifier = make_classifier(_model(args), scoring, labels, templates, args.preset, args.temperature,
+                                 args.calibration)
     results = classifier.classify(images, names=args.images)
     probabilities = classifier.probabilities(results)
     for path, result, probs in zip(args.images, results, probabilities):
@@ -266,65 +235,56 @@ def _add_match(sub) -> None:
 
 
 def _texts(args) -> list[str]:
-    from pathlib import Path
+    from .labels import read_lines
 
-    texts = list(args.texts)
-    if args.texts_file:
-        path = Path(args.texts_file)
-        if not path.is_file():
-            raise UserError(f"texts file not found: {path}")
-        texts += [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    texts = list(args.texts) + (read_lines(args.texts_file, "texts") if args.texts_file else [])
     if not texts:
         raise UserError("give at least one text with --text or --texts-file")
     return texts
-
-
-def _matcher(args, with_null: bool, group=None):
-    from .loading import load_denoiser
-    from .matching import ImageTextMatcher
-    from .runtime import parse_device, parse_dtype
-
-    scoring = config.from_arguments(args, config.ScoringConfig, strategy=_strategy(args))
-    device = parse_device(args.device)
-    if group is not None:
-        device = group.device(device)
-    denoiser = load_denoiser(args.model, device=device, dtype=parse_dtype(args.dtype, device))
-    if args.resolution is not None:
-        denoiser.set_resolution(args.resolution)
-    return ImageTextMatcher(denoiser, config=scoring, with_null=with_null)
 
 
 def cmd_match(args) -> int:
     import json
 
     from .data import load_image
-    from .matching import DEFAULT_NORMALIZE
+    from .matching import DEFAULT_NORMALIZE, ImageTextMatcher
+    from .presets import scoring_config
 
+    if args.preset:
+        raise UserError("--preset applies to classification (its class names and schedule); match scores the "
+                        "texts given, with --strategy / --timesteps")
     images = [load_image(path) for path in args.images]
     texts = _texts(args)
     normalize = args.normalize or DEFAULT_NORMALIZE[args.by]
-    matcher = _matcher(args, with_null=normalize == "unconditional")
+    scoring = scoring_config(None, **_scoring_fields(args))
+    matcher = ImageTextMatcher(_model(args), config=scoring, with_null=normalize == "unconditional")
     matching = matcher.match(images, texts, names=args.images)
-    if args.by == "image":
-        for scored, ranking in zip(matching.images, matching.by_image(normalize)):
-            entries = [{"text": text, "score": score} for text, score in ranking[:args.top_k]]
-            if args.json:
-                print(json.dumps({"image": scored.image, "normalize": normalize, "nfe": scored.nfe,
-                                  "seconds": round(scored.seconds, 4), "ranking": entries}))
-                continue
-            print(f"{scored.image}: {ranking[0][0]!r}   ({scored.nfe} network evaluations, {scored.seconds:.2f} s)")
-            for rank, entry in enumerate(entries, 1):
-                print(f"  {rank:>2}. {entry['text']:<50} score {entry['score']:.5f}")
-        return 0
-    for text, ranking in zip(matching.texts, matching.by_text(normalize)):
-        entries = [{"image": image, "score": score} for image, score in ranking[:args.top_k]]
+    rows = matching.rankings(args.by, normalize)
+    if not args.json:
+        print(f"# score: mean denoising error{' minus the empty prompt' + chr(39) + 's' if normalize != 'none' else ''}"
+              " at shared (t, eps) pairs; lower is better")
+    key = "text" if args.by == "image" else "image"
+    for row in rows:
+        row["ranking"] = row["ranking"][:args.top_k]
         if args.json:
-            print(json.dumps({"text": text, "normalize": normalize, "ranking": entries}))
+            print(json.dumps(row))
             continue
-        print(f"{text!r}: {ranking[0][0]}")
-        for rank, entry in enumerate(entries, 1):
-            print(f"  {rank:>2}. {entry['image']:<50} score {entry['score']:.5f}")
+        head = row.get("image") or repr(row["text"])
+        cost = f"   ({row['nfe']} network evaluations, {row['seconds']:.2f} s)" if args.by == "image" else ""
+        tie = "   TIE: no decision" if row["ranking"][0]["tie"] else ""
+        print(f"{head}: {row['ranking'][0][key]!r}{cost}{tie}")
+        _print_entries(row["ranking"], key)
     return 0
+
+
+def _print_entries(entries: list[dict], key: str, probabilities: dict | None = None) -> None:
+    """Ranked entries as a table; the timesteps each score rests on are shown where they differ."""
+    differ = len({e["timesteps"] for e in entries}) > 1
+    for rank, e in enumerate(entries, 1):
+        score = "   n/a" if e["score"] is None else f"{e['score']:.5f}"
+        p = f"   p {probabilities[e[key]]}" if probabilities else ""
+        rests = f"   over {e['timesteps']} timesteps" if differ else ""
+        print(f"  {rank:>2}. {str(e[key]):<50} mean error {score}{p}{rests}{'   (tie)' if e['tie'] else ''}")
 
 
 def _add_evaluate(sub) -> None:
@@ -356,85 +316,19 @@ def cmd_evaluate(args) -> int:
     import json
     import time
 
-    if args.task != "classification":
-        return _evaluate_matching(args)
+    from .data import read_subset
+    from .runs import EvaluationRun, run_evaluation
 
-    from .data import load_dataset, read_subset
-    from .distributed import init_from_env, shutdown
-    from .evaluation import evaluate
-    from .loading import weights_fingerprint
-
-    dataset = load_dataset(args.data, args.split)
-    if args.subset:
-        dataset = dataset.subset(read_subset(args.subset))
-    if args.limit is not None:
-        if args.limit < 1:
-            raise UserError("--limit must be at least 1")
-        dataset = dataset.subset(range(min(args.limit, len(dataset))))
-    labels = _labels(args)
-    if labels is not None:
-        from .labels import validate_labels
-
-        dataset.class_names = validate_labels(labels, expected=len(dataset.class_names))
-        labels = dataset.class_names
-    elif args.preset:
-        from .presets import preset
-
-        dataset = preset(args.preset).relabel(dataset)
-        labels = PRESET_LABELS
-    else:
-        labels = dataset.class_names
-    group = init_from_env()
-    try:
-        classifier = _classifier(args, labels, group)
-        run_config = {"model": str(args.model), "data": str(args.data), "split": args.split,
-                      "images": len(dataset), "image_ids_sha256": _digest(dataset.ids),
-                      "model_weights_sha256": weights_fingerprint(classifier.denoiser.source_dir)}
-        started = time.perf_counter()
-        metrics = evaluate(classifier, dataset, args.out, run_config, progress=not args.quiet, group=group,
-                           reuse=args.reuse)
-        elapsed = time.perf_counter() - started
-    finally:
-        shutdown(group)
+    run = EvaluationRun(model=args.model, data=args.data, out=args.out, task=args.task, split=args.split,
+                        subset=read_subset(args.subset) if args.subset else None, limit=args.limit,
+                        labels=_labels(args), templates=_templates(args), preset=args.preset,
+                        scoring=_scoring_fields(args), device=args.device, dtype=args.dtype,
+                        resolution=args.resolution, temperature=args.temperature, calibration=args.calibration,
+                        normalize=args.normalize, reuse=tuple(args.reuse))
+    started = time.perf_counter()
+    metrics = run_evaluation(run, progress=not args.quiet)
+    elapsed = time.perf_counter() - started
     if metrics is None:  # not rank 0: rank 0 reports for everyone
-        return 0
-    print(f"accuracy {metrics['accuracy']:.4f}  mean per-class accuracy {metrics['mean_per_class_accuracy']:.4f}  "
-          f"images {metrics['images']} (failed {metrics['failed']})  NFE/image {metrics['nfe_per_image']:.0f}  "
-          f"{metrics['images_this_run'] / max(elapsed, 1e-9):.2f} images/s in this run"
-          if metrics["accuracy"] is not None else f"no image could be classified ({metrics['failed']} failed)")
-    if args.json:
-        print(json.dumps(metrics))
-    return 0
-
-
-def _evaluate_matching(args) -> int:
-    import json
-
-    from .distributed import init_from_env, shutdown
-    from .loading import weights_fingerprint
-    from .matching_data import load_caption_pairs, load_winoground
-    from .matching_runs import evaluate_matching
-
-    for option in ("labels", "labels_file", "templates", "templates_file", "subset", "calibration", "temperature"):
-        if getattr(args, option, None):
-            raise UserError(f"--{option.replace('_', '-')} applies to classification, not --task {args.task}")
-    examples = load_winoground(args.data) if args.task == "winoground" else load_caption_pairs(args.data)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise UserError("--limit must be at least 1")
-        examples = examples[:args.limit]
-    group = init_from_env()
-    try:
-        matcher = _matcher(args, with_null=args.task == "winoground" and args.normalize != "none", group=group)
-        run_config = {"model": str(args.model), "data": str(args.data), "examples": len(examples),
-                      "example_ids_sha256": _digest([ex.id for ex in examples]),
-                      "model_weights_sha256": weights_fingerprint(matcher.denoiser.source_dir)}
-        metrics = evaluate_matching(matcher, args.task, examples, args.out, run_config,
-                                    examples_per_batch=max(1, matcher.config.images_per_batch // 2),
-                                    progress=not args.quiet, group=group, normalize=args.normalize)
-    finally:
-        shutdown(group)
-    if metrics is None:
         return 0
     if args.task == "winoground":
         print(f"text {metrics['text_score']:.4f}  image {metrics['image_score']:.4f}  group "
@@ -443,9 +337,15 @@ def _evaluate_matching(args) -> int:
         for tag, row in metrics.get("by_tag", {}).items():
             print(f"  {tag or '(no tag)'}: text {row['text_score']:.4f}  image {row['image_score']:.4f}  "
                   f"group {row['group_score']:.4f}  ({row['examples']} examples)")
-    else:
+    elif args.task == "pairs":
         print(f"accuracy {metrics['accuracy']:.4f}  examples {metrics['examples']}  "
               f"NFE/example {metrics['nfe_per_example']:.0f}")
+    elif metrics["accuracy"] is None:
+        print(f"no image could be classified ({metrics['failed']} failed)")
+    else:
+        print(f"accuracy {metrics['accuracy']:.4f}  mean per-class accuracy {metrics['mean_per_class_accuracy']:.4f}  "
+              f"images {metrics['images']} (failed {metrics['failed']})  NFE/image {metrics['nfe_per_image']:.0f}  "
+              f"{metrics['images_this_run'] / max(elapsed, 1e-9):.2f} images/s in this run")
     if args.json:
         print(json.dumps(metrics))
     return 0
@@ -490,7 +390,7 @@ def _add_serve(sub) -> None:
                                    "ranked labels, the cost and per-timestep errors shown. Loopback only unless "
                                    "--host is given.")
     p.add_argument("--model", default="fashion-mnist-text", help="built-in name, local pipeline directory or hub id")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="TCP port of the page (default 7860)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--timesteps", type=int, default=10, help="initial timesteps per label")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")

@@ -37,8 +37,8 @@ class ScoringConfig:
     """How errors are measured and combined (not which candidates: labels and prompts are data)."""
 
     strategy: Strategy = field(default_factory=lambda: Exhaustive(25), metadata={"affects_results": True})
-    loss: str | None = option(None, "error between true and predicted noise (default l2, or the preset's)",
-                              LOSSES)
+    loss: str | None = option(None, "error between true and predicted noise (default l2, or the preset's with "
+                              "its schedule)", LOSSES)
     aggregate: str = option("min", "how a class's prompts combine: min (the paper) or mean of their mean errors",
                             AGGREGATES)
     target: str = option("eps", "what the error is taken on: eps (the paper's, every family on one footing) or "
@@ -66,7 +66,7 @@ class ScoringConfig:
             raise UserError(f"strategy must be a Strategy (Exhaustive, Staged, Elimination, ...), got "
                             f"{type(self.strategy).__name__}")
         if self.loss is None:
-            object.__setattr__(self, "loss", self.strategy.loss or "l2")
+            object.__setattr__(self, "loss", "l2")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -125,6 +125,11 @@ def add_arguments(groups: dict[str, argparse._ArgumentGroup], cls: type = Scorin
                            help=f.metadata["help"], **extra)
 
 
+def arguments_of(args: argparse.Namespace, cls: type = ScoringConfig) -> dict:
+    """The values of the flags `add_arguments` made for `cls`, by field name."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if "help" in f.metadata}
+
+
 def from_arguments(args: argparse.Namespace, cls: type = ScoringConfig, **given):
     """The dataclass `cls` from the parsed flags of its fields (plus fields given directly)."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if "help" in f.metadata}, **given)
+    return cls(**arguments_of(args, cls), **given)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
 
+RESOURCES = Path(__file__).resolve().parent / "resources"  # the package's data files
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                   "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
@@ -153,8 +155,9 @@ def image_folder(root: str | Path) -> LabelledImages:
 
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+# the class names live in the dataset's preset (resources/datasets/fashion-mnist.json), as every dataset's do
+FASHION_MNIST_CLASSES = json.loads((RESOURCES / "datasets" / "fashion-mnist.json").read_text(encoding="utf-8"))[
+    "classes"]
 FASHION_MNIST_INSTALL = "apt-get update && apt-get install -y dataset-fashion-mnist"
 
 

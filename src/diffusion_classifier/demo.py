@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
+from .data import RESOURCES
 from .errors import UserError
+from .presets import preset
 
-EXAMPLES = Path(__file__).resolve().parent / "resources" / "examples"
-DEFAULT_TEMPLATE = "a photo of a {}."
+EXAMPLES = RESOURCES / "examples"
+DEFAULT_TEMPLATE = preset("fashion-mnist").templates[0]  # the examples are Fashion-MNIST test images
 
 
 def _gradio():

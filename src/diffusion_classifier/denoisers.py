@@ -262,6 +262,33 @@ class Denoiser:
     def embed_conditions(self, conditions: Sequence) -> Conditions:
         raise NotImplementedError
 
+    def text_limits(self) -> list[tuple[Any, int]]:
+        """(tokenizer, tokens kept) per text encoder a text model feeds; a longer text is cut there."""
+        return []
+
+    def check_texts(self, texts: Sequence[str]) -> list[tuple[str, str]]:
+        """Warn (once per text, naming it and the limit) about texts longer than a text encoder keeps; return the
+        pairs of different texts that are identical within every encoder's limit: their errors tie exactly,
+        so comparing them decides nothing."""
+        limits = self.text_limits()
+        if not limits:
+            return []
+        seen: dict[tuple, str] = {}
+        same = []
+        for text in dict.fromkeys(texts):
+            kept = []
+            for tokenizer, limit in limits:
+                full = len(tokenizer(text, truncation=False)["input_ids"])
+                if full > limit:
+                    warn_once(f"text longer than the model's {limit} tokens ({full}); only its start is scored: "
+                              f"{text!r}")
+                kept.append(tuple(tokenizer(text, truncation=True, max_length=limit)["input_ids"]))
+            key = tuple(kept)
+            if key in seen:
+                same.append((seen[key], text))
+            seen.setdefault(key, text)
+        return same
+
     def null_condition(self) -> Any:
         """The condition of the unconditional model (the empty prompt), for normalised scores."""
         raise UserError(f"{type(self).__name__} has no unconditional (null) condition")

@@ -8,6 +8,8 @@ rank. Noise is seeded per image, so predictions equal a one-process run.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -53,3 +55,16 @@ def init_from_env() -> ProcessGroup:
 def shutdown(group: ProcessGroup) -> None:
     if group.world_size > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextmanager
+def process_group() -> Iterator[ProcessGroup]:
+    """The launcher's process group for the duration of a run; torn down afterwards only if this call
+    created it (a caller's own group stays up)."""
+    created = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized()
+    group = init_from_env()
+    try:
+        yield group
+    finally:
+        if created:
+            shutdown(group)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,10 @@ def metrics_from_records(records: list[dict], n_classes: int) -> dict:
 
 def evaluate(classifier: DiffusionClassifier, dataset: LabelledImages, run_dir: str | Path,
              run_config: dict, images_per_batch: int | None = None, progress: bool = True,
-             group: ProcessGroup | None = None, reuse: list[str | Path] = ()) -> dict | None:
-    """Classify every image of `dataset` not yet in the store; return the metrics of the whole run.
+             group: ProcessGroup | None = None, reuse: Sequence[str | Path] = (),
+             max_new: int | None = None) -> dict | None:
+    """Classify every image of `dataset` not yet in the store (at most `max_new` of them); return the metrics of
+    everything stored, with "complete" saying whether every image is.
 
     `reuse`: run directories whose rows are copied first for the images they share with this run.
 
@@ -43,7 +46,7 @@ def evaluate(classifier: DiffusionClassifier, dataset: LabelledImages, run_dir: 
     rank 0 waits for the others and returns the merged metrics (other ranks return None).
     """
     group = group or ProcessGroup()
-    images_per_batch = images_per_batch or classifier.images_per_batch
+    images_per_batch = images_per_batch or classifier.config.images_per_batch
     config = {**run_config, **classifier.describe()}
     if group.is_main:
         with ResultsStore(run_dir, config) as store:  # creates the store and records the configuration once
@@ -53,7 +56,7 @@ def evaluate(classifier: DiffusionClassifier, dataset: LabelledImages, run_dir: 
     group.barrier()
     with ResultsStore(run_dir, config) as store:
         done = store.done_indices()
-        todo = group.shard([i for i in range(len(dataset)) if i not in done])
+        todo = group.shard(_limited([i for i in range(len(dataset)) if i not in done], max_new))
         _classify_into(store, classifier, dataset, todo, images_per_batch, progress, group)
         group.barrier()
         if not group.is_main:
@@ -61,8 +64,15 @@ def evaluate(classifier: DiffusionClassifier, dataset: LabelledImages, run_dir: 
         records = store.records()
     metrics = metrics_from_records(records, len(classifier.classes_))
     metrics["images_this_run"] = len(records) - len(done)
+    metrics["complete"] = len(records) == len(dataset)
     atomic_write_text(json.dumps(metrics, indent=2) + "\n", Path(run_dir) / "metrics.json")
     return metrics
+
+
+def _limited(todo: list[int], max_new: int | None) -> list[int]:
+    if max_new is not None and max_new < 0:
+        raise UserError("max_new must be at least 0")
+    return todo if max_new is None else todo[:max_new]
 
 
 def _prepare(dataset: LabelledImages, batch: list[int], classifier: DiffusionClassifier, store: ResultsStore):
@@ -72,7 +82,7 @@ def _prepare(dataset: LabelledImages, batch: list[int], classifier: DiffusionCla
     for i in batch:
         try:
             pixels.append(preprocess([dataset.items[i]], denoiser.image_size, denoiser.image_channels,
-                                     classifier.interpolation)[0])
+                                     classifier.config.interpolation)[0])
             good.append(i)
         except UserError as exc:
             failed.append(store.failed_row(i, dataset.ids[i], dataset.labels[i], str(exc)))

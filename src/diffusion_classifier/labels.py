@@ -15,16 +15,21 @@ def parse_label_list(text: str, expected: int | None = None) -> list[str]:
     return validate_labels([part.strip() for part in text.split(",")], expected)
 
 
-def read_labels_file(path: str | Path, expected: int | None = None) -> list[str]:
-    """One label per line; a byte-order mark, blank lines and surrounding spaces are ignored."""
+def read_lines(path: str | Path, what: str = "labels") -> list[str]:
+    """The non-blank lines of a text file (labels, templates, captions), stripped; a byte-order mark is ignored."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"labels file not found: {path}")
+        raise UserError(f"{what} file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise UserError(f"labels file {path} is not UTF-8 text") from None
-    return validate_labels([line.strip() for line in text.splitlines() if line.strip()], expected)
+        raise UserError(f"{what} file {path} is not UTF-8 text") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_labels_file(path: str | Path, expected: int | None = None) -> list[str]:
+    """One label per line; a byte-order mark, blank lines and surrounding spaces are ignored."""
+    return validate_labels(read_lines(path, "labels"), expected)
 
 
 def validate_labels(labels: Sequence[str], expected: int | None = None) -> list[str]:

@@ -18,6 +18,7 @@ Noise is seeded per image (its pixels and the seed), as in classification.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from .data import preprocess
 from .denoisers import Denoiser
 from .errors import UserError
 from .loading import load_denoiser
-from .probabilities import mean_over_timesteps
+from .probabilities import mark_ties, mean_over_timesteps
 from .scoring import ScoringEngine, check_robust_options, prepare_images
 from .strategies import ScoreTable
 
@@ -100,6 +101,31 @@ class Matching:
     def nfe(self) -> np.ndarray:
         return np.array([image.nfe for image in self.images])
 
+    def rankings(self, by: str = "image", normalize: str | None = None) -> list[dict]:
+        """What `match` prints: per image (by="image") its texts, or per text its images, best first, each entry's
+        "score" the mean denoising error (normalised: minus the empty prompt's), lower is better, as in
+        classification; "timesteps" what it rests on; "tie" when it equals another entry's exactly."""
+        normalize = normalize or DEFAULT_NORMALIZE[by]
+        if by == "image":
+            out = []
+            for image, ranking in zip(self.images, self.by_image(normalize)):
+                counts = dict(zip(image.texts, np.isfinite(image.errors).sum(axis=1).tolist()))
+                entries = [{"text": text, "score": _error(score), "timesteps": counts[text]} for text, score in ranking]
+                out.append({"image": image.image, "normalize": normalize, "nfe": image.nfe,
+                            "seconds": round(image.seconds, 4), "better": "lower", "ranking": mark_ties(entries)})
+            return out
+        out = []
+        for j, (text, ranking) in enumerate(zip(self.texts, self.by_text(normalize))):
+            counts = {image.image: int(np.isfinite(image.errors[j]).sum()) for image in self.images}
+            entries = [{"image": name, "score": _error(score), "timesteps": counts[name]} for name, score in ranking]
+            out.append({"text": text, "normalize": normalize, "better": "lower", "ranking": mark_ties(entries)})
+        return out
+
+
+def _error(score: float) -> float | None:
+    """A match score (higher = better) as the mean error it negates (lower = better)."""
+    return None if np.isnan(score) else -float(score)
+
 
 class ImageTextMatcher:
     """Scores images against texts with any text-conditioned denoiser.
@@ -108,17 +134,20 @@ class ImageTextMatcher:
     runs over the texts of each image (Elimination drops texts the paired test rules out).
     with_null: also measure the empty prompt at every pair (needed for unconditional normalisation;
     costs one more evaluation per timestep and image).
+    cache_size: embedded texts kept for later calls (least recently used dropped first).
     """
 
-    def __init__(self, denoiser: Denoiser, config: ScoringConfig | None = None, with_null: bool = True, **options):
+    def __init__(self, denoiser: Denoiser, config: ScoringConfig | None = None, with_null: bool = True,
+                 cache_size: int = 4096, **options):
         if denoiser.conditioning != "text":
             raise UserError("image-text matching needs a text-conditioned model; this one takes class ids")
         self.denoiser = denoiser
         self.config = config.with_options(**options) if config else ScoringConfig.from_options(**options)
         self.with_null = with_null
         check_robust_options(denoiser, self.config)
-        self.engine = ScoringEngine.for_config(denoiser, {}, self.config)
-        self._embedded: dict[str, dict] = {}
+        self.engine = ScoringEngine.for_config(denoiser, None, self.config)  # each call brings its texts
+        self.cache_size = max(1, int(cache_size))
+        self._embedded: OrderedDict[str, dict] = OrderedDict()
 
     @classmethod
     def from_pretrained(cls, model: str | Path, device: str | torch.device = "cpu",
@@ -133,7 +162,7 @@ class ImageTextMatcher:
 
     def match(self, images: Sequence, texts: Sequence[str], names: Sequence[str] | None = None) -> Matching:
         """Every image against every text: one Matching with an [N, M] score matrix."""
-        texts = _validate_texts(texts)
+        texts = self.check_texts(texts)
         images = list(images)
         names = list(names) if names is not None else [str(im) if isinstance(im, (str, Path)) else f"#{i}"
                                                         for i, im in enumerate(images)]
@@ -143,10 +172,25 @@ class ImageTextMatcher:
             scored += self.score_groups([(chunk, texts)], [names[start:start + len(chunk)]])[0]
         return Matching(scored, texts)
 
+    def check_texts(self, texts: Sequence[str]) -> list[str]:
+        """The texts, validated: non-empty, distinct, and distinct within what the model reads of them (a text
+        longer than its text encoder keeps is cut; two texts that differ only past the cut would tie exactly,
+        so ranking them would decide nothing)."""
+        texts = _validate_texts(texts)
+        same = self.denoiser.check_texts(texts)
+        if same:
+            a, b = same[0]
+            raise UserError(f"texts {a!r} and {b!r} are identical within what the model reads of them (its text "
+                            "encoder keeps only the first tokens), so their scores would tie exactly; shorten them "
+                            "or put the words that differ first")
+        return texts
+
     def score_groups(self, groups: Sequence[tuple[Sequence, Sequence[str]]],
                      names: Sequence[Sequence[str]] | None = None) -> list[list[ImageScores]]:
         """Several (images, texts) groups in one engine pass (e.g. the examples of a Winoground batch):
         each image is scored against its own group's texts."""
+        for _, texts in groups:
+            self.check_texts(texts)
         started = time.perf_counter()
         pixel_groups = [self._pixels(images) for images, _ in groups]
         all_texts = [t for _, texts in groups for t in texts] + ([self.denoiser.null_condition()]
@@ -159,8 +203,7 @@ class ImageTextMatcher:
             for i, job in enumerate(prepare_images(self.denoiser, self.config, pixels, rows, null_row)):
                 jobs.append(job)
                 owners.append((g, i))
-        self.engine.conditions = bank
-        tables = self.engine.score(jobs, self.config.strategy, self.config.aggregate)
+        tables = self.engine.score(jobs, self.config.strategy, self.config.aggregate, conditions=bank)
         seconds = (time.perf_counter() - started) / max(1, len(tables))
         out: list[list[ImageScores]] = [[] for _ in groups]
         for (g, i), table in zip(owners, tables):
@@ -174,14 +217,20 @@ class ImageTextMatcher:
                           self.config.interpolation)
 
     def _bank(self, texts: list[str]) -> tuple[dict, dict[str, int]]:
-        """Embedded conditions for these texts (each distinct text embedded once per matcher)."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._embedded]
+        """Embedded conditions for these texts; texts embedded by earlier calls come from the cache."""
+        distinct = list(dict.fromkeys(texts))
+        rows = {t: self._embedded[t] for t in distinct if t in self._embedded}
+        missing = [t for t in distinct if t not in rows]
         if missing:
             embedded = self.denoiser.embed_conditions(missing)
             for k, text in enumerate(missing):
-                self._embedded[text] = {key: value[k:k + 1] for key, value in embedded.items()}
-        distinct = list(dict.fromkeys(texts))
-        bank = {key: torch.cat([self._embedded[t][key] for t in distinct]) for key in self._embedded[distinct[0]]}
+                rows[text] = {key: value[k:k + 1] for key, value in embedded.items()}
+        for text in distinct:  # most recently used last; the oldest leave once the cache is full
+            self._embedded[text] = rows[text]
+            self._embedded.move_to_end(text)
+        while len(self._embedded) > self.cache_size:
+            self._embedded.popitem(last=False)
+        bank = {key: torch.cat([rows[t][key] for t in distinct]) for key in rows[distinct[0]]}
         return bank, {t: i for i, t in enumerate(distinct)}
 
 

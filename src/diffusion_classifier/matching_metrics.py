@@ -60,13 +60,3 @@ def pairs_accuracy(true_scores: np.ndarray, false_scores: np.ndarray) -> dict:
     correct = np.asarray(true_scores, dtype=float) > np.asarray(false_scores, dtype=float)
     return {"accuracy": float(correct.mean()) if len(correct) else None, "accuracy_stderr": standard_error(correct),
             "examples": int(len(correct))}
-
-
-def recall_at_k(scores: np.ndarray, positives: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict:
-    """Retrieval recall: scores [queries, candidates]; positives[q] is the right candidate of query q.
-    Ties rank against the positive (a candidate scoring equal to it counts as above it)."""
-    scores = np.asarray(scores, dtype=float)
-    positives = np.asarray(positives)
-    own = scores[np.arange(len(scores)), positives]
-    rank = (scores >= own[:, None]).sum(axis=1) - 1  # 0 = best; ties counted against
-    return {f"recall@{k}": float(np.mean(rank < k)) for k in ks if k <= scores.shape[1]}

@@ -81,8 +81,10 @@ def metrics_from_rows(task: str, outcomes: list[dict], nfe: list[int], normalize
 
 def evaluate_matching(matcher: ImageTextMatcher, task: str, examples: Sequence[WinogroundExample | CaptionPair],
                       run_dir: str | Path, run_config: dict, examples_per_batch: int = 8, progress: bool = True,
-                      group: ProcessGroup | None = None, normalize: str | None = None) -> dict | None:
-    """Score every example not yet in the store; return the metrics of the whole run (rank 0 only)."""
+                      group: ProcessGroup | None = None, normalize: str | None = None,
+                      max_new: int | None = None) -> dict | None:
+    """Score every example not yet in the store (at most `max_new` of them); return the metrics of everything
+    stored, with "complete" saying whether every example is (rank 0 only)."""
     from tqdm import tqdm
 
     if task not in TASKS:
@@ -95,7 +97,8 @@ def evaluate_matching(matcher: ImageTextMatcher, task: str, examples: Sequence[W
     group.barrier()
     with ResultsStore(run_dir, config) as store:
         done = store.done_indices()
-        todo = group.shard([i for i in range(len(examples)) if i not in done])
+        todo = [i for i in range(len(examples)) if i not in done]
+        todo = group.shard(todo if max_new is None else todo[:max(0, max_new)])
         bar = tqdm(total=len(todo), disable=not progress or not group.is_main, unit="ex", dynamic_ncols=True,
                    desc=task if group.world_size == 1 else f"{task} (rank 0 of {group.world_size})")
         for start in range(0, len(todo), examples_per_batch):
@@ -113,6 +116,7 @@ def evaluate_matching(matcher: ImageTextMatcher, task: str, examples: Sequence[W
         rows = store.db.execute("SELECT ranking, nfe FROM results WHERE status = 'ok' ORDER BY idx").fetchall()
     metrics = metrics_from_rows(task, [json.loads(r[0]) for r in rows], [r[1] for r in rows], normalize)
     metrics["examples_this_run"] = len(rows) - len(done)
+    metrics["complete"] = len(rows) == len(examples)
     atomic_write_text(json.dumps(metrics, indent=2) + "\n", Path(run_dir) / "metrics.json")
     return metrics
 

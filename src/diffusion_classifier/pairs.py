@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import RESOURCES
 from .errors import UserError
 
-RESOURCES = Path(__file__).resolve().parent / "resources"
 ITEM = 28  # side of one item; the canvas is ITEM x 2 ITEM
 
 

@@ -19,22 +19,29 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from .data import LabelledImages
+from .config import ScoringConfig
+from .data import RESOURCES, LabelledImages
 from .errors import UserError
 from .labels import expand_prompts, validate_labels, validate_templates
 from .strategies import Staged
 
-PRESET_DIR = Path(__file__).resolve().parent / "resources" / "datasets"
+PRESET_DIR = RESOURCES / "datasets"
 PRESET_NAMES = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
 def _key(name: str) -> str:
     """Folder and class names compare without case, '_' or repeated spaces."""
     return re.sub(r"\s+", " ", name.replace("_", " ")).strip().lower()
+
+
+def same_class(name: str, other: str) -> bool:
+    """Whether two class names name one class: equal as keys, or one is a comma-separated synonym of the other
+    (ImageNet's "tench, Tinca tinca")."""
+    synonyms = lambda n: {_key(part) for part in [n, *n.split(",")] if part.strip()}  # noqa: E731
+    return bool(synonyms(name) & synonyms(other))
 
 
 @dataclass(frozen=True)
@@ -106,5 +113,21 @@ def preset(name: str) -> DatasetPreset:
         prompts=tuple(tuple(p) for p in d["prompts"]) if d.get("prompts") else None,
         prompt_names=tuple(renamed.get(i, c) for i, c in enumerate(d["classes"])) if renamed else None,
         folders=tuple(d["folders"]) if d.get("folders") else None,
-        strategy=Staged(staged["n_samples"], staged["to_keep"], loss=d.get("loss")) if staged else None,
+        strategy=Staged(staged["n_samples"], staged["to_keep"]) if staged else None,
         loss=d.get("loss"), paper_accuracy=d.get("paper_accuracy"), layout=d.get("layout", ""))
+
+
+def scoring_config(chosen: str | DatasetPreset | None = None, **options) -> ScoringConfig:
+    """ScoringConfig from its fields; with a preset and no strategy given (None or absent), the preset's staged
+    schedule together with its loss (a loss given explicitly wins). This is the one place a preset's scoring
+    meaning is applied."""
+    options = dict(options)
+    if chosen is not None and options.get("strategy") is None:
+        chosen = preset(chosen)
+        if chosen.strategy is not None:
+            options["strategy"] = chosen.strategy
+            if options.get("loss") is None:
+                options["loss"] = chosen.loss
+    if options.get("strategy") is None:
+        options.pop("strategy", None)
+    return ScoringConfig.from_options(**options)

@@ -112,3 +112,12 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
         if in_bin.any():
             ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
     return float(ece)
+
+
+def mark_ties(entries: list[dict]) -> list[dict]:
+    """Ranked entries ({"score", "timesteps", ...}): "tie" set where a score equals another's exactly over as many
+    timesteps (never a decision between them)."""
+    keys = [(e["score"], e["timesteps"]) for e in entries]
+    for entry, key in zip(entries, keys):
+        entry["tie"] = key[0] is not None and keys.count(key) > 1
+    return entries

@@ -161,7 +161,8 @@ class EngineStats:
 
 
 class ScoringEngine:
-    """Scores jobs against rows of one embedded condition bank (conditions: one row per condition).
+    """Scores jobs against rows of an embedded condition bank (conditions: one row per condition), the engine's
+    own or one given per `score` call (a matcher's texts differ from call to call).
 
     A wave (every running job's next round) is laid out as arrays of work items, evaluated in batches
     that are gathered on the device (no per-item stacking), with the errors kept on the device until the
@@ -170,7 +171,7 @@ class ScoringEngine:
     `batch_size`, so one compiled graph serves the whole run.
     """
 
-    def __init__(self, denoiser: Denoiser, conditions: Conditions, loss: str = "l2", batch_size: int = 256,
+    def __init__(self, denoiser: Denoiser, conditions: Conditions | None, loss: str = "l2", batch_size: int = 256,
                  target: str = "eps", grid: str = "even", weighting: str = "uniform", compile: bool = False):
         if batch_size < 1:
             raise UserError("--batch-size must be at least 1")
@@ -186,12 +187,17 @@ class ScoringEngine:
         self.stats = EngineStats()
 
     @classmethod
-    def for_config(cls, denoiser: Denoiser, conditions: Conditions, config: ScoringConfig) -> ScoringEngine:
+    def for_config(cls, denoiser: Denoiser, conditions: Conditions | None, config: ScoringConfig) -> ScoringEngine:
         return cls(denoiser, conditions, config.loss, config.batch_size, config.target, config.grid, config.weighting,
                    compile=config.compile)
 
-    def score(self, jobs: Sequence[Job], strategy: Strategy, aggregate: str = "min") -> list[ScoreTable]:
-        """Run `strategy` for every job; one ScoreTable per job, in order."""
+    def score(self, jobs: Sequence[Job], strategy: Strategy, aggregate: str = "min",
+              conditions: Conditions | None = None) -> list[ScoreTable]:
+        """Run `strategy` for every job; one ScoreTable per job, in order. Jobs' rows index `conditions`
+        (default: the engine's own bank)."""
+        conditions = self.conditions if conditions is None else conditions
+        if conditions is None:
+            raise ValueError("no condition bank: give conditions to the engine or to score()")
         if self.compile and not self.denoiser.compiled and not self.denoiser.compile():
             self.compile = False  # cannot compile here: eager, unpadded, and no retry
         running = []
@@ -211,7 +217,7 @@ class ScoringEngine:
                     run.noise_cache.clear()  # finished images release their noise (large for latent models)
             if not work:
                 return [run.table for run in running]
-            self._evaluate(work)
+            self._evaluate(work, conditions)
 
     def _first_compiled_call(self, x0, noise, t, cond) -> torch.Tensor:
         """The call that compiles; where compiling fails (no C compiler, an unsupported operation), a one-line
@@ -255,7 +261,7 @@ class ScoringEngine:
                                                                                                            np.int64)))
         return {key: np.concatenate([part[key] for part in parts]).astype(np.int64) for key in parts[0]}
 
-    def _evaluate(self, work: list[tuple[_Running, Round]]) -> None:
+    def _evaluate(self, work: list[tuple[_Running, Round]], conditions: Conditions) -> None:
         """Evaluate every (job, candidate, prompt, timestep) item of this wave in shared batches."""
         items = self._work_items(work)
         n = len(items["t"])
@@ -282,7 +288,7 @@ class ScoringEngine:
             x0 = x0_bank[as_device["job"][take]]
             eps = noise.bank[as_device["noise"][take]]
             t = as_device["t"][take]
-            cond = {key: value[as_device["row"][take]] for key, value in self.conditions.items()}
+            cond = {key: value[as_device["row"][take]] for key, value in conditions.items()}
             if self.denoiser.compiled and not self.stats.compile_seconds:
                 batch_errors = self._first_compiled_call(x0, eps, t, cond)
             else:

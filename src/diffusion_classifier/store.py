@@ -53,7 +53,7 @@ def package_versions() -> dict:
     import diffusers
     import transformers
 
-    from . import __version__
+    from ._version import __version__
 
     return {"diffusion_classifier": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "numpy": np.__version__}

@@ -74,10 +74,6 @@ class ScoreTable:
         null = 0 if self._null is None else int(np.isfinite(self.null_errors).sum())
         return int(np.isfinite(self.errors).sum()) + null
 
-    def evaluated_counts(self) -> np.ndarray:
-        """Number of timesteps evaluated per candidate."""
-        return np.isfinite(self.errors[:, 0, :]).sum(axis=1)
-
     def class_scores(self, aggregate: str = "min") -> np.ndarray:
         """Mean error over evaluated timesteps per (candidate, prompt), then min or mean over prompts."""
         return probabilities.class_scores(self.errors, aggregate)
@@ -88,8 +84,6 @@ class ScoreTable:
 
 
 class Strategy:
-    loss: str | None = None  # a preset may carry its paper loss
-
     def resolve(self, labels: Sequence[str]) -> Strategy:
         """The strategy bound to the candidates' names (for strategies configured by name)."""
         return self
@@ -99,6 +93,10 @@ class Strategy:
         raise NotImplementedError
 
     def describe(self) -> dict:
+        raise NotImplementedError
+
+    def timestep_budget(self) -> int:
+        """The most timesteps any candidate is scored at (what a leader's mean error rests on)."""
         raise NotImplementedError
 
 
@@ -114,6 +112,9 @@ class Exhaustive(Strategy):
 
     def describe(self):
         return {"name": "exhaustive", "n_timesteps": self.n_timesteps}
+
+    def timestep_budget(self) -> int:
+        return self.n_timesteps
 
 
 class FixedTimesteps(Strategy):
@@ -134,6 +135,9 @@ class FixedTimesteps(Strategy):
     def describe(self):
         return {"name": "fixed", "timesteps": self.timesteps}
 
+    def timestep_budget(self) -> int:
+        return len(self.timesteps)
+
 
 class Staged(Strategy):
     """The paper's adaptive schedule: stage i scores the remaining candidates at n_samples[i]
@@ -144,7 +148,7 @@ class Staged(Strategy):
     and skips timesteps already evaluated, so NFE equals the original's.
     """
 
-    def __init__(self, n_samples: Sequence[int], to_keep: Sequence[int], loss: str | None = None):
+    def __init__(self, n_samples: Sequence[int], to_keep: Sequence[int]):
         n_samples, to_keep = [int(n) for n in n_samples], [int(k) for k in to_keep]
         if not n_samples or len(n_samples) != len(to_keep):
             raise UserError("--n-samples and --to-keep need the same (non-zero) number of stages")
@@ -152,7 +156,7 @@ class Staged(Strategy):
             raise UserError("the last --to-keep entry must be 1 (one prediction)")
         if any(a < b for a, b in zip(to_keep, to_keep[1:])) or min(n_samples) < 1:
             raise UserError("--to-keep must not increase between stages and --n-samples must be positive")
-        self.n_samples, self.to_keep, self.loss = n_samples, to_keep, loss
+        self.n_samples, self.to_keep = n_samples, to_keep
 
     def stage_timesteps(self, schedule: NoiseSchedule | int, t_min: int = 0) -> list[list[int]]:
         """The new timesteps each stage evaluates (before any candidate is pruned)."""
@@ -183,6 +187,9 @@ class Staged(Strategy):
 
     def describe(self):
         return {"name": "staged", "n_samples": self.n_samples, "to_keep": self.to_keep}
+
+    def timestep_budget(self) -> int:
+        return max(self.n_samples)
 
 
 def low_discrepancy_order(n: int) -> list[int]:
@@ -301,6 +308,9 @@ class Elimination(Strategy):
                                                         "timesteps": n, "eliminated": i not in keep}
             alive = [alive[i] for i in keep]
 
+    def timestep_budget(self) -> int:
+        return self.max_timesteps
+
     def describe(self):
         return {"name": "elimination", "error_rate": self.error_rate, "max_nfe": self.max_nfe,
                 "max_timesteps": self.max_timesteps, "round_size": self.round_size,
@@ -345,17 +355,3 @@ def _best_groups(groups: list, class_scores: np.ndarray, keep: int) -> list:
     """The `keep` groups whose best member has the lowest score (a lone class is a group of one)."""
     best = [class_scores[_leaves(g)].min() for g in groups]
     return [groups[i] for i in np.argsort(best, kind="stable")[:keep]]
-
-
-# The paper's per-dataset schedules (to_keep, n_samples, loss).
-def strategy_from_description(description: dict) -> Strategy:
-    """The strategy a run stored (its describe()), rebuilt: runs can be re-created and replayed."""
-    settings = dict(description)
-    name = settings.pop("name", None)
-    kinds = {"exhaustive": Exhaustive, "fixed": FixedTimesteps, "staged": Staged, "elimination": Elimination}
-    if name not in kinds:
-        raise UserError(f"unknown strategy {name!r} in a stored configuration")
-    try:
-        return kinds[name](**settings)
-    except TypeError as exc:
-        raise UserError(f"stored {name} strategy has settings this version does not take: {exc}") from None

@@ -41,7 +41,7 @@ from . import distributed
 from .adapters.class_unet import ClassUNetDenoiser
 from .adapters.text_unet import TextUNetDenoiser
 from .config import option
-from .data import LabelledImages, preprocess
+from .data import RESOURCES, LabelledImages, preprocess
 from .errors import UserError
 from .loading import text_encoder_dir
 from .pairs import PairSampler, load_spec
@@ -63,7 +63,6 @@ ARCHITECTURES = {
         down_block_types=["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
         up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"], attention_head_dim=8),
 }
-RESOURCES = Path(__file__).resolve().parent / "resources"
 CAPTION_STATES = "caption_states.pt"
 PRECISIONS = ("fp32", "bf16", "fp16")  # fp32, or autocast to that half type over float32 weights
 
@@ -519,10 +518,16 @@ class Trainer:
 
 def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, progress: bool = True,
           group: distributed.ProcessGroup | None = None) -> dict:
-    """Train (or resume) a model into `out_dir`; returns a summary dict. Writes a diffusers pipeline there."""
+    """Train (or resume) a model into `out_dir`; returns a summary dict. Writes a diffusers pipeline there.
+    Under torchrun / accelerate launch (no `group` given) every process joins the launcher's group."""
+    if group is None:
+        with distributed.process_group() as launched:
+            return train(dataset, out_dir, config, progress, launched)
     trainer = Trainer(dataset, out_dir, config, group)
     trainer.resume()
-    return trainer.run(progress)
+    summary = trainer.run(progress)
+    summary["is_main"] = group.is_main
+    return summary
 
 
 def ranking_loss(pred: torch.Tensor, pred_negative: torch.Tensor, target: torch.Tensor,

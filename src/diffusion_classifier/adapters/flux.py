@@ -110,6 +110,10 @@ class FluxDenoiser(Denoiser):
     def null_condition(self) -> str:
         return ""
 
+    def text_limits(self):
+        clip_tok, t5_tok = self.tokenizers
+        return [(clip_tok, clip_tok.model_max_length), (t5_tok, self.t5_length)]
+
     @torch.inference_mode()
     def embed_conditions(self, prompts: Sequence[str], batch_size: int = 32) -> Conditions:
         (clip_tok, t5_tok), (clip, t5) = self.tokenizers, self.text_encoders

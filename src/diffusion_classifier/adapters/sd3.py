@@ -59,6 +59,10 @@ class SD3Denoiser(Denoiser):
     def null_condition(self) -> str:
         return ""
 
+    def text_limits(self):
+        clip = [(tokenizer, tokenizer.model_max_length) for tokenizer in self.tokenizers[:2]]
+        return clip + ([(self.tokenizers[2], self.t5_length)] if self.text_encoders[2] is not None else [])
+
     @torch.inference_mode()
     def embed_conditions(self, prompts: Sequence[str], batch_size: int = 32) -> Conditions:
         width = self.network.config.joint_attention_dim

@@ -45,6 +45,9 @@ class SDXLDenoiser(Denoiser):
     def null_condition(self) -> str:
         return ""
 
+    def text_limits(self):
+        return [(tokenizer, tokenizer.model_max_length) for tokenizer in self.tokenizers]
+
     def time_ids(self, n: int) -> torch.Tensor:
         """[n, 6]: (original height, width), crop (top, left) = (0, 0), (target height, width)."""
         height, width = self.image_size

@@ -74,6 +74,9 @@ class TextUNetDenoiser(Denoiser):
     def null_condition(self) -> str:
         return ""
 
+    def text_limits(self):
+        return [(self.tokenizer, self.max_text_length)] if self.tokenizer is not None else []
+
     @torch.inference_mode()
     def embed_conditions(self, prompts: Sequence[str], batch_size: int = 64) -> Conditions:
         if self.text_encoder is None:

@@ -1,0 +1,236 @@
+"""Evaluation runs: what is scored (model, data, candidates, preset, scoring settings, task) and the one
+call that starts or resumes it.
+
+    from diffusion_classifier.runs import EvaluationRun, run_evaluation
+
+    run = EvaluationRun(model="fashion-mnist-class", data="fashion-mnist", out="runs/fm", limit=200)
+    metrics = run_evaluation(run)  # starts, or resumes what RUN_DIR/results.sqlite already holds
+
+A run's identity is its spec's model, data and image list plus every setting that can change a result
+(the classifier's or matcher's describe()); results.sqlite records it, and resuming with a different one
+is refused (store.py). Settings that change only speed (batch sizes, --compile, device placement) may
+differ between sessions of one run. `evaluate` in the CLI is this call; so are the benchmarks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ScoringConfig
+from .data import LabelledImages, load_dataset
+from .denoisers import Denoiser
+from .errors import UserError
+from .labels import validate_labels, validate_templates
+from .presets import DatasetPreset, preset, scoring_config
+
+TASKS = ("classification", "winoground", "pairs")
+IMAGES_PER_EXAMPLE = {"winoground": 2, "pairs": 1}
+CLASSIFICATION_ONLY = {"labels": "--labels / --labels-file", "templates": "--template / --templates-file",
+                       "preset": "--preset", "subset": "--subset", "calibration": "--calibration",
+                       "temperature": "--temperature"}  # field: the options that set it
+
+
+@dataclass(frozen=True)
+class EvaluationRun:
+    """One resumable evaluation: a model on a dataset, stored in `out`.
+
+    task: classification (labelled images: `data` is 'fashion-mnist', an ImageFolder, a manifest or a saved
+        Hugging Face dataset), winoground or pairs (`data` a manifest of such examples).
+    subset / limit: dataset indices to use, then only the first `limit` of them.
+    labels / templates / preset: the candidates (classification). A preset gives the paper's class names,
+        prompts, staged schedule and loss; labels or templates replace its names or prompts, and a strategy
+        in `scoring` replaces its schedule and loss.
+    scoring: a ScoringConfig, or its fields as a mapping (strategy and loss left out: the preset's, else
+        the defaults).
+    temperature / calibration: probability settings stored with the model or fitted by `calibrate`
+        (calibration: a calibration.json or the run directory holding one).
+    normalize: winoground's image-score normalisation (none or unconditional, the default).
+    reuse: earlier run directories whose rows for shared images are taken over.
+    """
+
+    model: str | Path
+    data: str | Path
+    out: str | Path
+    task: str = "classification"
+    split: str = "test"
+    subset: Sequence[int] | None = None
+    limit: int | None = None
+    labels: Sequence[str] | None = None
+    templates: Sequence[str] | None = None
+    preset: str | None = None
+    scoring: ScoringConfig | Mapping[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+    dtype: str = "auto"
+    resolution: int | None = None
+    temperature: float | None = None
+    calibration: str | Path | None = None
+    normalize: str | None = None
+    reuse: Sequence[str | Path] = ()
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise UserError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
+        if self.limit is not None and self.limit < 1:
+            raise UserError("--limit must be at least 1")
+        if self.task != "classification":
+            for name, flags in CLASSIFICATION_ONLY.items():
+                if getattr(self, name) is not None:
+                    raise UserError(f"{flags} applies to classification, not --task {self.task}")
+        elif self.normalize is not None:
+            raise UserError("--normalize applies to --task winoground, not classification")
+        if self.task == "pairs" and self.normalize is not None:
+            raise UserError("--normalize applies to --task winoground: a pairs example compares two captions of "
+                            "one image, which the empty prompt's error cannot change")
+        if self.normalize not in (None, "none", "unconditional"):
+            raise UserError(f"unknown normalisation {self.normalize!r}; choose none or unconditional")
+        if self.labels is not None:
+            validate_labels(self.labels)
+        if self.templates is not None:
+            validate_templates(self.templates)
+        if self.preset is not None:
+            preset(self.preset)  # an unknown name fails before anything loads
+
+    @property
+    def dataset_preset(self) -> DatasetPreset | None:
+        return preset(self.preset) if self.preset else None
+
+    def scoring_config(self) -> ScoringConfig:
+        """The scoring settings: as given, with the preset's schedule and loss where no strategy is."""
+        if isinstance(self.scoring, ScoringConfig):
+            return self.scoring
+        return scoring_config(self.dataset_preset, **self.scoring)
+
+
+def run_evaluation(run: EvaluationRun, denoiser: Denoiser | None = None, progress: bool = True,
+                   max_new: int | None = None) -> dict | None:
+    """Start or resume `run`; return the metrics of everything stored (rank 0; other ranks return None).
+
+    denoiser: an already loaded model (it must be `run.model`'s); by default it is loaded on run.device.
+    max_new: score at most this many not-yet-stored images (examples), then return; a later call resumes.
+        The metrics say how many are stored ("images" / "examples") and whether the run is "complete".
+    Under torchrun or accelerate launch every process takes its share of what is left.
+    """
+    from .distributed import process_group
+
+    items = _load_items(run)
+    scoring = run.scoring_config()  # validate the settings before loading a model
+    with process_group() as group:
+        if denoiser is None:
+            denoiser = load_model(run.model, run.device, run.dtype, group)
+        if run.resolution is not None:
+            denoiser.set_resolution(run.resolution)
+        identity = _identity(run, items, denoiser)
+        if run.task == "classification":
+            from .evaluation import evaluate
+
+            classifier = make_classifier(denoiser, scoring, _candidate_labels(run, items, denoiser), run.templates,
+                                         run.preset, run.temperature, run.calibration)
+            metrics = evaluate(classifier, items, run.out, identity, progress=progress, group=group,
+                               reuse=run.reuse, max_new=max_new)
+        else:
+            from .matching import ImageTextMatcher
+            from .matching_runs import evaluate_matching
+
+            with_null = run.task == "winoground" and run.normalize != "none"
+            matcher = ImageTextMatcher(denoiser, config=scoring, with_null=with_null)
+            for example in items:  # every example's captions, before anything is scored
+                matcher.check_texts(example.captions)
+            per_batch = max(1, scoring.images_per_batch // IMAGES_PER_EXAMPLE[run.task])
+            metrics = evaluate_matching(matcher, run.task, items, run.out, identity, examples_per_batch=per_batch,
+                                        progress=progress, group=group, normalize=run.normalize, max_new=max_new)
+    return metrics
+
+
+def load_model(model: str | Path, device: str = "auto", dtype: str = "auto", group=None) -> Denoiser:
+    """A model on a device by name ("auto": CUDA when present), one GPU per process under torchrun."""
+    from .loading import load_denoiser
+    from .runtime import parse_device, parse_dtype
+
+    where = parse_device(device)
+    if group is not None:
+        where = group.device(where)
+    return load_denoiser(model, device=where, dtype=parse_dtype(dtype, where))
+
+
+def make_classifier(denoiser: Denoiser, scoring: ScoringConfig, labels: Sequence | None = None,
+                    templates: Sequence[str] | None = None, preset: str | DatasetPreset | None = None,
+                    temperature: float | None = None, calibration: str | Path | None = None):
+    """A classifier from a run's (or `classify`'s) settings. Class-conditional models take no templates and
+    only the scoring settings of a preset (resolved into `scoring` already); probabilities come from the
+    calibration file when given, else the temperature (None: the model's stored one)."""
+    from .calibration import read_calibration
+    from .classifier import DiffusionClassifier
+
+    if denoiser.conditioning != "text":
+        templates, preset = None, None
+    fitted = read_calibration(calibration) if calibration else {"temperature": temperature}
+    return DiffusionClassifier(denoiser, labels=labels, templates=templates, config=scoring,
+                               temperature=fitted["temperature"], timestep_weights=fitted.get("timestep_weights"),
+                               preset=preset)
+
+
+def _candidate_labels(run: EvaluationRun, dataset: LabelledImages, denoiser: Denoiser) -> list | None:
+    """The classifier's labels for a dataset: the given ones, the dataset's classes, or (None) the preset's own
+    names and prompts; a class-conditional model under a preset takes class ids in the preset's order."""
+    if run.labels is not None:
+        return list(run.labels)
+    if not run.preset:
+        return dataset.class_names
+    return _preset_classes_of(run.dataset_preset, denoiser) if denoiser.conditioning != "text" else None
+
+
+def _preset_classes_of(chosen: DatasetPreset, denoiser: Denoiser) -> list[int]:
+    """The model's class ids for a dataset relabelled by a preset: label i is class i, when the model's classes
+    are the preset's. A model trained on other classes is refused rather than silently renamed."""
+    names = denoiser.class_names
+    if denoiser.num_classes != len(chosen.classes):
+        raise UserError(f"the {chosen.name} preset has {len(chosen.classes)} classes and this class-conditional "
+                        f"model {denoiser.num_classes}: a class-conditional model scores only its own classes")
+    if names:
+        from .presets import same_class
+
+        agree = sum(same_class(a, b) for a, b in zip(chosen.classes, names))
+        if agree < len(names) / 2:
+            raise UserError(f"the {chosen.name} preset's classes ({', '.join(chosen.classes[:3])}, ...) are not "
+                            f"this class-conditional model's ({', '.join(names[:3])}, ...), which scores only its "
+                            "own classes; to rename the dataset's classes to the model's on purpose, pass them "
+                            "with --labels in the dataset's class order")
+    return list(range(len(chosen.classes)))
+
+
+def _load_items(run: EvaluationRun):
+    if run.task != "classification":
+        from .matching_data import load_caption_pairs, load_winoground
+
+        examples = load_winoground(run.data) if run.task == "winoground" else load_caption_pairs(run.data)
+        return examples[:run.limit] if run.limit is not None else examples
+    dataset = load_dataset(str(run.data), run.split)
+    if run.subset is not None:
+        dataset = dataset.subset(run.subset)
+    if run.limit is not None:
+        dataset = dataset.subset(range(min(run.limit, len(dataset))))
+    if run.labels is not None:
+        dataset.class_names = validate_labels(run.labels, expected=len(dataset.class_names))
+    elif run.preset:
+        dataset = run.dataset_preset.relabel(dataset)
+    return dataset
+
+
+def _digest(items) -> str:
+    return hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()
+
+
+def _identity(run: EvaluationRun, items, denoiser: Denoiser) -> dict:
+    """What names a run besides its scoring settings: model, data and the exact image (example) list."""
+    from .loading import weights_fingerprint
+
+    weights = weights_fingerprint(denoiser.source_dir)
+    if run.task == "classification":
+        return {"model": str(run.model), "data": str(run.data), "split": run.split, "images": len(items),
+                "image_ids_sha256": _digest(items.ids), "model_weights_sha256": weights}
+    return {"model": str(run.model), "data": str(run.data), "examples": len(items),
+            "example_ids_sha256": _digest([ex.id for ex in items]), "model_weights_sha256": weights}
