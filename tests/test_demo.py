@@ -62,6 +62,7 @@ def test_the_page_classifies_an_uploaded_image_as_the_library_does(server):
             page.locator("#image input[type=file]").set_input_files(str(EXAMPLE))
             page.locator("#labels textarea").fill(", ".join(labels))
             page.wait_for_timeout(1000)  # the upload reaches the server before the click
+            preview = page.locator("#image img").first.bounding_box()  # the 28 px image, shown large enough to see
             page.locator("#classify").click()
             page.locator("#cost").get_by_text("network evaluations").wait_for(timeout=90_000)
             cost = page.locator("#cost").inner_text()
@@ -70,6 +71,7 @@ def test_the_page_classifies_an_uploaded_image_as_the_library_does(server):
             browser.close()
     assert cost.startswith(f"{expected.prediction}:") and f"{expected.nfe} network evaluations" in cost
     assert expected.nfe == 3 * 4
+    assert preview is not None and min(preview["width"], preview["height"]) >= 150, preview
     shown = [line for line in ranked.splitlines() if line in labels]
     assert shown[0] == expected.prediction and set(shown) == set(labels)
 

@@ -5,8 +5,10 @@
     python tools/store_calibration.py NAME RUN
 
 Writes model_index.json's "calibration" block: the temperature and what it was fitted on (split,
-images, strategy, prompts) with the held-out NLL and ECE that `calibrate` reported. DiffusionClassifier
-uses the temperature when none is given. The weights, and so their sha256, are unchanged.
+images, strategy, prompts, scoring settings) with the held-out NLL and ECE that `calibrate` reported.
+The classifier uses the temperature only for those scoring settings (loss, target, grid, weighting,
+aggregation) and a timestep count within 4x of the fitted one, when no temperature is given; elsewhere
+probabilities say "not calibrated". The weights, and so their sha256, are unchanged.
 """
 
 import json
@@ -29,7 +31,9 @@ def store(name: str, run_dir: Path) -> dict:
              "fitted_on": {"data": config["data"], "split": config["split"],
                            "images": fitted["fit_images"] + fitted["held_out_images"],
                            "fit_images": fitted["fit_images"], "strategy": config["strategy"],
-                           "prompts": config["prompts"], "seed": config["seed"]},
+                           "prompts": config["prompts"], "seed": config["seed"],
+                           # the settings a temperature holds for (classifier.stored_temperature_applies)
+                           "scoring": {k: config.get(k) for k in ("loss", "target", "grid", "weighting", "aggregate")}},
              "held_out": {"images": fitted["held_out_images"], "before": fitted["before"], "after": fitted["after"]}}
     path = builtin_model_dir(name) / "model_index.json"
     index = json.loads(path.read_text())

@@ -23,7 +23,7 @@ from .probabilities import (
     weighted_probabilities,
 )
 from .runtime import atomic_write_text
-from .store import ResultsStore
+from .store import read_classification_run
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -73,8 +73,7 @@ def fit_timestep_weights(gaps: np.ndarray, labels: np.ndarray, steps: int = 200)
 
 
 def relative_errors_of_run(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
-    with ResultsStore(run_dir) as store:
-        config, records, matrices = store.config(), store.records(), store.error_matrices()
+    config, records, matrices = read_classification_run(run_dir, "calibrate")
     aggregate = config.get("aggregate", "min")
     by_idx = {idx: m for idx, m, _ in matrices}
     ok = [r for r in records if r["status"] == "ok"]
@@ -112,8 +111,7 @@ def calibrate_run(run_dir: str | Path, fit_fraction: float = 0.5, seed: int = 0,
 
 
 def _gaps_of_run(run_dir: str | Path, aggregate: str) -> tuple[np.ndarray, list[int]]:
-    with ResultsStore(run_dir) as store:
-        records, matrices = store.records(), store.error_matrices()
+    _, records, matrices = read_classification_run(run_dir, "calibrate")
     by_idx = {idx: (m, ts) for idx, m, ts in matrices}
     ok = [r for r in records if r["status"] == "ok"]
     grids = {tuple(sorted(by_idx[r["idx"]][1])) for r in ok}

@@ -103,7 +103,10 @@ class DiffusionClassifier:
         if denoiser.conditioning == "text":
             self.prompts_ = conditions
             flat = [c for per_class in conditions for c in per_class]
-            for a, b in denoiser.check_texts(flat):
+            too_long, same = denoiser.check_texts(flat)
+            for message in too_long:
+                warn_once(message)
+            for a, b in same:
                 warn_once(f"prompts {a!r} and {b!r} are identical within what the model reads of them, so their "
                           "classes tie exactly (a tie is reported, never a decision)")
             self._rows = np.arange(len(flat)).reshape(len(conditions), len(conditions[0]))
@@ -148,7 +151,8 @@ class DiffusionClassifier:
         scores = table.class_scores(self.config.aggregate)
         order = table.ranking(self.config.aggregate)
         counts = np.isfinite(table.errors[:, 0, :]).sum(axis=1)
-        tied = [self.classes_[i] for i in order[1:] if scores[i] == scores[order[0]] and counts[i] == counts[order[0]]]
+        tied = [self.classes_[i] for i in order[1:]
+                if counts[i] == counts[order[0]] and probabilities.same_score(scores[i], scores[order[0]])]
         return Classification(image=name, prediction=self.classes_[order[0]], prediction_index=int(order[0]),
                               ranking=[(self.classes_[i], float(scores[i])) for i in order], mean_errors=scores,
                               errors=table.errors.copy(), timesteps=list(table.timesteps), nfe=table.nfe,

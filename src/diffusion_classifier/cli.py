@@ -52,11 +52,27 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _model_help() -> str:
+    from .loading import BUILTIN_MODELS
+
+    return (f"built-in name ({', '.join(BUILTIN_MODELS)}), a local diffusers pipeline directory, or a Hugging Face "
+            "hub id")
+
+
 def _add_model_options(p, labels: bool = True) -> None:
+    """labels=False: texts instead of classes (match), so no label, preset or probability options."""
     g = p.add_argument_group("model and labels" if labels else "model")
-    g.add_argument("--model", required=True,
-                   help="built-in name (fashion-mnist-class, fashion-mnist-text), a local diffusers pipeline "
-                        "directory, or a Hugging Face hub id")
+    g.add_argument("--model", required=True, help=_model_help())
     if labels:
         _add_label_options(g)
     _add_scoring_options(p, labels)
@@ -70,29 +86,35 @@ def _add_label_options(g) -> None:
     g.add_argument("--templates-file", help="file with one template per line (text models)")
 
 
-def _add_scoring_options(p, probabilities: bool = True) -> None:
+def _add_scoring_options(p, classes: bool = True) -> None:
+    """classes=False (match): candidates are texts, so no preset, class tree or probability options."""
+    what = "class" if classes else "text"
     g = p.add_argument_group("scoring")
     groups = {"scoring": g}
     g.add_argument("--strategy", choices=["exhaustive", "staged", "elimination"], default=None,
-                   help="exhaustive: every class at --timesteps; staged: the paper's adaptive schedule; "
-                        "elimination: drop classes once paired statistics rule them out")
-    g.add_argument("--timesteps", type=int, default=None, help="timesteps per class (exhaustive; default 25)")
+                   help=f"exhaustive: every {what} at --timesteps; staged: the paper's adaptive schedule; "
+                        f"elimination: drop {what}s once paired statistics rule them out")
+    g.add_argument("--timesteps", type=int, default=None,
+                   help=f"timesteps per {what} (exhaustive; default 25; wins over a preset's schedule)")
     g.add_argument("--n-samples", type=int, nargs="+", help="timesteps per stage (staged), e.g. 50 500")
-    g.add_argument("--to-keep", type=int, nargs="+", help="classes kept after each stage (staged), e.g. 5 1")
-    g.add_argument("--preset", help="one of the paper's datasets (" + ", ".join(PRESET_NAMES) + "): its class names "
-                   "and prompts unless --labels / --template are given, and its staged schedule and loss unless "
-                   "--strategy, --n-samples or --to-keep are")
+    g.add_argument("--to-keep", type=int, nargs="+", help=f"{what}s kept after each stage (staged), e.g. 5 1")
+    if classes:
+        g.add_argument("--preset", help="a dataset preset (" + ", ".join(PRESET_NAMES) + "): its class names and "
+                       "prompts unless --labels / --template are given, and its staged schedule and loss unless "
+                       "--strategy, --timesteps, --n-samples or --to-keep are")
     g.add_argument("--error-rate", type=float, default=0.05,
-                   help="elimination: chance of dropping the best class, per image (default 0.05)")
+                   help=f"elimination: chance of dropping the best {what}, per image (default 0.05)")
     g.add_argument("--max-nfe", type=int, default=None, help="elimination: network evaluations per image at most")
     g.add_argument("--max-timesteps", type=int, default=100,
                    help="elimination: size of the even timestep grid it draws from (default 100)")
     g.add_argument("--shortlist", type=int, default=None,
-                   help="elimination: keep only this many classes after the first round (plain top-k)")
-    g.add_argument("--class-tree", help="elimination: JSON file grouping the class names (nested); after round r "
-                   "only the --keep-groups best groups at depth r go on")
-    g.add_argument("--keep-groups", type=int, default=2, help="elimination with --class-tree: groups kept per level")
-    if probabilities:
+                   help=f"elimination: keep only this many {what}s after the first round (plain top-k)")
+    if classes:
+        g.add_argument("--class-tree", help="elimination: JSON file grouping the class names (nested); after round "
+                       "r only the --keep-groups best groups at depth r go on")
+        g.add_argument("--keep-groups", type=int, default=2,
+                       help="elimination with --class-tree: groups kept per level")
+    if classes:
         g.add_argument("--temperature", type=float, default=None,
                        help="softmax temperature of probabilities (default: the model's stored one, else 1.0)")
         g.add_argument("--calibration", help="calibration.json (or a run directory holding one) from `calibrate`")
@@ -114,10 +136,10 @@ def _strategy(args):
         if args.n_samples or args.to_keep or args.timesteps is not None:
             raise UserError("--strategy elimination does not take --n-samples, --to-keep or --timesteps "
                             "(it takes --max-timesteps and --max-nfe)")
-        tree = _read_json(args.class_tree, "class tree") if args.class_tree else None
+        tree = _read_json(args.class_tree, "class tree") if getattr(args, "class_tree", None) else None
         return Elimination(args.error_rate, args.max_nfe, args.max_timesteps, shortlist=args.shortlist,
-                           class_tree=tree, keep_groups=args.keep_groups)
-    if args.class_tree:
+                           class_tree=tree, keep_groups=getattr(args, "keep_groups", 2))
+    if getattr(args, "class_tree", None):
         raise UserError("--class-tree needs --strategy elimination")
     if args.strategy == "staged" or args.n_samples or args.to_keep:
         if not args.n_samples or not args.to_keep:
@@ -182,7 +204,7 @@ def _add_classify(sub) -> None:
                        description="Rank candidate labels for each image by the model's denoising error.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     _add_model_options(p)
-    p.add_argument("--top-k", type=int, default=5, help="labels shown per image")
+    p.add_argument("--top-k", type=_at_least_one, default=5, help="labels shown per image")
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
 
 
@@ -200,17 +222,22 @@ def cmd_classify(args) -> int:
                                  args.calibration)
     results = classifier.classify(images, names=args.images)
     probabilities = classifier.probabilities(results)
+    source = classifier.probability_source
+    if not args.json:
+        print(f"# mean error: denoising error at shared (t, eps) pairs, lower is better; p: softmax at temperature "
+              f"{classifier.temperature:.3g} ({source})")
     for path, result, probs in zip(args.images, results, probabilities):
         by_label = dict(zip(classifier.classes_, probs.tolist()))
+        row = result.to_dict(args.top_k)
+        row["probabilities"] = source
+        for entry in row["ranking"]:
+            entry["probability"] = by_label[entry["label"]]
         if args.json:
-            row = result.to_dict(args.top_k)
-            for entry in row["ranking"]:
-                entry["probability"] = by_label[entry["label"]]
             print(json.dumps(row))
             continue
-        print(f"{path}: {result.prediction}   ({result.nfe} network evaluations, {result.seconds:.2f} s)")
-        for rank, (label, score) in enumerate(result.ranking[:args.top_k], 1):
-            print(f"  {rank:>2}. {label:<30} mean error {score:.5f}   p {by_label[label]:.3f}")
+        tie = f"   TIE with {', '.join(result.tied_with)}: no decision" if result.tied_with else ""
+        print(f"{path}: {result.prediction}   ({result.nfe} network evaluations, {result.seconds:.2f} s){tie}")
+        _print_entries(row["ranking"], "label", {e["label"]: f"{e['probability']:.3f}" for e in row["ranking"]})
     return 0
 
 
@@ -230,7 +257,7 @@ def _add_match(sub) -> None:
                         "--by text, none for --by image)")
     g.add_argument("--by", choices=["image", "text"], default="image",
                    help="rank texts per image (default) or images per text")
-    p.add_argument("--top-k", type=int, default=5, help="entries shown per image (or text)")
+    p.add_argument("--top-k", type=_at_least_one, default=5, help="entries shown per image (or text)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image (or text)")
 
 
@@ -250,9 +277,6 @@ def cmd_match(args) -> int:
     from .matching import DEFAULT_NORMALIZE, ImageTextMatcher
     from .presets import scoring_config
 
-    if args.preset:
-        raise UserError("--preset applies to classification (its class names and schedule); match scores the "
-                        "texts given, with --strategy / --timesteps")
     images = [load_image(path) for path in args.images]
     texts = _texts(args)
     normalize = args.normalize or DEFAULT_NORMALIZE[args.by]
@@ -339,16 +363,21 @@ def cmd_evaluate(args) -> int:
                   f"group {row['group_score']:.4f}  ({row['examples']} examples)")
     elif args.task == "pairs":
         print(f"accuracy {metrics['accuracy']:.4f}  examples {metrics['examples']}  "
-              f"NFE/example {metrics['nfe_per_example']:.0f}")
+              f"NFE/example {metrics['nfe_per_example']:.0f}" + _ties(metrics))
     elif metrics["accuracy"] is None:
         print(f"no image could be classified ({metrics['failed']} failed)")
     else:
         print(f"accuracy {metrics['accuracy']:.4f}  mean per-class accuracy {metrics['mean_per_class_accuracy']:.4f}  "
               f"images {metrics['images']} (failed {metrics['failed']})  NFE/image {metrics['nfe_per_image']:.0f}  "
-              f"{metrics['images_this_run'] / max(elapsed, 1e-9):.2f} images/s in this run")
+              f"{metrics['images_this_run'] / max(elapsed, 1e-9):.2f} images/s in this run" + _ties(metrics))
     if args.json:
         print(json.dumps(metrics))
     return 0
+
+
+def _ties(metrics: dict) -> str:
+    ties = metrics.get("ties") or 0
+    return f"  ({ties} exact ties, counted as misses: candidates the model cannot tell apart)" if ties else ""
 
 
 def _add_report(sub) -> None:
@@ -389,7 +418,7 @@ def _add_serve(sub) -> None:
                        description="Serve a page where an image is dropped or picked, labels typed, and the "
                                    "ranked labels, the cost and per-timestep errors shown. Loopback only unless "
                                    "--host is given.")
-    p.add_argument("--model", default="fashion-mnist-text", help="built-in name, local pipeline directory or hub id")
+    p.add_argument("--model", default="fashion-mnist-text", help=_model_help())
     p.add_argument("--port", type=int, default=7860, help="TCP port of the page (default 7860)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--timesteps", type=int, default=10, help="initial timesteps per label")
@@ -436,11 +465,33 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help lines wrapped between words only, so names such as fashion-mnist-class stay whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line and a pointer to --help, not the whole usage text (exit 2 as argparse's)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+VERBOSE_HELP = "show the warnings and log lines of diffusers, transformers and torch"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffusion-classifier",
-                                     description="Zero-shot image classification with conditional diffusion models.")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show the warnings and log lines of diffusers, transformers and torch")
+    parser = _Parser(prog="diffusion-classifier",
+                     description="Zero-shot image classification with conditional diffusion models.")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_classify(sub)
     _add_match(sub)
@@ -449,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate(sub)
     _add_train(sub)
     _add_serve(sub)
+    for command in sub.choices.values():  # --verbose also after the command; SUPPRESS keeps the top-level value
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
@@ -458,8 +511,12 @@ COMMANDS = {"classify": cmd_classify, "match": cmd_match, "evaluate": cmd_evalua
 
 def _quiet_libraries() -> None:
     import logging
+    import os
     import warnings
 
+    # read when the libraries configure their loggers (on first use, after this): errors only
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("diffusers", "transformers", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import UserError
+from .errors import UserError, warn_once
 
 RESOURCES = Path(__file__).resolve().parent / "resources"  # the package's data files
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -87,6 +87,9 @@ def preprocess(images: Sequence, resolution: int | tuple[int, int], channels: in
         img = _to_mode(ImageOps.exif_transpose(to_pil(image)) or to_pil(image), channels)
         if img.size != (width, height):
             w, h = img.size
+            if width != height and abs((w / h) / (width / height) - 1) > 0.1:  # a non-square model loses content
+                warn_once(f"a {w}x{h} image goes into a model that takes {width}x{height} (width x height): it is "
+                          f"resized to cover that shape and center-cropped, so part of it is cut off")
             scale = max(width / w, height / h)
             img = img.resize((max(width, round(w * scale)), max(height, round(h * scale))),
                              INTERPOLATIONS[interpolation])

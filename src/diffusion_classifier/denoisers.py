@@ -221,9 +221,9 @@ class Denoiser:
         for module in self._modules():
             changes = {"device": device} if device is not None else {}
             if dtype is not None and dtype != next(module.parameters()).dtype:
-                changes["dtype"] = dtype  # diffusers warns on any dtype argument, so pass it only when needed
-            if changes:
-                module.to(**changes)
+                changes["dtype"] = dtype
+            if changes:  # torch's own .to: diffusers' override warns about float32-kept modules on any dtype change
+                torch.nn.Module.to(module, **changes)
         return self
 
     # ----- compilation -----------------------------------------------------------
@@ -266,28 +266,25 @@ class Denoiser:
         """(tokenizer, tokens kept) per text encoder a text model feeds; a longer text is cut there."""
         return []
 
-    def check_texts(self, texts: Sequence[str]) -> list[tuple[str, str]]:
-        """Warn (once per text, naming it and the limit) about texts longer than a text encoder keeps; return the
-        pairs of different texts that are identical within every encoder's limit: their errors tie exactly,
-        so comparing them decides nothing."""
+    def check_texts(self, texts: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+        """(warnings naming each text longer than a text encoder keeps, pairs of different texts that are identical
+        within every encoder's limit): such a pair's errors tie exactly, so comparing them decides nothing."""
         limits = self.text_limits()
-        if not limits:
-            return []
         seen: dict[tuple, str] = {}
-        same = []
-        for text in dict.fromkeys(texts):
+        too_long, same = [], []
+        for text in dict.fromkeys(texts) if limits else ():
             kept = []
             for tokenizer, limit in limits:
                 full = len(tokenizer(text, truncation=False)["input_ids"])
                 if full > limit:
-                    warn_once(f"text longer than the model's {limit} tokens ({full}); only its start is scored: "
-                              f"{text!r}")
+                    too_long.append(f"text longer than the model's {limit} tokens ({full}); only its start is "
+                                    f"scored: {text!r}")
                 kept.append(tuple(tokenizer(text, truncation=True, max_length=limit)["input_ids"]))
             key = tuple(kept)
             if key in seen:
                 same.append((seen[key], text))
             seen.setdefault(key, text)
-        return same
+        return too_long, same
 
     def null_condition(self) -> Any:
         """The condition of the unconditional model (the empty prompt), for normalised scores."""

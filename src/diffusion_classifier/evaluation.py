@@ -15,6 +15,7 @@ from .classifier import DiffusionClassifier
 from .data import LabelledImages, preprocess
 from .distributed import ProcessGroup
 from .errors import UserError
+from .probabilities import same_score
 from .runtime import atomic_write_text
 from .store import ResultsStore
 
@@ -22,15 +23,21 @@ from .store import ResultsStore
 def metrics_from_records(records: list[dict], n_classes: int) -> dict:
     ok = [r for r in records if r["status"] == "ok"]
     if not ok:
-        return {"accuracy": None, "mean_per_class_accuracy": None, "images": 0, "failed": len(records),
+        return {"accuracy": None, "mean_per_class_accuracy": None, "images": 0, "failed": len(records), "ties": 0,
                 "nfe_per_image": None, "seconds_per_image": None}
     labels = np.array([r["label"] for r in ok])
     correct = np.array([r["correct"] for r in ok], dtype=float)
     per_class = [correct[labels == c].mean() for c in range(n_classes) if (labels == c).any()]
     return {"accuracy": float(correct.mean()), "mean_per_class_accuracy": float(np.mean(per_class)),
-            "images": len(ok), "failed": len(records) - len(ok),
+            "images": len(ok), "failed": len(records) - len(ok), "ties": sum(map(_tied, ok)),
             "nfe_per_image": float(np.mean([r["nfe"] for r in ok])),
             "seconds_per_image": float(np.mean([r["seconds"] for r in ok]))}
+
+
+def _tied(record: dict) -> bool:
+    """Whether an image's two best classes scored exactly alike (its prediction is then a tie, counted as such)."""
+    ranking = json.loads(record["ranking"]) if record.get("ranking") else []
+    return len(ranking) > 1 and same_score(ranking[0][1], ranking[1][1])
 
 
 def evaluate(classifier: DiffusionClassifier, dataset: LabelledImages, run_dir: str | Path,

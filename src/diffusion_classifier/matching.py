@@ -29,7 +29,7 @@ import torch
 from .config import ScoringConfig
 from .data import preprocess
 from .denoisers import Denoiser
-from .errors import UserError
+from .errors import UserError, warn_once
 from .loading import load_denoiser
 from .probabilities import mark_ties, mean_over_timesteps
 from .scoring import ScoringEngine, check_robust_options, prepare_images
@@ -177,12 +177,14 @@ class ImageTextMatcher:
         longer than its text encoder keeps is cut; two texts that differ only past the cut would tie exactly,
         so ranking them would decide nothing)."""
         texts = _validate_texts(texts)
-        same = self.denoiser.check_texts(texts)
+        too_long, same = self.denoiser.check_texts(texts)
         if same:
             a, b = same[0]
             raise UserError(f"texts {a!r} and {b!r} are identical within what the model reads of them (its text "
                             "encoder keeps only the first tokens), so their scores would tie exactly; shorten them "
                             "or put the words that differ first")
+        for message in too_long:
+            warn_once(message)
         return texts
 
     def score_groups(self, groups: Sequence[tuple[Sequence, Sequence[str]]],

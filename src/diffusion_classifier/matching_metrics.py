@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .errors import UserError
+from .probabilities import TIE_RTOL
 
 
 def standard_error(correct: np.ndarray) -> float:
@@ -56,7 +57,10 @@ def winoground_scores(text_scores: np.ndarray, image_scores: np.ndarray | None =
 
 
 def pairs_accuracy(true_scores: np.ndarray, false_scores: np.ndarray) -> dict:
-    """Share of images whose true caption scores strictly above the false one (ARO / SugarCrepe)."""
-    correct = np.asarray(true_scores, dtype=float) > np.asarray(false_scores, dtype=float)
+    """Share of images whose true caption scores strictly above the false one (ARO / SugarCrepe); a tie (equal to
+    TIE_RTOL: captions the model cannot tell apart) is a miss, and counted in "ties"."""
+    true_scores, false_scores = np.asarray(true_scores, dtype=float), np.asarray(false_scores, dtype=float)
+    ties = np.isclose(true_scores, false_scores, rtol=TIE_RTOL, atol=0.0)
+    correct = (true_scores > false_scores) & ~ties
     return {"accuracy": float(correct.mean()) if len(correct) else None, "accuracy_stderr": standard_error(correct),
-            "examples": int(len(correct))}
+            "examples": int(len(correct)), "ties": int(ties.sum())}

@@ -22,6 +22,7 @@ from .errors import UserError
 from .matching import ImageScores, ImageTextMatcher
 from .matching_data import CaptionPair, WinogroundExample
 from .matching_metrics import pairs_accuracy, winoground_outcomes, winoground_scores
+from .probabilities import same_score
 from .runtime import atomic_write_text
 from .store import ResultsStore, array_bytes, errors_bytes
 
@@ -48,7 +49,8 @@ def _row(idx: int, example, task: str, scored: list[ImageScores]) -> tuple:
         correct = bool(winoground_outcomes(raw[None], image_scores[None])["group"][0])
         prediction = None
     else:
-        prediction = int(raw[0, 1] >= raw[0, 0])  # 0: the true caption wins (a tie counts as a miss)
+        # 0: the true caption wins; a tie (equal to TIE_RTOL) counts as a miss, as in pairs_accuracy
+        prediction = int(raw[0, 1] >= raw[0, 0] or same_score(float(raw[0, 0]), float(raw[0, 1])))
         correct = prediction == 0
     outcome = {"raw": raw.tolist(), "normalized": None if normalized is None else normalized.tolist(),
                "tag": getattr(example, "tag", None)}

@@ -114,10 +114,19 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float(ece)
 
 
+# Scores this close are one score: candidates the model cannot tell apart (identical conditions) differ only by
+# float rounding between batch positions (~1e-7); different candidates differ by far more.
+TIE_RTOL = 1e-6
+
+
+def same_score(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and bool(np.isclose(a, b, rtol=TIE_RTOL, atol=0.0))
+
+
 def mark_ties(entries: list[dict]) -> list[dict]:
-    """Ranked entries ({"score", "timesteps", ...}): "tie" set where a score equals another's exactly over as many
-    timesteps (never a decision between them)."""
-    keys = [(e["score"], e["timesteps"]) for e in entries]
-    for entry, key in zip(entries, keys):
-        entry["tie"] = key[0] is not None and keys.count(key) > 1
+    """Ranked entries ({"score", "timesteps", ...}): "tie" set where a score equals another's (to TIE_RTOL) over as
+    many timesteps: a tie, never a decision between them."""
+    for entry in entries:
+        entry["tie"] = any(other is not entry and other["timesteps"] == entry["timesteps"]
+                           and same_score(other["score"], entry["score"]) for other in entries)
     return entries

@@ -11,7 +11,7 @@ from .errors import UserError
 from .probabilities import ranking
 from .runtime import atomic_write_text
 from .schedules import even_subset
-from .store import STORE_NAME, ResultsStore
+from .store import read_classification_run
 
 
 def rescore(errors: np.ndarray, timesteps: list[int], aggregate: str = "min", t_min: int = 0,
@@ -33,10 +33,7 @@ def rescore(errors: np.ndarray, timesteps: list[int], aggregate: str = "min", t_
 def build_report(run_dir: str | Path, aggregate: str | None = None, t_min: int = 0, t_max: int | None = None,
                  plots: bool = True) -> dict:
     run_dir = Path(run_dir)
-    if not (run_dir / STORE_NAME).is_file():
-        raise UserError(f"{run_dir} holds no {STORE_NAME} (not an evaluate run directory)")
-    with ResultsStore(run_dir) as store:
-        config, records, matrices = store.config(), store.records(), store.error_matrices()
+    config, records, matrices = read_classification_run(run_dir, "report")
     labels = config.get("labels") or []
     n_classes = len(labels)
     aggregate = aggregate or config.get("aggregate", "min")

@@ -125,7 +125,7 @@ class ResultsStore:
         return (idx, image_id, int(label), None, None, 0, 0.0, None, None, None, None, "failed", reason)
 
     def records(self) -> list[dict]:
-        cursor = self.db.execute("SELECT idx, id, label, prediction, correct, nfe, seconds, status, error "
+        cursor = self.db.execute("SELECT idx, id, label, prediction, correct, nfe, seconds, status, error, ranking "
                                  "FROM results ORDER BY idx")
         keys = [d[0] for d in cursor.description]
         return [dict(zip(keys, row)) for row in cursor]
@@ -170,3 +170,18 @@ def differing_keys(a: dict, b: dict) -> list[str]:
     """Keys whose values differ; a key one side lacks counts as None (settings recorded as None when
     inactive match runs stored before the setting was recorded)."""
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def read_classification_run(run_dir: str | Path, command: str) -> tuple[dict, list[dict], list]:
+    """(config, records, error matrices) of a stored classification run, for commands that read runs without a
+    model (report, calibrate); anything else is a one-line error naming what the directory holds."""
+    run_dir = Path(run_dir)
+    if not (run_dir / STORE_NAME).is_file():
+        raise UserError(f"{run_dir} holds no {STORE_NAME} (not an evaluate run directory)")
+    with ResultsStore(run_dir) as store:
+        config = store.config()
+        task = config.get("task", "classification")
+        if task != "classification":
+            raise UserError(f"{command} reads classification runs; {run_dir} is a {task} run (its metrics are in "
+                            f"{run_dir / 'metrics.json'}, recomputed by evaluate on every resume)")
+        return config, store.records(), store.error_matrices()

@@ -125,8 +125,22 @@ class TrainConfig:
             raise UserError("--hard-negatives must be >= 0 and its temperature > 0")
         if self.hard_negatives and self.layout != "pairs":
             raise UserError("--hard-negatives needs --layout pairs (swapped captions are its negatives)")
-        if self.batch_size < 1 or self.max_steps < 0:
-            raise UserError("--batch-size must be at least 1 and --max-steps at least 0")
+        at_least = {"batch_size": 1, "resolution": 8, "max_steps": 1, "num_train_timesteps": 2, "max_text_length": 2,
+                    "warmup_steps": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise UserError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(self, name)})")
+        for name in ("lr", "max_minutes"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        if self.checkpoint_minutes < 0:
+            raise UserError("--checkpoint-minutes must be at least 0 (0: after every step)")
+        for name in ("weight_decay", "empty_caption_prob", "single_prob"):
+            if not 0 <= getattr(self, name) <= (1 if name != "weight_decay" else float("inf")):
+                raise UserError(f"--{name.replace('_', '-')} must lie in [0, 1]" if name != "weight_decay"
+                                else "--weight-decay must be at least 0")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError("--ema-decay must lie in [0, 1)")
 
 
 def build_network(config: TrainConfig, num_classes: int, channels: int, cross_attention_dim: int = 0):
@@ -237,6 +251,11 @@ class Trainer:
         if config.batch_size % self.group.world_size:
             raise UserError(f"--batch-size {config.batch_size} does not split evenly over "
                             f"{self.group.world_size} processes")
+        if len(dataset.class_names) < 2:
+            raise UserError(f"training a classifier needs at least two classes; the data has "
+                            f"{len(dataset.class_names)} ({', '.join(dataset.class_names)})")
+        if self.out_dir.is_file():
+            raise UserError(f"--out {self.out_dir} is a file; a directory is needed")
         self.device = self.group.device(parse_device(config.device))
         half = parse_dtype(config.precision)
         self.autocast_dtype = None if half == torch.float32 else half
