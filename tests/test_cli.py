@@ -88,9 +88,19 @@ def test_evaluate_subset_and_label_mapping(models, image_folder, tmp_path, capsy
     (["--preset", "mnist-2"], "unknown preset"),
     (["--labels-file", "/no/such/file"], "labels file not found"),
     (["--strategy", "staged", "--n-samples", "5"], "needs both"),
+    (["--strategy", "staged", "--n-samples", "2", "4", "--to-keep", "1", "1", "--timesteps", "3"],
+     "--timesteps is the exhaustive strategy's"),
+    (["--strategy", "elimination", "--timesteps", "3"], "does not take --n-samples, --to-keep or --timesteps"),
+    (["--top-k", "0"], "must be at least 1"),
+    (["--top-k", "-3"], "must be at least 1"),
+    (["--temperature", "0"], "temperature must be positive"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_user_mistakes_are_one_line_errors(models, image_files, capsys, extra, message):
-    code, out, err = run(capsys, "classify", image_files[0], "--model", models["sd"], *extra)
+    try:
+        code, out, err = run(capsys, "classify", image_files[0], "--model", models["sd"], *extra)
+    except SystemExit as exited:  # argparse's own checks exit from parse_args
+        code, err = exited.code, capsys.readouterr().err
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 

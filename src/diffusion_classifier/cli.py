@@ -304,11 +304,12 @@ def cmd_match(args) -> int:
 def _print_entries(entries: list[dict], key: str, probabilities: dict | None = None) -> None:
     """Ranked entries as a table; the timesteps each score rests on are shown where they differ."""
     differ = len({e["timesteps"] for e in entries}) > 1
+    width = min(50, max(len(str(e[key])) for e in entries))
     for rank, e in enumerate(entries, 1):
         score = "   n/a" if e["score"] is None else f"{e['score']:.5f}"
         p = f"   p {probabilities[e[key]]}" if probabilities else ""
         rests = f"   over {e['timesteps']} timesteps" if differ else ""
-        print(f"  {rank:>2}. {str(e[key]):<50} mean error {score}{p}{rests}{'   (tie)' if e['tie'] else ''}")
+        print(f"  {rank:>2}. {str(e[key]):<{width}}   mean error {score}{p}{rests}{'   (tie)' if e['tie'] else ''}")
 
 
 def _add_evaluate(sub) -> None:
