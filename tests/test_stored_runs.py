@@ -14,7 +14,7 @@ from diffusion_classifier.loading import load_denoiser, resolve_model_dir, weigh
 from diffusion_classifier.replay import replay
 from diffusion_classifier.schedules import NoiseSchedule
 from diffusion_classifier.store import ResultsStore
-from diffusion_classifier.strategies import Elimination, Exhaustive, FixedTimesteps, Staged
+from diffusion_classifier.strategies import strategy_from_description
 
 RUNS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "runs").glob("*/results.sqlite"))
 
@@ -22,13 +22,6 @@ RUNS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "runs").glob
 def _read(run: Path):
     with ResultsStore(run.parent) as store:
         return store.config(), store.records(), {idx: (m, ts) for idx, m, ts in store.error_matrices()}
-
-
-def strategy_from_description(description: dict):
-    """The strategy a run stored (its describe()), rebuilt."""
-    settings = dict(description)
-    kinds = {"exhaustive": Exhaustive, "fixed": FixedTimesteps, "staged": Staged, "elimination": Elimination}
-    return kinds[settings.pop("name")](**settings)
 
 
 @cache

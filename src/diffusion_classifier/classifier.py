@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from .loading import load_denoiser
 from .presets import DatasetPreset, scoring_config
 from .presets import preset as load_preset
 from .scoring import ScoringEngine, check_robust_options, prepare_images
-from .strategies import ScoreTable
+from .strategies import ScoreTable, strategy_from_description
 
 
 @dataclass
@@ -83,17 +84,15 @@ class DiffusionClassifier:
                 templates = None
         self.config = config.with_options(**options) if config else scoring_config(preset, **options)
         self.timestep_weights = dict(timestep_weights) if timestep_weights else None
-        self.probability_source = "given" if temperature is not None else "calibrated"
-        if self.timestep_weights:
-            self.probability_source = "calibrated"
-        elif temperature is None:
+        if self.timestep_weights or temperature is not None:
+            self.probability_source = "calibrated" if self.timestep_weights else "given"
+        else:
             reason = stored_temperature_applies(denoiser.info.calibration, self.config)
+            self.probability_source = "calibrated" if reason is None else "not calibrated"
             temperature = float(denoiser.info.temperature) if reason is None else 1.0
-            if reason is not None:
-                self.probability_source = "not calibrated"
-                if denoiser.info.calibration:
-                    warn_once(f"probabilities are not calibrated: {reason}; the model's stored temperature does "
-                              "not apply (fit one for these settings with evaluate + calibrate)")
+            if reason is not None and denoiser.info.calibration:
+                warn_once(f"probabilities are not calibrated: {reason}; the model's stored temperature does "
+                          "not apply (fit one for these settings with evaluate + calibrate)")
         if temperature <= 0:
             raise UserError("temperature must be positive")
         self.temperature = temperature
@@ -151,8 +150,9 @@ class DiffusionClassifier:
         scores = table.class_scores(self.config.aggregate)
         order = table.ranking(self.config.aggregate)
         counts = np.isfinite(table.errors[:, 0, :]).sum(axis=1)
-        tied = [self.classes_[i] for i in order[1:]
-                if counts[i] == counts[order[0]] and probabilities.same_score(scores[i], scores[order[0]])]
+        tied = [self.classes_[i] for i in itertools.takewhile(  # ranked, so the ties follow the leader
+            lambda i: counts[i] == counts[order[0]] and probabilities.same_score(scores[i], scores[order[0]]),
+            order[1:])]
         return Classification(image=name, prediction=self.classes_[order[0]], prediction_index=int(order[0]),
                               ranking=[(self.classes_[i], float(scores[i])) for i in order], mean_errors=scores,
                               errors=table.errors.copy(), timesteps=list(table.timesteps), nfe=table.nfe,
@@ -209,9 +209,7 @@ def stored_temperature_applies(calibration: dict | None, config: ScoringConfig) 
     for name, value in settings.items():
         if getattr(config, name) != value:
             return f"it was fitted with {name} {value}, this run uses {getattr(config, name)}"
-    strategy = fitted.get("strategy") or {}
-    fitted_count = strategy.get("n_timesteps") or max(strategy.get("n_samples") or [0]) or strategy.get(
-        "max_timesteps") or len(strategy.get("timesteps") or [])
+    fitted_count = strategy_from_description(fitted["strategy"]).timestep_budget() if fitted.get("strategy") else 0
     count = config.strategy.timestep_budget()
     low, high = -(-fitted_count // TIMESTEP_RANGE), fitted_count * TIMESTEP_RANGE  # ceil, so the range is exact
     if fitted_count and not low <= count <= high:

@@ -46,8 +46,8 @@ def cmd_train(args) -> int:
     if args.labels:
         dataset.class_names = parse_label_list(args.labels, expected=len(dataset.class_names))
     summary = train(dataset, args.out, training, progress=not args.quiet)
-    summary.pop("config")
-    if summary.pop("is_main"):
+    if summary is not None:  # rank 0 reports for everyone
+        summary.pop("config")
         print(json.dumps(summary))
     return 0
 
@@ -378,7 +378,7 @@ def cmd_evaluate(args) -> int:
 
 def _ties(metrics: dict) -> str:
     ties = metrics.get("ties") or 0
-    return f"  ({ties} exact ties, counted as misses: candidates the model cannot tell apart)" if ties else ""
+    return f"  ({ties} ties, counted as misses: candidates the model cannot tell apart)" if ties else ""
 
 
 def _add_report(sub) -> None:

@@ -63,7 +63,7 @@ def evaluate(classifier: DiffusionClassifier, dataset: LabelledImages, run_dir: 
     group.barrier()
     with ResultsStore(run_dir, config) as store:
         done = store.done_indices()
-        todo = group.shard(_limited([i for i in range(len(dataset)) if i not in done], max_new))
+        todo = group.shard(store.pending(len(dataset), max_new))
         _classify_into(store, classifier, dataset, todo, images_per_batch, progress, group)
         group.barrier()
         if not group.is_main:
@@ -74,12 +74,6 @@ def evaluate(classifier: DiffusionClassifier, dataset: LabelledImages, run_dir: 
     metrics["complete"] = len(records) == len(dataset)
     atomic_write_text(json.dumps(metrics, indent=2) + "\n", Path(run_dir) / "metrics.json")
     return metrics
-
-
-def _limited(todo: list[int], max_new: int | None) -> list[int]:
-    if max_new is not None and max_new < 0:
-        raise UserError("max_new must be at least 0")
-    return todo if max_new is None else todo[:max_new]
 
 
 def _prepare(dataset: LabelledImages, batch: list[int], classifier: DiffusionClassifier, store: ResultsStore):

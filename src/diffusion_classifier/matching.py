@@ -190,9 +190,8 @@ class ImageTextMatcher:
     def score_groups(self, groups: Sequence[tuple[Sequence, Sequence[str]]],
                      names: Sequence[Sequence[str]] | None = None) -> list[list[ImageScores]]:
         """Several (images, texts) groups in one engine pass (e.g. the examples of a Winoground batch):
-        each image is scored against its own group's texts."""
-        for _, texts in groups:
-            self.check_texts(texts)
+        each image is scored against its own group's texts, taken as given (match() and evaluate_matching check
+        them with check_texts first)."""
         started = time.perf_counter()
         pixel_groups = [self._pixels(images) for images, _ in groups]
         all_texts = [t for _, texts in groups for t in texts] + ([self.denoiser.null_condition()]

@@ -92,6 +92,8 @@ def evaluate_matching(matcher: ImageTextMatcher, task: str, examples: Sequence[W
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; choose from classification, {', '.join(TASKS)}")
     group = group or ProcessGroup()
+    for example in examples:  # every example's captions, before anything is scored or stored
+        matcher.check_texts(example.captions)
     config = {**run_config, "task": task, **matcher.describe()}
     if group.is_main:
         with ResultsStore(run_dir, config):
@@ -99,8 +101,7 @@ def evaluate_matching(matcher: ImageTextMatcher, task: str, examples: Sequence[W
     group.barrier()
     with ResultsStore(run_dir, config) as store:
         done = store.done_indices()
-        todo = [i for i in range(len(examples)) if i not in done]
-        todo = group.shard(todo if max_new is None else todo[:max(0, max_new)])
+        todo = group.shard(store.pending(len(examples), max_new))
         bar = tqdm(total=len(todo), disable=not progress or not group.is_main, unit="ex", dynamic_ncols=True,
                    desc=task if group.world_size == 1 else f"{task} (rank 0 of {group.world_size})")
         for start in range(0, len(todo), examples_per_batch):

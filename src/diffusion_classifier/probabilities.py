@@ -7,6 +7,8 @@ evaluated columns, with its prompts combined by `min` (the paper) or `mean`.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .errors import UserError
@@ -120,13 +122,15 @@ TIE_RTOL = 1e-6
 
 
 def same_score(a: float | None, b: float | None) -> bool:
-    return a is not None and b is not None and bool(np.isclose(a, b, rtol=TIE_RTOL, atol=0.0))
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=TIE_RTOL)
 
 
 def mark_ties(entries: list[dict]) -> list[dict]:
-    """Ranked entries ({"score", "timesteps", ...}): "tie" set where a score equals another's (to TIE_RTOL) over as
-    many timesteps: a tie, never a decision between them."""
-    for entry in entries:
-        entry["tie"] = any(other is not entry and other["timesteps"] == entry["timesteps"]
-                           and same_score(other["score"], entry["score"]) for other in entries)
+    """Ranked entries ({"score", "timesteps", ...}, best first): "tie" set where a score equals a neighbour's (to
+    TIE_RTOL) over as many timesteps: a tie, never a decision between them. Sorted, so neighbours suffice."""
+    def tied(a: dict, b: dict) -> bool:
+        return a["timesteps"] == b["timesteps"] and same_score(a["score"], b["score"])
+
+    for k, entry in enumerate(entries):
+        entry["tie"] = (k > 0 and tied(entries[k - 1], entry)) or (k + 1 < len(entries) and tied(entry, entries[k + 1]))
     return entries

@@ -116,6 +116,8 @@ def run_evaluation(run: EvaluationRun, denoiser: Denoiser | None = None, progres
     """
     from .distributed import process_group
 
+    if max_new is not None and max_new < 0:
+        raise UserError("max_new must be at least 0")
     items = _load_items(run)
     scoring = run.scoring_config()  # validate the settings before loading a model
     with process_group() as group:
@@ -137,8 +139,6 @@ def run_evaluation(run: EvaluationRun, denoiser: Denoiser | None = None, progres
 
             with_null = run.task == "winoground" and run.normalize != "none"
             matcher = ImageTextMatcher(denoiser, config=scoring, with_null=with_null)
-            for example in items:  # every example's captions, before anything is scored
-                matcher.check_texts(example.captions)
             per_batch = max(1, scoring.images_per_batch // IMAGES_PER_EXAMPLE[run.task])
             metrics = evaluate_matching(matcher, run.task, items, run.out, identity, examples_per_batch=per_batch,
                                         progress=progress, group=group, normalize=run.normalize, max_new=max_new)

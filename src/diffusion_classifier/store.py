@@ -109,6 +109,12 @@ class ResultsStore:
     def done_indices(self) -> set[int]:
         return {row[0] for row in self.db.execute("SELECT idx FROM results")}
 
+    def pending(self, n_items: int, max_new: int | None = None) -> list[int]:
+        """Indices of the run's items not stored yet, in order (the first `max_new` of them)."""
+        done = self.done_indices()
+        todo = [i for i in range(n_items) if i not in done]
+        return todo if max_new is None else todo[:max_new]
+
     def add(self, rows: list[tuple]) -> None:
         with self.db:  # one transaction per batch
             self.db.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)

@@ -355,3 +355,16 @@ def _best_groups(groups: list, class_scores: np.ndarray, keep: int) -> list:
     """The `keep` groups whose best member has the lowest score (a lone class is a group of one)."""
     best = [class_scores[_leaves(g)].min() for g in groups]
     return [groups[i] for i in np.argsort(best, kind="stable")[:keep]]
+
+
+def strategy_from_description(description: dict) -> Strategy:
+    """The strategy a run or a stored calibration recorded (its describe()), rebuilt."""
+    settings = dict(description)
+    name = settings.pop("name", None)
+    kinds = {"exhaustive": Exhaustive, "fixed": FixedTimesteps, "staged": Staged, "elimination": Elimination}
+    if name not in kinds:
+        raise UserError(f"unknown strategy {name!r} in a stored configuration")
+    try:
+        return kinds[name](**settings)
+    except TypeError as exc:
+        raise UserError(f"stored {name} strategy has settings this version does not take: {exc}") from None

@@ -536,8 +536,9 @@ class Trainer:
 
 
 def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, progress: bool = True,
-          group: distributed.ProcessGroup | None = None) -> dict:
-    """Train (or resume) a model into `out_dir`; returns a summary dict. Writes a diffusers pipeline there.
+          group: distributed.ProcessGroup | None = None) -> dict | None:
+    """Train (or resume) a model into `out_dir`; returns a summary dict (None on ranks other than 0). Writes a
+    diffusers pipeline there.
     Under torchrun / accelerate launch (no `group` given) every process joins the launcher's group."""
     if group is None:
         with distributed.process_group() as launched:
@@ -545,8 +546,7 @@ def train(dataset: LabelledImages, out_dir: str | Path, config: TrainConfig, pro
     trainer = Trainer(dataset, out_dir, config, group)
     trainer.resume()
     summary = trainer.run(progress)
-    summary["is_main"] = group.is_main
-    return summary
+    return summary if group.is_main else None
 
 
 def ranking_loss(pred: torch.Tensor, pred_negative: torch.Tensor, target: torch.Tensor,
