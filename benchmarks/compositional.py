@@ -38,7 +38,7 @@ from diffusion_classifier.pairs import ITEM, compose, load_spec, winoground_exam
 from diffusion_classifier.replay import replay
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
 from diffusion_classifier.schedules import even_subset
-from diffusion_classifier.store import ResultsStore
+from diffusion_classifier.store import ResultsStore, array_from_bytes
 from diffusion_classifier.strategies import Elimination, Exhaustive
 
 ROOT = Path(__file__).resolve().parent
@@ -64,24 +64,30 @@ def section_diffusion(args, out: dict) -> None:
     manifest = manifest_for(args.examples)
     tag = f"{Path(args.model).name}-{model_fingerprint(args.model)[:10]}"
     run_dir = RUNS / f"compositional-{tag}-test{args.examples}-grid{args.grid}"
-    run = EvaluationRun(model=args.model, data=manifest, out=run_dir, task="winoground",
-                        scoring={"strategy": Exhaustive(args.grid), "batch_size": args.batch_size})
-    print(f"evaluate --task winoground --data {manifest} --model {args.model} --out {run_dir} "
-          f"--timesteps {args.grid} --batch-size {args.batch_size}", flush=True)
+    out["diffusion"] = score_diffusion(args.model, manifest, run_dir, args.grid, args.batch_size, args.error_rate)
+
+
+def score_diffusion(model: str | Path, manifest: Path, run_dir: Path, grid: int, batch_size: int,
+                    error_rate: float = 0.05, denoiser=None, limit: int | None = None) -> dict:
+    """`evaluate --task winoground` of a model, exhaustive on `grid` timesteps (stored in run_dir), then the
+    text / image / group scores at 10 / 25 / grid timesteps with and without unconditional normalisation, and
+    elimination over the two captions replayed on the stored errors. `denoiser`: the model already loaded."""
+    run = EvaluationRun(model=str(model), data=manifest, out=run_dir, task="winoground", limit=limit,
+                        scoring={"strategy": Exhaustive(grid), "batch_size": batch_size})
+    print(f"evaluate --task winoground --data {manifest} --model {model} --out {run_dir} "
+          f"--timesteps {grid} --batch-size {batch_size}" + (f" --limit {limit}" if limit else ""), flush=True)
     started = time.perf_counter()
-    run_evaluation(run, progress=False)
+    run_evaluation(run, denoiser=denoiser, progress=False)
     seconds = time.perf_counter() - started
     with ResultsStore(run_dir) as store:
         rows = store.db.execute("SELECT ranking, errors, timesteps FROM results ORDER BY idx").fetchall()
-    from diffusion_classifier.store import array_from_bytes
-
     errors = np.stack([array_from_bytes(r[1]) for r in rows])  # [examples, 2 images, 2 captions + null, grid]
-    grid = json.loads(rows[0][2])[0]
+    timesteps = json.loads(rows[0][2])[0]
     tags = [json.loads(r[0])["tag"] for r in rows]
-    order = np.argsort(grid)
+    order = np.argsort(timesteps)
     rows_out = []
-    for k in sorted({k for k in (10, 25) if k < args.grid} | {args.grid}):
-        cols = order[even_subset(range(len(grid)), k)]
+    for k in sorted({k for k in (10, 25) if k < grid} | {grid}):
+        cols = order[even_subset(range(len(timesteps)), k)]
         e = errors[..., cols]
         raw = -e[:, :, :2].mean(axis=-1)
         normalized = -(e[:, :, :2] - e[:, :, 2:3]).mean(axis=-1)
@@ -91,26 +97,28 @@ def section_diffusion(args, out: dict) -> None:
                              **{key: s[key] for key in s if key != "by_tag"}, "by_tag": s.get("by_tag")})
     # elimination over the two captions of each image, replayed on the exhaustive grid: text score and NFE
     exhaustive = winoground_outcomes(-errors[:, :, :2].mean(axis=-1))["text"]
-    strategy = Elimination(args.error_rate, max_timesteps=args.grid)
+    strategy = Elimination(error_rate, max_timesteps=grid)
     winners, nfe = [], []
     for example in errors:
         per_image = []
         for image in example:
-            table = replay(strategy, image[:2, None, :], grid, 1000)
+            table = replay(strategy, image[:2, None, :], timesteps, 1000)
             per_image.append(int(table.ranking()[0]))
             nfe.append(table.nfe)
         winners.append(per_image)
     winners = np.array(winners)
     text_elim = (winners[:, 0] == 0) & (winners[:, 1] == 1)
     diff, diff_se = paired_difference(text_elim, exhaustive)
-    out["diffusion"] = {
-        "model": args.model, "weights_sha256": model_fingerprint(args.model), "examples": len(rows),
-        "run": str(run_dir.relative_to(ROOT.parent)), "seconds": round(seconds, 1), "rows": rows_out,
-        "elimination": {"error_rate": args.error_rate, "text_score": float(text_elim.mean()),
+    root = Path(__file__).resolve().parent.parent
+    return {
+        "model": str(model), "weights_sha256": model_fingerprint(model), "examples": len(rows),
+        "run": str(run_dir.relative_to(root)) if run_dir.is_relative_to(root) else str(run_dir),
+        "seconds": round(seconds, 1), "rows": rows_out,
+        "elimination": {"error_rate": error_rate, "text_score": float(text_elim.mean()),
                         "text_score_stderr": standard_error(text_elim),
                         "exhaustive_text_score": float(exhaustive.mean()), "paired_difference": diff,
                         "paired_difference_stderr": diff_se, "nfe_per_example": float(np.sum(nfe) / len(rows)),
-                        "exhaustive_nfe_per_example": 2 * 2 * args.grid}}
+                        "exhaustive_nfe_per_example": 2 * 2 * grid}}
 
 
 def section_contrastive(args, out: dict) -> None:

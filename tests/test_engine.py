@@ -84,6 +84,35 @@ def test_a_compile_that_fails_at_its_first_call_falls_back_to_eager(models, monk
     assert "compiling UNet2DModel failed (InductorError: no working C compiler); running eager" in err
 
 
+def test_a_compiled_network_that_computes_wrong_errors_is_dropped(models, monkeypatch, capsys):
+    """The first compiled batch is checked against the eager network on the same batch: a compiler bug that
+    changes the network's output costs one warning line, and the results are eager's."""
+    from diffusion_classifier import errors
+
+    monkeypatch.setattr(errors, "_WARNED", set())
+    denoiser = load_denoiser(models["pixel_class"])
+    images = random_images(2, size=8, mode="L")
+    eager = DiffusionClassifier(denoiser, strategy=Exhaustive(4)).classify(images)
+    network = denoiser.network
+
+    def wrong_compile(**kwargs):  # as if inductor miscompiled: outputs off by 50%
+        def call(*args, **kw):
+            out = network.forward(*args, **kw)
+            out.sample = 1.5 * out.sample
+            return out
+        network._compiled_call_impl = call
+
+    monkeypatch.setattr(network, "compile", wrong_compile)
+    monkeypatch.setattr("diffusion_classifier.denoisers.compile_unavailable", lambda device: None)
+    clf = DiffusionClassifier(denoiser, strategy=Exhaustive(4), compile=True)
+    results = clf.classify(images)
+    assert not denoiser.compiled and not clf.engine.compile
+    for a, b in zip(eager, results):
+        np.testing.assert_allclose(b.errors, a.errors, rtol=1e-6)
+    err = capsys.readouterr().err
+    assert "--compile: the compiled UNet2DModel's errors differ from eager ones by" in err and "running eager" in err
+
+
 def test_compile_is_not_a_result_setting():
     from diffusion_classifier.config import ScoringConfig
 

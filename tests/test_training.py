@@ -353,3 +353,77 @@ def test_a_text_run_continues_without_its_encoder_from_the_stored_caption_states
     monkeypatch.undo()
     clf = DiffusionClassifier(load_denoiser(tmp_path / "t"), labels=["square", "bright"], strategy=Exhaustive(4))
     assert len(clf.classify(_toy_dataset(1).items)) == 2
+
+
+def test_compiled_training_checks_its_first_gradients_and_follows_eager(tmp_path, monkeypatch, capsys):
+    """train --compile through a real graph capture (dynamo with the aot_eager backend, fast on any machine):
+    the first step is timed and checked against eager's gradients, which it applies; the run then follows
+    the eager run's losses."""
+    import functools
+
+    import diffusion_classifier.training as training
+
+    monkeypatch.setattr(training, "compile_unavailable", lambda device: None)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    eager = train(_toy_dataset(), tmp_path / "eager", _config(max_steps=4), progress=False)
+    compiled = train(_toy_dataset(), tmp_path / "compiled", _config(max_steps=4, compile=True), progress=False)
+    assert capsys.readouterr().err == ""  # no fallback
+    assert compiled["steps"] == 4 and compiled["compile_seconds"] > 0 and "compile_seconds" not in eager
+    losses = [torch.load(tmp_path / r / "checkpoint.pt", weights_only=True)["losses"] for r in ("eager", "compiled")]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+def test_a_compiled_network_with_wrong_gradients_is_not_used(tmp_path, monkeypatch, capsys):
+    """Compilers have bugs (torch 2.13's CPU inductor drops the gradient through UNet2DModel's middle block,
+    with a correct forward): a compiled network whose first gradients differ from eager's is dropped with one
+    warning line, and the run is bit-identical to an eager one."""
+    import diffusion_classifier.training as training
+
+    class HalfGradient(torch.nn.Module):  # the same outputs, half the gradient
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args, **kwargs):
+            out = self.model(*args, **kwargs)
+            out.sample = 0.5 * out.sample + 0.5 * out.sample.detach()
+            return out
+
+    monkeypatch.setattr(training, "compile_unavailable", lambda device: None)
+    monkeypatch.setattr(torch, "compile", HalfGradient)
+    train(_toy_dataset(), tmp_path / "eager", _config(max_steps=4), progress=False)
+    summary = train(_toy_dataset(), tmp_path / "checked", _config(max_steps=4, compile=True), progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["diffusion-classifier: warning: --compile: the compiled UNet2DModel's gradients differ from "
+                   "eager ones by 0.5 (relative; at most 0.001 expected); training eager"]
+    assert summary["steps"] == 4
+    a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "checked")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_a_compile_that_fails_falls_back_to_eager_without_changing_the_run(tmp_path, monkeypatch, capsys):
+    """Where compiling fails at the first step (inductor errors, no C compiler), one warning line and eager steps;
+    the failed attempt moved nothing, so the run is bit-identical to an eager one."""
+    import diffusion_classifier.training as training
+
+    def broken_compile(model):
+        class Failing(torch.nn.Module):
+            def forward(self, *args, **kwargs):
+                raise RuntimeError("InductorError: no working C compiler\nlong traceback")
+        return Failing()
+
+    monkeypatch.setattr(training, "compile_unavailable", lambda device: None)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    train(_toy_dataset(), tmp_path / "eager", _config(max_steps=4), progress=False)
+    summary = train(_toy_dataset(), tmp_path / "fallback", _config(max_steps=4, compile=True), progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["diffusion-classifier: warning: --compile: compiling UNet2DModel failed (InductorError: no "
+                   "working C compiler); training eager"]
+    assert summary["steps"] == 4
+    a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "fallback")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert torch.load(tmp_path / "eager" / "checkpoint.pt", weights_only=True)["losses"] == \
+        torch.load(tmp_path / "fallback" / "checkpoint.pt", weights_only=True)["losses"]

@@ -20,6 +20,7 @@ mean the same thing on every model. (Scoring v itself would reweight timesteps b
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -244,6 +245,15 @@ class Denoiser:
     def uncompile(self) -> None:
         self.network._compiled_call_impl = None  # what nn.Module.compile set
         self.compiled = False
+
+    @contextlib.contextmanager
+    def eager(self):
+        """The network runs uncompiled inside this block (to check a compiled call against it)."""
+        saved, self.network._compiled_call_impl = self.network._compiled_call_impl, None
+        try:
+            yield
+        finally:
+            self.network._compiled_call_impl = saved
 
     def _modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.network, self.vae) if m is not None]

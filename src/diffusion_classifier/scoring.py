@@ -220,8 +220,10 @@ class ScoringEngine:
             self._evaluate(work, conditions)
 
     def _first_compiled_call(self, x0, noise, t, cond) -> torch.Tensor:
-        """The call that compiles; where compiling fails (no C compiler, an unsupported operation), a one-line
-        warning and the eager network from then on."""
+        """The call that compiles, checked against the eager network on the same batch. Where compiling fails
+        (no C compiler, an unsupported operation) or its errors differ from eager ones (a compiler bug), a
+        one-line warning and the eager network from then on."""
+        name = type(self.denoiser.network).__name__
         started = time.perf_counter()
         try:
             errors = self.denoiser.error(x0, noise, t, cond, self.loss, self.target)
@@ -229,12 +231,21 @@ class ScoringEngine:
                 torch.cuda.synchronize(errors.device)
         except Exception as exc:  # torch._dynamo / inductor raise many kinds
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            warn_once(f"--compile: compiling {type(self.denoiser.network).__name__} failed ({reason}); "
-                      f"running eager")
+            warn_once(f"--compile: compiling {name} failed ({reason}); running eager")
             self.denoiser.uncompile()
             self.compile = False
             return self.denoiser.error(x0, noise, t, cond, self.loss, self.target)
         self.stats.compile_seconds = time.perf_counter() - started
+        with self.denoiser.eager():
+            eager = self.denoiser.error(x0, noise, t, cond, self.loss, self.target)
+        difference = float((errors - eager).norm() / eager.norm().clamp_min(1e-30))
+        tolerance = 1e-4 if self.denoiser.dtype == torch.float32 else 2e-2  # half precision: other roundings
+        if not difference <= tolerance:
+            warn_once(f"--compile: the compiled {name}'s errors differ from eager ones by {difference:.2g} "
+                      f"(relative; at most {tolerance:g} expected); running eager")
+            self.denoiser.uncompile()
+            self.compile = False
+            return eager
         return errors
 
     @staticmethod

@@ -42,7 +42,8 @@ from .adapters.class_unet import ClassUNetDenoiser
 from .adapters.text_unet import TextUNetDenoiser
 from .config import option
 from .data import RESOURCES, LabelledImages, preprocess
-from .errors import UserError
+from .denoisers import compile_unavailable
+from .errors import UserError, warn_once
 from .loading import text_encoder_dir
 from .pairs import PairSampler, load_spec
 from .robust import intensity_stats
@@ -110,6 +111,9 @@ class TrainConfig:
     precision: str = option("fp32", "fp32, or bf16 / fp16 autocast with float32 master weights (fp16 with a "
                             "gradient scaler; bf16 on CPUs without native bfloat16, such as AVX2-only ones, is "
                             "slow)", PRECISIONS, affects_results=False)
+    compile: bool = option(False, "torch.compile the network (one graph: every step has the same batch shape); "
+                           "the first step's time includes compiling and is reported; falls back to eager with "
+                           "a warning where it cannot compile", affects_results=False)
 
     def __post_init__(self):
         for f in fields(self):
@@ -343,6 +347,14 @@ class Trainer:
 
             self.model = DistributedDataParallel(self.network, device_ids=[self.device.index]
                                                  if self.device.type == "cuda" else None)
+        self.eager_model = self.model  # what a compiled model wraps (and falls back to)
+        self.compile_seconds = None
+        if config.compile:
+            reason = compile_unavailable(self.device)
+            if reason:
+                warn_once(f"--compile: {reason}; training eager")
+            else:
+                self.model = torch.compile(self.model)
 
     # ----- resume -----------------------------------------------------------------
     @property
@@ -400,22 +412,28 @@ class Trainer:
             condition = self.bank.sample(condition, generator, config.empty_caption_prob)
         return x0, condition, t, noise
 
-    def train_step(self) -> None:
-        """One optimisation step on this process's share of the step's batch; no host sync."""
-        config, rank, world = self.config, self.group.rank, self.group.world_size
+    def _inputs(self) -> tuple[torch.Tensor, ...]:
+        """This process's share of the current step's batch, on the device."""
+        rank, world = self.group.rank, self.group.world_size
         x0, condition, t, noise = self._batch(self.step)
         size = len(t) // world
         mine = slice(rank * size, (rank + 1) * size)
-        x0, condition, t, noise = (v[mine].to(self.device, non_blocking=True) for v in (x0, condition, t, noise))
+        return tuple(v[mine].to(self.device, non_blocking=True) for v in (x0, condition, t, noise))
+
+    def _loss(self, model: torch.nn.Module, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(loss to minimise, denoising loss, ranking loss or None) of `model` on the step's inputs."""
+        config = self.config
+        x0, condition, t, noise = inputs
+        size = len(t)
         x_t = self.schedule.noised(x0, noise, t)  # the same x_t the classifier scores at position t
         target = noise if config.objective == "ddpm" else self.schedule.velocity(x0, noise, t)
         model_t = self.schedule.model_timestep(t)
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
-        use, negative = None, None
+        use = None
         with autocast:
             if self.text_cond is None:
-                pred = self.model(x_t, model_t, class_labels=condition).sample
+                pred = model(x_t, model_t, class_labels=condition).sample
             else:
                 if config.hard_negatives:
                     negative = self.bank.swapped[condition]
@@ -425,20 +443,25 @@ class Trainer:
                     condition = torch.cat([condition, negative[use]])
                 states = self.text_cond["encoder_hidden_states"][condition]
                 mask = self.text_cond["encoder_attention_mask"][condition]
-                pred = self.model(x_t, model_t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+                pred = model(x_t, model_t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
         pred = pred.float()
         pred, pred_negative = pred[:size], pred[size:]
         mse = torch.nn.functional.mse_loss(pred, target)
-        loss = mse
-        if use is not None:
-            rank_loss = ranking_loss(pred[use], pred_negative, target[use], config.hard_negative_temperature) \
-                if len(pred_negative) else mse.new_zeros(())
-            loss = mse + config.hard_negatives * rank_loss
-            self._pending_ranks.append(rank_loss.detach())
-        for group in self.optimizer.param_groups:
-            group["lr"] = _lr_at(self.step, config)
+        if use is None:
+            return mse, mse, None
+        rank_loss = ranking_loss(pred[use], pred_negative, target[use], config.hard_negative_temperature) \
+            if len(pred_negative) else mse.new_zeros(())
+        return mse + config.hard_negatives * rank_loss, mse, rank_loss
+
+    def _backward(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+
+    def _update(self, mse: torch.Tensor, rank_loss: torch.Tensor | None) -> None:
+        """The optimizer and EMA step on the gradients in place, and the step's bookkeeping."""
+        config = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = _lr_at(self.step, config)
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), 1.0)
         self.scaler.step(self.optimizer)
@@ -449,6 +472,47 @@ class Trainer:
         self.step += 1
         self.images_seen += config.batch_size
         self._pending.append(mse.detach())  # the denoising loss alone, comparable across runs
+        if rank_loss is not None:
+            self._pending_ranks.append(rank_loss.detach())
+
+    def train_step(self) -> None:
+        """One optimisation step on this process's share of the step's batch; no host sync."""
+        loss, mse, rank_loss = self._loss(self.model, self._inputs())
+        self._backward(loss)
+        self._update(mse, rank_loss)
+
+    def _compiling_step(self) -> None:
+        """The first step of a compiled network: it compiles (timed: compile_seconds), and its gradients are
+        checked against the eager network's on the same batch, which the step then applies (so the step is
+        eager's exactly). Where compiling fails, or its gradients differ (compiler bugs exist: torch 2.13's
+        CPU inductor drops the gradient through UNet2DModel's middle block), one warning line and eager steps
+        from then on."""
+        inputs = self._inputs()
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        started = time.perf_counter()
+        failure = None
+        try:
+            self._backward(self._loss(self.model, inputs)[0])
+            compiled = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        except Exception as exc:  # torch._dynamo / inductor raise many kinds
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            failure = f"compiling {type(self.network).__name__} failed ({reason})"
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.compile_seconds = time.perf_counter() - started
+        loss, mse, rank_loss = self._loss(self.eager_model, inputs)
+        self._backward(loss)
+        if failure is None:
+            eager = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+            difference = float((compiled - eager).norm() / eager.norm().clamp_min(1e-30))
+            tolerance = 1e-3 if self.autocast_dtype is None else 5e-2  # half precision rounds differently per fusion
+            if not difference <= tolerance:
+                failure = (f"the compiled {type(self.network).__name__}'s gradients differ from eager ones by "
+                           f"{difference:.2g} (relative; at most {tolerance:g} expected)")
+        if failure:
+            warn_once(f"--compile: {failure}; training eager")
+            self.model = self.eager_model
+        self._update(mse, rank_loss)
 
     def flush_losses(self) -> None:
         """Bring the pending losses to the host in one transfer (this process's share of each batch)."""
@@ -490,7 +554,10 @@ class Trainer:
         stop = _StopRequest()  # Ctrl-C or SIGTERM: finish the step, then checkpoint, export and summarise
         try:
             while self.step < config.max_steps and not self._should_stop(deadline, stop):
-                self.train_step()
+                if self.compile_seconds is None and self.model is not self.eager_model:
+                    self._compiling_step()
+                else:
+                    self.train_step()
                 if self.step % self.log_every == 0 or self.step == config.max_steps:
                     self.flush_losses()
                     elapsed = self.seconds + time.monotonic() - started
@@ -516,6 +583,7 @@ class Trainer:
                        **({"final_ranking_loss": float(np.mean(self.ranks[-500:]))} if self.ranks else {}),
                        parameters=sum(p.numel() for p in self.network.parameters()),
                        device=str(self.device), precision=config.precision, processes=self.group.world_size,
+                       **({"compile_seconds": round(self.compile_seconds, 1)} if self.compile_seconds else {}),
                        config=asdict(config))
         if self.group.is_main:
             (self.out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
