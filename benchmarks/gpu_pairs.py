@@ -20,7 +20,9 @@ rounded to bfloat16 anyway, and padding positions are masked out of attention (t
 held-out examples at 10 timesteps after each of --curve-minutes (a learning curve of the text / image /
 group scores; the 6.5-epoch CPU control was measured the same way: 35.0 / 4.0 / 4.0%), then --examples at
 --grid timesteps as benchmarks/compositional.py scores the shipped model. Writes gpu_pairs.json and the
-EMA pipeline (weights only) as pairs-control.tar into --out-dir.
+EMA pipeline (weights only) as pairs-control.tar into --out-dir. `run --resume-from CHECKPOINT` continues an
+earlier lease's run (tools/gpu_run_pairs.sh brings its checkpoint back in parts, as files over 16 MiB do not
+come back from the GPU machine), so leases add up.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
+import shutil
 import sys
 import tempfile
 import time
@@ -117,7 +120,9 @@ def packed_denoiser(model_dir: Path, packed: tuple, device: torch.device, dtype:
 # ----- the two steps ----------------------------------------------------------------------------
 
 def train_config(args, spec_path: Path, minutes: float, device: torch.device) -> TrainConfig:
-    return TrainConfig(conditioning="text", layout="pairs", max_text_length=32, captions_file=str(spec_path),
+    # the built-in captions as "" (a resume compares the settings, and the staged path differs between leases)
+    captions_file = "" if load_spec(spec_path) == load_spec() else str(spec_path)
+    return TrainConfig(conditioning="text", layout="pairs", max_text_length=32, captions_file=captions_file,
                        batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                        ema_decay=args.ema_decay, max_minutes=minutes, checkpoint_minutes=10**6,
                        device=str(device), precision=args.precision if device.type == "cuda" else "fp32",
@@ -187,6 +192,8 @@ def run(args) -> None:
                        "states": {"encoder_hidden_states": states, "encoder_attention_mask": mask}},
                       model_dir / CAPTION_STATES)  # the trainer takes these instead of running the encoder
     del states, mask
+    if args.resume_from:  # a checkpoint of an earlier lease (joined from its parts): this lease continues it
+        shutil.copyfile(args.resume_from, model_dir / "checkpoint.pt")
     eval_pack = read_pack(args.states / EVAL_PACK)
     missing = set(eval_captions(args)) - set(eval_pack[0]["captions"])
     if missing:
@@ -254,6 +261,7 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--compile", action="store_true", help="train --compile")
+    parser.add_argument("--resume-from", type=Path, help="checkpoint.pt of an earlier run to continue")
     parser.add_argument("--score-batch", type=int, default=4096)
     parser.add_argument("--budget-seconds", type=float, default=540)
     parser.add_argument("--out-dir", default="gpu-out")

@@ -39,7 +39,7 @@ from diffusion_classifier.loading import weights_fingerprint  # noqa: E402
 from diffusion_classifier.replay import replay  # noqa: E402
 from diffusion_classifier.runtime import atomic_write_text  # noqa: E402
 from diffusion_classifier.schedules import even_subset  # noqa: E402
-from diffusion_classifier.training import TrainConfig, Trainer  # noqa: E402
+from diffusion_classifier.training import CAPTION_STATES, TrainConfig, Trainer  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -153,7 +153,7 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict:
 def pack(model_dir: Path, tar_path: Path) -> None:
     with tarfile.open(tar_path, "w") as tar:
         for item in sorted(model_dir.iterdir()):
-            if item.name not in ("checkpoint.pt",) and not item.name.startswith("."):
+            if item.name not in ("checkpoint.pt", CAPTION_STATES) and not item.name.startswith("."):
                 tar.add(item, arcname=f"{model_dir.name}/{item.name}")
 
 
