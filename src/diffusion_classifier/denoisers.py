@@ -229,6 +229,7 @@ class Denoiser:
 
     # ----- compilation -----------------------------------------------------------
     compiled = False
+    compile_checked = False  # the compiled network's first call matched eager (ScoringEngine checks it once)
 
     def compile(self) -> bool:
         """torch.compile the network in place for fixed shapes (the engine pads batches to one size).
@@ -239,12 +240,12 @@ class Denoiser:
             warn_once(f"--compile: {reason}; running eager")
             return False
         self.network.compile(dynamic=False)
-        self.compiled = True
+        self.compiled, self.compile_checked = True, False
         return True
 
     def uncompile(self) -> None:
         self.network._compiled_call_impl = None  # what nn.Module.compile set
-        self.compiled = False
+        self.compiled = self.compile_checked = False
 
     @contextlib.contextmanager
     def eager(self):
