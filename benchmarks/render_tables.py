@@ -427,7 +427,9 @@ def render_robustness(rob, title="Robustness"):
         return
     variants = [k for k in rob["rows"][0] if k not in ("family", "severity", "cnn", "correct")]
     paired = rob.get("change_minus_cnn_change", {}).get(variants[-1])  # older results lack per-image data
-    print(f"**{title}** ({rob['images']} test images, class model, {rob['timesteps']} timesteps; "
+    cnn = rob.get("cnn", {})  # the CNN trains for a CPU-time budget, so its epochs depend on the machine
+    cnn_training = f"; CNN: {cnn['epochs']:.1f} epochs in {cnn['minutes']:g} CPU minutes" if "epochs" in cnn else ""
+    print(f"**{title}** ({rob['images']} test images, class model, {rob['timesteps']} timesteps{cnn_training}; "
           "accuracy, and in brackets the change from clean" + (
               f"; last column: {variants[-1]}'s change minus the CNN's, paired over images, +- standard error"
               if paired else "") + ")\n")
