@@ -207,6 +207,7 @@ def print_all():
     if mem:
         print("**Memory**: " + ", ".join(f"{r['images']} images: peak RSS {r['peak_rss_mib']:.0f} MiB"
                                          for r in mem["rows"]) + "\n")
+    render_load_memory(load("load_memory"))
     render_cnn_budget(load("cnn_budget"))
     render_flow(load("flow"))
     render_compositional(load("compositional"))
@@ -224,6 +225,21 @@ def print_all():
               f"{t['threads']} threads): " + ", ".join(f"batch {r['batch_size']}: {r['images_per_second']:,.0f} "
                                                        f"images/s" for r in t["rows"]) + "\n")
     render_gpu_training(load("gpu_training"), load("gpu_training_flow"))
+
+
+def render_load_memory(result):
+    if not result:
+        return
+    print(f"**Loading: host memory** ({result['model']}, {result['params'] / 1e9:.2f}B parameters; torch "
+          f"{result['torch']}, {result['cpus']} CPUs; `python benchmarks/load_memory.py`): the peak above what a "
+          "fresh process held before loading, over the weights' size in the scoring dtype; private memory is what "
+          "must be free, all resident memory also counts the checkpoint's memory-mapped pages (page cache)\n")
+    print("| loading | weights in the scoring dtype | peak private | ratio | peak resident | ratio | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        print(f"| {r['case']} | {r['weights_gib']:.2f} GiB | {r['private_gib']:.2f} GiB | {r['private_ratio']:.2f} | "
+              f"{r['rss_gib']:.2f} GiB | {r['rss_ratio']:.2f} | {r['seconds']:.0f} |")
+    print()
 
 
 def render_gpu_throughput(gpu):

@@ -140,32 +140,6 @@ def test_denoiser_save_pretrained_round_trips(models, tmp_path):
                                again.predict_noise(x, t, again.embed_conditions(["a cat", "a dog"])))
 
 
-def test_hub_ids_resolve_through_snapshot_download(models, monkeypatch):
-    import huggingface_hub
-
-    calls = []
-
-    def fake_snapshot_download(repo_id, allow_patterns=None):
-        calls.append((repo_id, allow_patterns))
-        return str(models["dit"])
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    denoiser = load_denoiser("facebook/DiT-XL-2-256")
-    assert calls and calls[0][0] == "facebook/DiT-XL-2-256" and "model_index.json" in calls[0][1]
-    assert denoiser.class_names == CLASSES
-
-
-def test_hub_failures_are_user_errors(monkeypatch):
-    import huggingface_hub
-
-    def offline(repo_id, allow_patterns=None):
-        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore lines")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(UserError, match="could not fetch 'org/model'"):
-        load_denoiser("org/model")
-
-
 @pytest.mark.parametrize("cls_name, settings", [
     ("PNDMScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
                            steps_offset=1)),  # Stable Diffusion 1.x style

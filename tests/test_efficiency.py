@@ -36,7 +36,8 @@ def run_synthetic(strategy, class_means, noise_sd=0.02, seed=0, n_prompts=1) -> 
             base = 0.05 + 0.8 * (1 - t / 1000) ** 4  # shared by every class at this (t, eps)
             shared_noise = rng.normal(0, 0.05)  # the paired part: same eps for every class
             for c in round_.classes:
-                table.errors[c, :, col] = base + shared_noise + class_means[c] + rng.normal(0, noise_sd, n_prompts)
+                values = base + shared_noise + class_means[c] + rng.normal(0, noise_sd, n_prompts)
+                table.record(c, slice(None), col, values)
     return table
 
 

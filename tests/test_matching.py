@@ -29,7 +29,7 @@ def test_the_matrix_equals_scoring_each_pair_alone(models, family):
             alone = matcher.match([image], [text])
             np.testing.assert_allclose(alone.matrix()[0, 0], full.matrix()[i, j], rtol=1e-5)
             np.testing.assert_allclose(alone.matrix("unconditional")[0, 0], full.matrix("unconditional")[i, j],
-                                       rtol=1e-4, atol=1e-7)
+                                       rtol=1e-4, atol=1e-6)  # a difference of two errors: float32 rounding
     assert (full.nfe == 3 * (len(TEXTS) + 1)).all()  # every text and the empty prompt at 3 timesteps
 
 

@@ -141,8 +141,8 @@ def test_template_aggregation_min_and_mean():
     table = ScoreTable(2, 2)
     for t in (10, 20):
         table.column(t)
-    table.errors[0] = [[0.1, 0.3], [0.5, 0.5]]  # class 0: prompt means 0.2 and 0.5
-    table.errors[1] = [[0.3, 0.3], [0.3, 0.3]]  # class 1: 0.3 and 0.3
+    table.record(0, slice(None), slice(None), [[0.1, 0.3], [0.5, 0.5]])  # class 0: prompt means 0.2 and 0.5
+    table.record(1, slice(None), slice(None), [[0.3, 0.3], [0.3, 0.3]])  # class 1: 0.3 and 0.3
     np.testing.assert_allclose(table.class_scores("min"), [0.2, 0.3])
     np.testing.assert_allclose(table.class_scores("mean"), [0.35, 0.3])
     assert table.ranking("min")[0] == 0 and table.ranking("mean")[0] == 1

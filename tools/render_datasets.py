@@ -51,7 +51,7 @@ def render() -> str:
         layouts.append(f"* `{name}`: {p.layout}.")
     example = ("\n## Example\n\n```bash\n# CIFAR-10 test images in class folders (airplane/, automobile/, ...):\n"
                "diffusion-classifier evaluate --model stabilityai/stable-diffusion-2-base --data cifar10-test/ "
-               "\\\n    --preset cifar10 --dtype float16 --device cuda --out runs/cifar10 --json\n```\n")
+               "\\\n    --preset cifar10 --device cuda --out runs/cifar10 --json\n```\n")
     return HEAD + "\n".join(rows) + "\n\n## Expected layouts\n\n" + "\n".join(layouts) + "\n" + example
 
 

@@ -17,7 +17,7 @@ from .data import preprocess
 from .denoisers import Denoiser
 from .errors import UserError, warn_once
 from .labels import candidate_classes
-from .loading import load_denoiser
+from .loading import load_with_options
 from .presets import DatasetPreset, scoring_config
 from .presets import preset as load_preset
 from .scoring import ScoringEngine, check_robust_options, prepare_images
@@ -115,10 +115,13 @@ class DiffusionClassifier:
         self.engine = ScoringEngine.for_config(denoiser, denoiser.embed_conditions(flat), self.config)
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, **kwargs) -> DiffusionClassifier:
-        """Load a model (built-in name, local diffusers directory or hub id) and build a classifier."""
-        return cls(load_denoiser(model, device=device, dtype=dtype), **kwargs)
+    def from_pretrained(cls, model: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+                        **kwargs) -> DiffusionClassifier:
+        """Load a model (built-in name, local diffusers directory, hub id, or a single-file checkpoint) and build on
+        it. device and dtype "auto" are the CLI's (CUDA and bfloat16 where CUDA is); variant, lora, lora_scale,
+        base_config and text_encoders go to load_denoiser, other keyword arguments to the constructor."""
+        denoiser, options = load_with_options(model, device, dtype, kwargs)
+        return cls(denoiser, **options)
 
     # ----- scikit-learn style verbs ------------------------------------------------
     def classify(self, images: Sequence, names: Sequence[str] | None = None,
@@ -141,7 +144,7 @@ class DiffusionClassifier:
                         started: float | None = None) -> list[Classification]:
         """Classify preprocessed images ([B, C, H, W] in [-1, 1])."""
         started = time.perf_counter() if started is None else started
-        jobs = prepare_images(self.denoiser, self.config, pixels, self._rows, noise=noise)
+        jobs = prepare_images(self.denoiser, self.config, pixels, self._rows, noise=noise, names=names)
         tables = self.engine.score(jobs, self.strategy, self.config.aggregate)
         seconds = (time.perf_counter() - started) / max(1, len(tables))
         return [self._result(name, table, seconds) for name, table in zip(names, tables)]

@@ -124,8 +124,32 @@ def _add_scoring_options(p, classes: bool = True) -> None:
                    "image side instead of the native one (cost grows with its square; Flux's shift follows it)")
     g.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on the CPU), float32, float16 "
                    "or bfloat16")
+    _add_fine_tune_options(g)
     groups["robustness"] = p.add_argument_group("robustness (pixel-space models)")
     config.add_arguments(groups, config.ScoringConfig)  # --loss, --aggregate, --seed, --batch-size, ...
+
+
+def _add_fine_tune_options(g) -> None:
+    from .hub import VARIANTS_HELP
+
+    g.add_argument("--variant", default="auto", help=f"which weight files of the model to load: {VARIANTS_HELP}")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID",
+                   help="LoRA weights (a .safetensors file, a directory or a hub id) fused into the model before "
+                   "scoring (SD 1.x/2.x, SDXL, SD3, Flux); repeat for several")
+    g.add_argument("--lora-scale", type=float, action="append", default=[], metavar="SCALE",
+                   help="strength of each --lora, in order (default 1.0 each)")
+    g.add_argument("--text-encoders", choices=["auto", "gpu", "cpu"], default="auto",
+                   help="where text encoders live on a GPU: auto (the CPU once candidates are embedded; the GPU while "
+                   "they embed, where they fit), gpu, or cpu; results differ by float rounding at most")
+    g.add_argument("--config", dest="base_config", metavar="DIR_OR_ID",
+                   help="with a single-file checkpoint as --model (.safetensors/.ckpt): its base pipeline, a "
+                   "diffusers directory or hub id whose configs and other components it is loaded with")
+
+
+def _load_options(args) -> dict:
+    """The model-loading flags as load_denoiser / EvaluationRun take them."""
+    return {"variant": args.variant, "lora": tuple(args.lora), "lora_scale": tuple(args.lora_scale),
+            "base_config": args.base_config, "text_encoders": args.text_encoders}
 
 
 def _strategy(args):
@@ -193,7 +217,7 @@ def _scoring_fields(args) -> dict:
 def _model(args):
     from .runs import load_model
 
-    denoiser = load_model(args.model, args.device, args.dtype)
+    denoiser = load_model(args.model, args.device, args.dtype, **_load_options(args))
     if args.resolution is not None:
         denoiser.set_resolution(args.resolution)
     return denoiser
@@ -349,7 +373,7 @@ def cmd_evaluate(args) -> int:
                         labels=_labels(args), templates=_templates(args), preset=args.preset,
                         scoring=_scoring_fields(args), device=args.device, dtype=args.dtype,
                         resolution=args.resolution, temperature=args.temperature, calibration=args.calibration,
-                        normalize=args.normalize, reuse=tuple(args.reuse))
+                        normalize=args.normalize, reuse=tuple(args.reuse), **_load_options(args))
     started = time.perf_counter()
     metrics = run_evaluation(run, progress=not args.quiet)
     elapsed = time.perf_counter() - started
@@ -489,6 +513,41 @@ class _Parser(argparse.ArgumentParser):
 VERBOSE_HELP = "show the warnings and log lines of diffusers, transformers and torch"
 
 
+def _add_estimate(sub) -> None:
+    p = sub.add_parser("estimate", help="GPU memory a model needs to score, from its configs alone",
+                       description="Build the model's networks from their config files on fake tensors (nothing is "
+                                   "downloaded but configs and tokenizers; no memory is allocated), run one embedding, "
+                                   "VAE encoding and scoring batch through them, and print weights per component and "
+                                   "where each lives, activation memory per sample, the VAE's share, the peak at the "
+                                   "chosen settings and the largest batch that fits --memory.")
+    p.add_argument("--model", required=True, help=_model_help())
+    p.add_argument("--resolution", type=int, default=None, metavar="PIXELS", help="image side (default: native)")
+    p.add_argument("--batch-size", default="256", help="network evaluations per pass (default 256)")
+    p.add_argument("--memory", default=None, help="a GPU's memory, e.g. 24GB: report the largest batch that fits")
+    p.add_argument("--dtype", default="bfloat16", help="scoring dtype (default bfloat16, as on CUDA)")
+    p.add_argument("--text-encoders", choices=["auto", "gpu", "cpu"], default="auto",
+                   help="where text encoders live while scoring (as classify's option)")
+    p.add_argument("--variant", default="auto", help="which weight files (as classify's option)")
+    p.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
+
+
+def cmd_estimate(args) -> int:
+    import json
+
+    from .estimate import describe, estimate
+
+    if not str(args.batch_size).isdigit() or int(args.batch_size) < 1:
+        raise UserError(f"--batch-size must be a whole number of at least 1, got {args.batch_size!r}")
+    if args.memory is not None:
+        from .estimate import parse_memory
+
+        parse_memory(args.memory)  # a mistake fails before anything is read
+    result = estimate(args.model, resolution=args.resolution, batch_size=int(args.batch_size), dtype=args.dtype,
+                      memory=args.memory, text_encoders=args.text_encoders, variant=args.variant)
+    print(json.dumps(result.to_dict()) if args.json else "\n".join(describe(result)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diffusion-classifier",
                      description="Zero-shot image classification with conditional diffusion models.")
@@ -501,13 +560,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate(sub)
     _add_train(sub)
     _add_serve(sub)
+    _add_estimate(sub)
     for command in sub.choices.values():  # --verbose also after the command; SUPPRESS keeps the top-level value
         command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
 COMMANDS = {"classify": cmd_classify, "match": cmd_match, "evaluate": cmd_evaluate, "report": cmd_report,
-            "calibrate": cmd_calibrate, "train": cmd_train, "serve": cmd_serve}
+            "calibrate": cmd_calibrate, "train": cmd_train, "serve": cmd_serve, "estimate": cmd_estimate}
 
 
 def _quiet_libraries() -> None:

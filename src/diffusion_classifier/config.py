@@ -55,7 +55,9 @@ class ScoringConfig:
     normalize_intensity: bool = option(False, "stretch each image's intensity range onto the training images' "
                                        "range (undoes contrast and brightness changes; for range-normalised "
                                        "data such as Fashion-MNIST)", group="robustness")
-    batch_size: int = option(256, "network evaluations per forward pass", affects_results=False)
+    batch_size: int | str = option("auto", "network evaluations per forward pass, or auto: 256 on the CPU; on CUDA "
+                                   "what the free memory holds (at most 256), halved on running out of memory",
+                                   affects_results=False)
     compile: bool = option(False, "torch.compile the network with one fixed batch shape (the last batch of a wave "
                            "is padded); compile time is reported; falls back to eager with a warning where it "
                            "cannot compile", affects_results=False)
@@ -73,8 +75,12 @@ class ScoringConfig:
                 raise UserError(f"unknown {f.name} {getattr(self, f.name)!r}; choose one of {', '.join(choices)}")
         if self.noise_margin <= 0:
             raise UserError("the noise margin must be positive")
-        if self.batch_size < 1 or self.images_per_batch < 1:
-            raise UserError("--batch-size and --images-per-batch must be at least 1")
+        if isinstance(self.batch_size, str) and self.batch_size.isdigit():
+            object.__setattr__(self, "batch_size", int(self.batch_size))
+        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise UserError(f"--batch-size must be at least 1, or auto; got {self.batch_size!r}")
+        if self.images_per_batch < 1:
+            raise UserError("--images-per-batch must be at least 1")
 
     @classmethod
     def from_options(cls, **options) -> ScoringConfig:

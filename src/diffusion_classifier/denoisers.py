@@ -71,6 +71,30 @@ def compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def vae_dtype(vae_config: dict, dtype: torch.dtype) -> torch.dtype:
+    """float32 for a VAE whose config asks for it (force_upcast, AutoencoderKL's default) when scoring in float16,
+    where such VAEs overflow (SDXL's gives NaN at 1024 pixels); the scoring dtype otherwise."""
+    return torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", True) else dtype
+
+
+def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast a module's floating-point parameters and buffers to `dtype`, except the submodules its library keeps in
+    float32 (transformers' and diffusers' _keep_in_fp32_modules under float16, _keep_in_fp32_modules_strict
+    under either half dtype: T5's feed-forward output layers overflow in float16). Already-right tensors are not
+    touched, so a module loaded that way by its library is left exactly as loaded."""
+    kept = set(getattr(module, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else set()
+    if dtype in (torch.float16, torch.bfloat16):
+        kept |= set(getattr(module, "_keep_in_fp32_modules_strict", None) or [])
+    for name, sub in module.named_modules():
+        target = torch.float32 if kept and kept.intersection(name.split(".")) else dtype
+        for param in sub.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != target:
+                param.data = param.data.to(target)
+        for key, buffer in sub._buffers.items():
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != target:
+                sub._buffers[key] = buffer.to(target)
+
+
 @dataclass
 class ModelInfo:
     """What a pipeline directory's model_index.json says about the model beyond its components."""
@@ -122,6 +146,9 @@ class Denoiser:
         self.scheduler = scheduler
         self.schedule = schedule or schedule_from_scheduler(scheduler)
         self.source_dir: Path | None = None  # the directory load_denoiser read it from
+        self.weight_files: list[Path] | None = None  # the weight files it loaded (None: every one under source_dir)
+        self.fine_tunes: list[dict] = []  # LoRAs fused into it and single files it came from (finetunes.py)
+        self.weights_variant: str | None = None  # "fp16" where variant weight files were loaded (hub.py)
         self.vae = vae.eval() if vae is not None else None
         self.info = info if isinstance(info, ModelInfo) else ModelInfo.from_index(dict(info or {}))
 
@@ -219,12 +246,15 @@ class Denoiser:
         return self.info.names()
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Denoiser:
+        """Move every module to `device` and cast it to the scoring `dtype`, keeping in float32 what the
+        libraries keep so (cast_module) and a VAE that asks for float32 under float16 (vae_dtype)."""
+        text = {id(m) for m in self.text_modules()}
         for module in self._modules():
-            changes = {"device": device} if device is not None else {}
-            if dtype is not None and dtype != next(module.parameters()).dtype:
-                changes["dtype"] = dtype
-            if changes:  # torch's own .to: diffusers' override warns about float32-kept modules on any dtype change
-                torch.nn.Module.to(module, **changes)
+            if device is not None:  # torch's own .to: diffusers' override warns about float32-kept modules
+                parked = id(module) in text and self.text_placement != "gpu" and torch.device(device).type == "cuda"
+                torch.nn.Module.to(module, device="cpu" if parked else device)
+            if dtype is not None:
+                cast_module(module, vae_dtype(module.config, dtype) if module is self.vae else dtype)
         return self
 
     # ----- compilation -----------------------------------------------------------
@@ -257,21 +287,70 @@ class Denoiser:
             self.network._compiled_call_impl = saved
 
     def _modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.network, self.vae) if m is not None]
+        return [m for m in (self.network, self.vae) if m is not None] + self.text_modules()
+
+    def text_modules(self) -> list[torch.nn.Module]:
+        """The text encoders (families with text conditioning override this)."""
+        return []
 
     # ----- the interface the engine uses ------------------------------------------
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1], shape [B, C, H, W] -> the clean sample x0 the model diffuses."""
-        pixels = pixels.to(self.device, self.dtype)
         if self.vae is None:
-            return pixels
-        latents = self.vae.encode(pixels).latent_dist.mean
+            return pixels.to(self.device, self.dtype)
+        vae_dtype = next(self.vae.parameters()).dtype  # float32 where its config asks for it (vae_dtype)
         shift = self.vae.config.get("shift_factor") or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
+        chunk = self.vae_chunk(*pixels.shape[-2:])
+        return torch.cat([((self.vae.encode(part.to(self.device, vae_dtype)).latent_dist.mean - shift)
+                           * self.vae.config.scaling_factor).to(self.dtype) for part in pixels.split(chunk)])
 
-    def embed_conditions(self, conditions: Sequence) -> Conditions:
+    VAE_CHUNK_BYTES = 2 * 2**30  # activation memory one VAE call may take
+
+    def vae_chunk(self, height: int, width: int) -> int:
+        """Images per VAE call: its encoder's first blocks keep about five tensors of its first width alive at
+        full resolution (about 1.3 GiB per image at 1024 px in half precision)."""
+        if self.vae is None:
+            return 1 << 30
+        element = next(self.vae.parameters()).element_size()
+        per_image = 5 * self.vae.config.block_out_channels[0] * height * width * element
+        return max(1, int(self.VAE_CHUNK_BYTES // per_image))
+
+    # where the text encoders live on a GPU: "gpu" (with the network), "cpu", or "auto": the CPU between embeddings,
+    # on the network's device while they embed where they fit there (load_denoiser's text_encoders)
+    text_placement: str = "gpu"
+
+    def embed_conditions(self, conditions: Sequence, **options) -> Conditions:
+        """Embed candidates once (prompts through the model's text encoders, or class ids): one row each, on the
+        network's device, in the scoring dtype."""
+        with self._encoders_where_they_embed():
+            embedded = self._embed_conditions(conditions, **options)
+        return {key: value.to(self.device) for key, value in embedded.items()}
+
+    def _embed_conditions(self, conditions: Sequence, **options) -> Conditions:
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _encoders_where_they_embed(self):
+        """With text_encoders "auto", encoders parked on the CPU move to the network's GPU for one embedding
+        when the free memory holds them with room to spare, and go back after it."""
+        modules, device = self.text_modules(), self.device
+        parked = [m for m in modules if next(m.parameters()).device != device]
+        if self.text_placement != "auto" or device.type != "cuda" or not parked:
+            yield
+            return
+        size = sum(t.numel() * t.element_size() for m in parked for t in (*m.parameters(), *m.buffers()))
+        if torch.cuda.mem_get_info(device)[0] < 1.25 * size:
+            yield  # they embed on the CPU
+            return
+        for module in parked:
+            torch.nn.Module.to(module, device=device)
+        try:
+            yield
+        finally:
+            for module in parked:
+                torch.nn.Module.to(module, device="cpu")
+            torch.cuda.empty_cache()
 
     def text_limits(self) -> list[tuple[Any, int]]:
         """(tokenizer, tokens kept) per text encoder a text model feeds; a longer text is cut there."""
@@ -330,6 +409,21 @@ class Denoiser:
         return per_sample_error(s.velocity(x0, noise, t), s.velocity_from_epsilon(eps_hat, x_t, t), loss)
 
     # ----- persistence ---------------------------------------------------------
+    def diffusers_pipeline(self) -> Any:
+        """The diffusers pipeline of this model's family built around this adapter's own modules (shared, not
+        copied): what diffusers' LoRA loading works on. A one-line error for families diffusers has no
+        pipeline for (our own models)."""
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_class_name, None)
+        if cls is None:
+            raise UserError(f"{self.pipeline_class_name} is not a diffusers pipeline, so diffusers cannot load "
+                            "LoRA weights into it")
+        parts = self.components()
+        required, optional = cls._get_signature_keys(cls)
+        extra = {"requires_safety_checker": False} if "requires_safety_checker" in optional else {}
+        return cls(**{name: parts.get(name) for name in required}, **extra)
+
     def components(self) -> dict[str, Any]:
         parts = {self.network_key: self.network, "scheduler": self.scheduler}
         if self.vae is not None:

@@ -30,7 +30,7 @@ from .config import ScoringConfig
 from .data import preprocess
 from .denoisers import Denoiser
 from .errors import UserError, warn_once
-from .loading import load_denoiser
+from .loading import load_with_options
 from .probabilities import mark_ties, mean_over_timesteps
 from .scoring import ScoringEngine, check_robust_options, prepare_images
 from .strategies import ScoreTable
@@ -150,9 +150,13 @@ class ImageTextMatcher:
         self._embedded: OrderedDict[str, dict] = OrderedDict()
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, **kwargs) -> ImageTextMatcher:
-        return cls(load_denoiser(model, device=device, dtype=dtype), **kwargs)
+    def from_pretrained(cls, model: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+                        **kwargs) -> ImageTextMatcher:
+        """Load a model (built-in name, local diffusers directory, hub id, or a single-file checkpoint) and build on
+        it. device and dtype "auto" are the CLI's (CUDA and bfloat16 where CUDA is); variant, lora, lora_scale,
+        base_config and text_encoders go to load_denoiser, other keyword arguments to the constructor."""
+        denoiser, options = load_with_options(model, device, dtype, kwargs)
+        return cls(denoiser, **options)
 
     def describe(self) -> dict:
         """The settings that determine results (stored with evaluation runs)."""
@@ -201,7 +205,9 @@ class ImageTextMatcher:
         for g, ((_, texts), pixels) in enumerate(zip(groups, pixel_groups)):
             rows = np.array([[row_of[t]] for t in texts])
             null_row = row_of[self.denoiser.null_condition()] if self.with_null else None
-            for i, job in enumerate(prepare_images(self.denoiser, self.config, pixels, rows, null_row)):
+            group_names = names[g] if names is not None else None
+            for i, job in enumerate(prepare_images(self.denoiser, self.config, pixels, rows, null_row,
+                                                   names=group_names)):
                 jobs.append(job)
                 owners.append((g, i))
         tables = self.engine.score(jobs, self.config.strategy, self.config.aggregate, conditions=bank)

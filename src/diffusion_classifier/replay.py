@@ -31,5 +31,5 @@ def replay(strategy: Strategy, errors: np.ndarray, timesteps: list[int], schedul
         classes = list(round_.classes)
         for t in round_.timesteps:
             column = table.column(t)  # first: it may grow the table
-            table.errors[classes, :, column] = errors[classes, :, column_of[t]]
+            table.record(classes, slice(None), column, errors[classes, :, column_of[t]])
     return table

@@ -50,6 +50,8 @@ class EvaluationRun:
         (calibration: a calibration.json or the run directory holding one).
     normalize: winoground's image-score normalisation (none or unconditional, the default).
     reuse: earlier run directories whose rows for shared images are taken over.
+    variant / lora / lora_scale / base_config: which weight files, LoRAs fused in, and a single-file checkpoint's
+        base pipeline (load_denoiser).
     """
 
     model: str | Path
@@ -70,6 +72,11 @@ class EvaluationRun:
     calibration: str | Path | None = None
     normalize: str | None = None
     reuse: Sequence[str | Path] = ()
+    variant: str | None = "auto"
+    lora: Sequence[str | Path] = ()
+    lora_scale: Sequence[float] = ()
+    base_config: str | Path | None = None
+    text_encoders: str = "auto"  # where they live on a GPU; not part of the run's identity (float rounding only)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -122,7 +129,9 @@ def run_evaluation(run: EvaluationRun, denoiser: Denoiser | None = None, progres
     scoring = run.scoring_config()  # validate the settings before loading a model
     with process_group() as group:
         if denoiser is None:
-            denoiser = load_model(run.model, run.device, run.dtype, group)
+            denoiser = load_model(run.model, run.device, run.dtype, group, variant=run.variant, lora=run.lora,
+                                  lora_scale=run.lora_scale, base_config=run.base_config,
+                                  text_encoders=run.text_encoders)
         if run.resolution is not None:
             denoiser.set_resolution(run.resolution)
         identity = _identity(run, items, denoiser)
@@ -145,15 +154,16 @@ def run_evaluation(run: EvaluationRun, denoiser: Denoiser | None = None, progres
     return metrics
 
 
-def load_model(model: str | Path, device: str = "auto", dtype: str = "auto", group=None) -> Denoiser:
-    """A model on a device by name ("auto": CUDA when present), one GPU per process under torchrun."""
+def load_model(model: str | Path, device: str = "auto", dtype: str = "auto", group=None, **options) -> Denoiser:
+    """A model on a device by name ("auto": CUDA when present), one GPU per process under torchrun; options:
+    load_denoiser's (variant, lora, lora_scale, base_config, text_encoders)."""
     from .loading import load_denoiser
     from .runtime import parse_device, parse_dtype
 
     where = parse_device(device)
     if group is not None:
         where = group.device(where)
-    return load_denoiser(model, device=where, dtype=parse_dtype(dtype, where))
+    return load_denoiser(model, device=where, dtype=parse_dtype(dtype, where), **options)
 
 
 def make_classifier(denoiser: Denoiser, scoring: ScoringConfig, labels: Sequence | None = None,
@@ -228,9 +238,14 @@ def _identity(run: EvaluationRun, items, denoiser: Denoiser) -> dict:
     """What names a run besides its scoring settings: model, data and the exact image (example) list."""
     from .loading import weights_fingerprint
 
-    weights = weights_fingerprint(denoiser.source_dir)
+    weights = weights_fingerprint(denoiser.source_dir, denoiser.weight_files)
+    model = {"model": str(run.model), "data": str(run.data)}
+    if denoiser.fine_tunes:  # LoRAs (source, scale, sha256) and single files; absent before there were any
+        model["fine_tunes"] = denoiser.fine_tunes
+    if denoiser.weights_variant:  # fp16 files (the weights' fingerprint differs too; this says why)
+        model["weights_variant"] = denoiser.weights_variant
     if run.task == "classification":
-        return {"model": str(run.model), "data": str(run.data), "split": run.split, "images": len(items),
-                "image_ids_sha256": _digest(items.ids), "model_weights_sha256": weights}
-    return {"model": str(run.model), "data": str(run.data), "examples": len(items),
-            "example_ids_sha256": _digest([ex.id for ex in items]), "model_weights_sha256": weights}
+        return {**model, "split": run.split, "images": len(items), "image_ids_sha256": _digest(items.ids),
+                "model_weights_sha256": weights}
+    return {**model, "examples": len(items), "example_ids_sha256": _digest([ex.id for ex in items]),
+            "model_weights_sha256": weights}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from .config import ScoringConfig
 
 NULL = -1  # the candidate index of a job's null row in a work item
+DEFAULT_BATCH = 256  # network evaluations per pass on the CPU, and at most on CUDA (--batch-size auto)
+AUTO_BATCH_SHARE = 0.8  # of the free GPU memory an automatic batch size plans to use
 WEIGHTINGS = ("uniform", "elbo")
 
 
@@ -64,6 +66,7 @@ class Job:
     null_row: int | None = None
     t_min: int = 0
     explicit_noise: torch.Tensor | None = None
+    name: str = ""  # the image's name in messages
 
 
 def check_robust_options(denoiser: Denoiser, config: ScoringConfig) -> None:
@@ -75,19 +78,37 @@ def check_robust_options(denoiser: Denoiser, config: ScoringConfig) -> None:
         raise UserError("this model has no stored intensity statistics, so it cannot normalise intensities")
 
 
+class NonFiniteError(UserError):
+    """NaN or inf where a number must be: a run stops rather than rank on it."""
+
+    def __init__(self, denoiser: Denoiser, what: str, image: str = ""):
+        dtype = str(denoiser.dtype).replace("torch.", "")
+        hint = ("; float16 overflows easily: try --dtype bfloat16 or float32" if denoiser.dtype == torch.float16
+                else f" (scoring in {dtype}; the model's weights or the image may hold NaN or inf)")
+        super().__init__(f"NaN or inf in the {what} of image {image or '(unnamed)'}: nothing was ranked{hint}")
+
+
 def prepare_images(denoiser: Denoiser, config: ScoringConfig, pixels: torch.Tensor, rows: np.ndarray,
-                   null_row: int | None = None, noise: Sequence | None = None) -> list[Job]:
+                   null_row: int | None = None, noise: Sequence | None = None,
+                   names: Sequence[str] | None = None) -> list[Job]:
     """Preprocessed images ([B, C, H, W] in [-1, 1]) -> one Job each, with the config's robust options
-    applied; the noise key follows the pixels the model scores (after intensity normalisation)."""
+    applied; the noise key follows the pixels the model scores (after intensity normalisation). Latents that
+    are not finite stop here (NonFiniteError), naming the image (`names`)."""
     if config.normalize_intensity:
         pixels = robust.normalize_intensity(pixels, denoiser.info.intensity_stats)
     t_mins = [0] * len(pixels)
     if config.noise_aware:  # after normalisation: the level the model sees
         sigma = robust.estimate_noise_sigma(pixels)
         t_mins = robust.min_timestep_for(sigma, denoiser.schedule, config.noise_margin).tolist()
+    names = list(names) if names is not None else [f"#{i}" for i in range(len(pixels))]
+    if not torch.isfinite(pixels).all():
+        raise NonFiniteError(denoiser, "pixels", names[int(torch.isfinite(pixels).flatten(1).all(1).int().argmin())])
     x0 = denoiser.encode_images(pixels)
+    finite = torch.isfinite(x0).flatten(1).all(1)
+    if not finite.all():
+        raise NonFiniteError(denoiser, "latents (the VAE's encoding)", names[int(finite.int().argmin())])
     return [Job(x0[i], image_seed(config.seed, pixels[i]), rows, null_row, int(t_mins[i]),
-                None if noise is None or noise[i] is None else torch.as_tensor(noise[i]).to(x0.device))
+                None if noise is None or noise[i] is None else torch.as_tensor(noise[i]).to(x0.device), names[i])
             for i in range(len(x0))]
 
 
@@ -96,7 +117,6 @@ class _Running:
     job: Job
     table: ScoreTable
     rounds: Iterator[Round]
-    noise_cache: dict = field(default_factory=dict)  # column -> noise on the model's device
     done: bool = False
 
     def new_noise(self, column: int, t: int) -> torch.Tensor:
@@ -108,47 +128,6 @@ class _Running:
                                 f"evaluates more distinct timesteps than that")
             return explicit[column].cpu()
         return noise_for(self.job.noise_key, t, self.job.x0.shape)
-
-
-class _NoiseBank:
-    """A wave's noise on the device, one row per distinct (job, column) pair, filled as batches need it:
-    from a job's cache when an earlier wave used that noise, else made on the CPU and copied through
-    pinned memory (without waiting for the copy)."""
-
-    def __init__(self, work: list[tuple[_Running, Round]], pairs: np.ndarray, pair_t: np.ndarray,
-                 device: torch.device):
-        self.work, self.device = work, device
-        self.jobs, self.columns, self.timesteps = pairs[:, 0].tolist(), pairs[:, 1].tolist(), pair_t.tolist()
-        self.bank = torch.empty((len(pairs), *work[0][0].job.x0.shape), device=device)
-        self.ready = np.zeros(len(pairs), dtype=bool)
-        self.in_flight: list[torch.Tensor] = []  # pinned host buffers whose copies may still run
-
-    def fill(self, rows: np.ndarray) -> None:
-        rows = np.unique(rows)
-        rows = rows[~self.ready[rows]]
-        if not len(rows):
-            return
-        self.ready[rows] = True
-        cached, fresh = [], []
-        for k in rows.tolist():
-            (cached if self.columns[k] in self.work[self.jobs[k]][0].noise_cache else fresh).append(k)
-        if cached:
-            self.bank[torch.tensor(cached, device=self.device)] = torch.stack(
-                [self.work[self.jobs[k]][0].noise_cache[self.columns[k]] for k in cached])
-        if fresh:
-            host = torch.stack([self.work[self.jobs[k]][0].new_noise(self.columns[k], self.timesteps[k])
-                                for k in fresh])
-            if self.device.type == "cuda":
-                host = host.pin_memory()
-                self.in_flight.append(host)
-            index = torch.tensor(fresh, device=self.device)
-            self.bank[index] = host.to(self.device, non_blocking=True)
-            for k in fresh:  # later waves of the same image reuse it (staged and elimination rounds)
-                self.work[self.jobs[k]][0].noise_cache[self.columns[k]] = self.bank[k]
-
-    def release(self) -> None:
-        """After the wave's sync: the copies are done, the pinned buffers can go."""
-        self.in_flight.clear()
 
 
 @dataclass
@@ -171,14 +150,17 @@ class ScoringEngine:
     `batch_size`, so one compiled graph serves the whole run.
     """
 
-    def __init__(self, denoiser: Denoiser, conditions: Conditions | None, loss: str = "l2", batch_size: int = 256,
+    def __init__(self, denoiser: Denoiser, conditions: Conditions | None, loss: str = "l2",
+                 batch_size: int | str = "auto",
                  target: str = "eps", grid: str = "even", weighting: str = "uniform", compile: bool = False):
-        if batch_size < 1:
-            raise UserError("--batch-size must be at least 1")
+        self.auto_batch = batch_size == "auto"
+        if not self.auto_batch and (not isinstance(batch_size, int) or batch_size < 1):
+            raise UserError("--batch-size must be at least 1, or auto")
         if weighting not in WEIGHTINGS:
             raise UserError(f"unknown timestep weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         self.denoiser, self.conditions = denoiser, conditions
-        self.loss, self.batch_size, self.target = loss, batch_size, target
+        self.loss, self.target = loss, target
+        self.batch_size = batch_size if not self.auto_batch else None  # auto: sized at the first wave
         self.schedule = denoiser.schedule.with_grid(grid)
         # ELBO weighting multiplies each error by -dlogSNR/dt at its position (mean 1 over the schedule)
         weights = denoiser.schedule.elbo_weights().float() if weighting == "elbo" else None
@@ -219,10 +201,45 @@ class ScoringEngine:
                     work.append((run, next(run.rounds)))
                 except StopIteration:
                     run.done = True
-                    run.noise_cache.clear()  # finished images release their noise (large for latent models)
             if not work:
                 return [run.table for run in running]
             self._evaluate(work, conditions)
+
+    def _first_batch_size(self, conditions: Conditions) -> int:
+        """--batch-size auto: 256 on the CPU; on CUDA what the free memory holds at the activation per sample of a
+        probe batch of 2 (at most 256: larger batches hardly run faster). Out-of-memory halves it later."""
+        device = self.denoiser.device
+        if device.type != "cuda":
+            return DEFAULT_BATCH
+        channels, height, width = self.denoiser.latent_shape
+        probe = 2
+        x0 = torch.zeros(probe, channels, height, width, device=device, dtype=self.denoiser.dtype)
+        cond = {key: value[:1].expand(probe, *value.shape[1:]) for key, value in conditions.items()}
+        t = torch.full((probe,), self.denoiser.num_train_timesteps // 2, device=device)
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        self.denoiser.error(x0, torch.zeros_like(x0, dtype=torch.float32), t, cond, self.loss, self.target)
+        per_sample = max(1, (torch.cuda.max_memory_allocated(device) - before) / probe)
+        free = torch.cuda.mem_get_info(device)[0]
+        return int(min(DEFAULT_BATCH, max(1, free * AUTO_BATCH_SHARE // per_sample)))
+
+    def _smaller_batch(self, device: torch.device) -> None:
+        """After CUDA ran out of memory: halve an automatic batch size and retry (results do not depend on it), or
+        say in one line what to change."""
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.auto_batch and self.batch_size > 1:
+            self._halved_from = getattr(self, "_halved_from", None) or self.batch_size
+            self.batch_size = max(1, self.batch_size // 2)
+            return
+        weights = sum(t.numel() * t.element_size() for m in self.denoiser._modules() for t in m.parameters()
+                      if t.device == device)
+        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+        hint = ("try --batch-size auto or a smaller one, " if not self.auto_batch else "")
+        raise UserError(f"out of GPU memory at batch size {self.batch_size}: the model's weights on the GPU take "
+                        f"{weights / 2**30:.1f} GiB of its {total / 2**30:.1f} GiB; {hint}--text-encoders cpu, a "
+                        "lower --resolution, or see `diffusion-classifier estimate --model ...` for what fits")
 
     def _first_compiled_call(self, x0, noise, t, cond) -> torch.Tensor:
         """The call that compiles, checked against the eager network on the same batch (once per compiled
@@ -258,21 +275,22 @@ class ScoringEngine:
     @staticmethod
     def _work_items(work: list[tuple[_Running, Round]]) -> dict[str, np.ndarray]:
         """The wave's (job, condition row, timestep, column, candidate or NULL, prompt) items not yet
-        evaluated, as parallel arrays, ordered job by job, then candidate, prompt, timestep."""
+        evaluated, as parallel arrays, ordered job by job, then timestep, candidate, prompt (so the items that
+        share a noise row are neighbours, and a batch makes each of its noise rows once)."""
         parts = []
         for j, (run, round_) in enumerate(work):
             table, rows = run.table, np.asarray(run.job.rows)
             timesteps = np.asarray(round_.timesteps, dtype=np.int64)
             columns = np.array([table.column(int(t)) for t in timesteps], dtype=np.int64)
             classes = np.asarray(round_.classes, dtype=np.int64)
-            c, p, k = np.meshgrid(classes, np.arange(rows.shape[1]), np.arange(len(timesteps)), indexing="ij")
+            k, c, p = np.meshgrid(np.arange(len(timesteps)), classes, np.arange(rows.shape[1]), indexing="ij")
             c, p, k = c.ravel(), p.ravel(), k.ravel()
-            todo = np.isnan(table.errors[c, p, columns[k]])
+            todo = ~table.evaluated[c, p, columns[k]]
             c, p, k = c[todo], p[todo], k[todo]
             parts.append(dict(job=np.full(len(c), j), row=rows[c, p].astype(np.int64), t=timesteps[k],
                               col=columns[k], cand=c, prompt=p))
             if run.job.null_row is not None:
-                todo = np.isnan(table.null_errors[columns])
+                todo = ~table.null_evaluated[columns]
                 n = int(todo.sum())
                 parts.append(dict(job=np.full(n, j), row=np.full(n, run.job.null_row, dtype=np.int64),
                                   t=timesteps[todo], col=columns[todo], cand=np.full(n, NULL), prompt=np.zeros(n,
@@ -286,49 +304,73 @@ class ScoringEngine:
         if n == 0:
             return
         device = self.denoiser.device
+        if self.batch_size is None:
+            self.batch_size = self._first_batch_size(conditions)
         started = time.perf_counter()
-        # one noise row per distinct (job, column) of the wave, gathered per batch by index; each batch fills
-        # the rows it needs just before it is queued, so making noise on the CPU (the noise contract)
-        # overlaps the device's work on the batches before it
+        # one noise row per distinct (job, column): each batch makes the rows it needs on the CPU (the noise
+        # contract) and copies them through pinned memory while the device works on the batches before it;
+        # no noise outlives its batch on the device
         pairs, first, noise_index = np.unique(np.stack([items["job"], items["col"]], axis=1), axis=0,
                                               return_index=True, return_inverse=True)
-        noise_index = noise_index.reshape(-1)
-        noise = _NoiseBank(work, pairs, items["t"][first], device)
+        noise_index, pair_t = noise_index.reshape(-1), items["t"][first]
+        in_flight: list[torch.Tensor] = []  # pinned host buffers whose copies may still run
         x0_bank = torch.stack([run.job.x0 for run, _ in work]).to(device)
         as_device = {key: torch.from_numpy(value).to(device) for key, value in items.items()}
-        as_device["noise"] = torch.from_numpy(noise_index.astype(np.int64)).to(device)
         errors = torch.empty(n, device=device)
-        for start in range(0, n, self.batch_size):
-            noise.fill(noise_index[start:start + self.batch_size])
-            take = torch.arange(start, min(start + self.batch_size, n), device=device)
+        start = 0
+        while start < n:
+            stop = min(start + self.batch_size, n)
+            needed, local = np.unique(noise_index[start:stop], return_inverse=True)
+            host = torch.stack([work[pairs[k, 0]][0].new_noise(int(pairs[k, 1]), int(pair_t[k]))
+                                for k in needed.tolist()])
+            if device.type == "cuda":
+                host = host.pin_memory()
+                in_flight.append(host)
+            noise_rows = host.to(device, non_blocking=device.type == "cuda")
+            take = torch.arange(start, stop, device=device)
+            local = torch.from_numpy(local.reshape(-1)).to(device)
             if self.compile and self.denoiser.compiled and len(take) < self.batch_size:  # one compiled shape
                 take = torch.cat([take, take[-1:].expand(self.batch_size - len(take))])
+                local = torch.cat([local, local[-1:].expand(self.batch_size - len(local))])
             x0 = x0_bank[as_device["job"][take]]
-            eps = noise.bank[as_device["noise"][take]]
+            eps = noise_rows[local]
             t = as_device["t"][take]
             cond = {key: value[as_device["row"][take]] for key, value in conditions.items()}
-            if self.denoiser.compiled and not self.denoiser.compile_checked:
-                batch_errors = self._first_compiled_call(x0, eps, t, cond)
-            else:
-                batch_errors = self.denoiser.error(x0, eps, t, cond, self.loss, self.target)
+            try:
+                if self.denoiser.compiled and not self.denoiser.compile_checked:
+                    batch_errors = self._first_compiled_call(x0, eps, t, cond)
+                else:
+                    batch_errors = self.denoiser.error(x0, eps, t, cond, self.loss, self.target)
+            except torch.OutOfMemoryError:
+                del x0, eps, cond, noise_rows
+                self._smaller_batch(device)
+                continue  # the same items again, in a smaller batch
+            if getattr(self, "_halved_from", None):
+                warn_once(f"--batch-size auto: {self.batch_size} evaluations per pass fit this GPU (down from "
+                          f"{self._halved_from} after running out of memory)")
             if self.weights is not None:
                 batch_errors = batch_errors * self.weights[t]
-            real = min(self.batch_size, n - start)
-            errors[start:start + real] = batch_errors[:real]
+            real = stop - start
+            errors[start:stop] = batch_errors[:real]
             self.stats.network_calls += 1
             self.stats.evaluations += real
             self.stats.padded += len(take) - real
+            start = stop
         host = errors.to("cpu", non_blocking=device.type == "cuda")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        noise.release()
+        in_flight.clear()  # the copies are done
         self.stats.network_seconds += time.perf_counter() - started
         values = host.numpy().astype(np.float64)
+        finite = np.isfinite(values)
+        if not finite.all():
+            job = work[int(items["job"][np.argmin(finite)])][0].job
+            raise NonFiniteError(self.denoiser, "denoising errors", job.name)
         bounds = np.searchsorted(items["job"], np.arange(len(work) + 1))  # items are grouped by job
         for j, (run, _) in enumerate(work):  # scatter into each job's table with fancy indexing
             mine = slice(bounds[j], bounds[j + 1])
             cand, prompt, col, value = items["cand"][mine], items["prompt"][mine], items["col"][mine], values[mine]
             null = cand == NULL
-            run.table.errors[cand[~null], prompt[~null], col[~null]] = value[~null]
+            run.table.record(cand[~null], prompt[~null], col[~null], value[~null])
             if null.any():
-                run.table.null_errors[col[null]] = value[null]
+                run.table.record_null(col[null], value[null])

@@ -26,8 +26,11 @@ class Round:
 
 
 class ScoreTable:
-    """Errors measured for one image: errors[candidate, prompt, column], NaN where not evaluated.
+    """Errors measured for one image: errors[candidate, prompt, column], and which of them were measured.
 
+    `evaluated` (a boolean mask of the same shape) says which cells hold a measurement; unmeasured cells of
+    `errors` read NaN, so means over a row skip them. A measured error is always finite: the engine stops
+    with an error on NaN or inf (scoring.NonFiniteError) rather than storing one. Write cells with `record`.
     Columns are the distinct timesteps in the order they were first evaluated; the column index is
     also the noise index (the i-th distinct timestep evaluated for an image uses noise i, as in the
     original implementation's saved-noise layout). With a null condition (unconditional
@@ -37,30 +40,49 @@ class ScoreTable:
     def __init__(self, n_classes: int, n_prompts: int, t_min: int = 0, with_null: bool = False):
         self.t_min = int(t_min)  # strategies lay their grids over [t_min, T) (noise-aware scoring)
         self._buffer = np.full((n_classes, n_prompts, 8), np.nan)  # grows by doubling
+        self._done = np.zeros(self._buffer.shape, dtype=bool)
         self._null = np.full(8, np.nan) if with_null else None
+        self._null_done = np.zeros(8, dtype=bool) if with_null else None
         self.timesteps: list[int] = []
         self._column_of: dict[int, int] = {}
         self.evidence: dict = {}  # strategies may record why they decided (e.g. elimination gaps)
 
     @property
     def errors(self) -> np.ndarray:
-        """[candidates, prompts, columns] view (writable) of the errors measured so far."""
+        """[candidates, prompts, columns] view of the errors measured so far (NaN where not measured)."""
         return self._buffer[:, :, : len(self.timesteps)]
 
     @property
+    def evaluated(self) -> np.ndarray:
+        """[candidates, prompts, columns] mask of the measured cells."""
+        return self._done[:, :, : len(self.timesteps)]
+
+    @property
     def null_errors(self) -> np.ndarray | None:
-        """[columns] view (writable) of the null condition's errors, or None without one."""
+        """[columns] view of the null condition's errors, or None without one."""
         return None if self._null is None else self._null[: len(self.timesteps)]
+
+    @property
+    def null_evaluated(self) -> np.ndarray | None:
+        return None if self._null_done is None else self._null_done[: len(self.timesteps)]
+
+    def record(self, candidates, prompts, columns, values) -> None:
+        """Store measured errors at errors[candidates, prompts, columns] (numpy indexing) and mark them."""
+        self.errors[candidates, prompts, columns] = values
+        self.evaluated[candidates, prompts, columns] = True
+
+    def record_null(self, columns, values) -> None:
+        self.null_errors[columns] = values
+        self.null_evaluated[columns] = True
 
     def column(self, t: int) -> int:
         if t not in self._column_of:
             if len(self.timesteps) == self._buffer.shape[2]:
                 size = 2 * self._buffer.shape[2]
-                grown = np.full(self._buffer.shape[:2] + (size,), np.nan)
-                grown[:, :, : self._buffer.shape[2]] = self._buffer
-                self._buffer = grown
+                self._buffer = _grown(self._buffer, size, np.nan)
+                self._done = _grown(self._done, size, False)
                 if self._null is not None:
-                    self._null = np.concatenate([self._null, np.full(size - len(self._null), np.nan)])
+                    self._null, self._null_done = _grown(self._null, size, np.nan), _grown(self._null_done, size, False)
             self._column_of[t] = len(self.timesteps)
             self.timesteps.append(t)
         return self._column_of[t]
@@ -71,8 +93,8 @@ class ScoreTable:
 
     @property
     def nfe(self) -> int:
-        null = 0 if self._null is None else int(np.isfinite(self.null_errors).sum())
-        return int(np.isfinite(self.errors).sum()) + null
+        null = 0 if self._null is None else int(self.null_evaluated.sum())
+        return int(self.evaluated.sum()) + null
 
     def class_scores(self, aggregate: str = "min") -> np.ndarray:
         """Mean error over evaluated timesteps per (candidate, prompt), then min or mean over prompts."""
@@ -81,6 +103,13 @@ class ScoreTable:
     def ranking(self, aggregate: str = "min") -> np.ndarray:
         """Candidate indices best first: those that survived longer first, then by lower mean error."""
         return probabilities.ranking(self.errors, aggregate)
+
+
+def _grown(array: np.ndarray, size: int, fill) -> np.ndarray:
+    """`array` with its last axis grown to `size`, the new cells `fill`."""
+    grown = np.full(array.shape[:-1] + (size,), fill, dtype=array.dtype)
+    grown[..., : array.shape[-1]] = array
+    return grown
 
 
 class Strategy:

@@ -18,11 +18,11 @@ class ClassConditionalDenoiser(Denoiser):
     def num_classes(self) -> int:
         raise NotImplementedError
 
-    def embed_conditions(self, class_ids: Sequence[int]) -> Conditions:
-        ids = torch.as_tensor(list(class_ids), dtype=torch.long)
-        if len(ids) and (ids.min() < 0 or ids.max() >= self.num_classes):
-            raise UserError(f"class ids must lie in [0, {self.num_classes}); got {ids.tolist()}")
-        return {"class_labels": ids.to(self.device)}
+    def _embed_conditions(self, class_ids: Sequence[int]) -> Conditions:
+        ids = [int(i) for i in class_ids]
+        if any(not 0 <= i < self.num_classes for i in ids):
+            raise UserError(f"class ids must lie in [0, {self.num_classes}); got {ids}")
+        return {"class_labels": torch.tensor(ids, dtype=torch.long, device=self.device)}
 
 
 class ClassUNetDenoiser(ClassConditionalDenoiser):

@@ -96,8 +96,14 @@ class FluxDenoiser(Denoiser):
         side = self.resolution_px // self.vae_scale_factor
         self.schedule = shifted_schedule(self.scheduler, side, side)
 
-    def _modules(self):
-        return super()._modules() + self.text_encoders
+    def text_modules(self):
+        return list(self.text_encoders)
+
+    def components(self):
+        parts = super().components()
+        parts.update(tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1], text_encoder=self.text_encoders[0],
+                     text_encoder_2=self.text_encoders[1])
+        return parts
 
     @property
     def t5_length(self) -> int:
@@ -115,7 +121,7 @@ class FluxDenoiser(Denoiser):
         return [(clip_tok, clip_tok.model_max_length), (t5_tok, self.t5_length)]
 
     @torch.inference_mode()
-    def embed_conditions(self, prompts: Sequence[str], batch_size: int = 32) -> Conditions:
+    def _embed_conditions(self, prompts: Sequence[str], batch_size: int = 32) -> Conditions:
         (clip_tok, t5_tok), (clip, t5) = self.tokenizers, self.text_encoders
         states, pooled = [], []
         for start in range(0, len(prompts), batch_size):

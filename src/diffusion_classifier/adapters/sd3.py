@@ -41,8 +41,8 @@ class SD3Denoiser(Denoiser):
         encoders = [load("text_encoder"), load("text_encoder_2"), load.optional("text_encoder_3")]
         return cls(load("transformer"), load("scheduler"), load("vae"), tokenizers, encoders, info)
 
-    def _modules(self):
-        return super()._modules() + [e for e in self.text_encoders if e is not None]
+    def text_modules(self):
+        return [e for e in self.text_encoders if e is not None]
 
     def components(self):
         parts = super().components()
@@ -64,7 +64,7 @@ class SD3Denoiser(Denoiser):
         return clip + ([(self.tokenizers[2], self.t5_length)] if self.text_encoders[2] is not None else [])
 
     @torch.inference_mode()
-    def embed_conditions(self, prompts: Sequence[str], batch_size: int = 32) -> Conditions:
+    def _embed_conditions(self, prompts: Sequence[str], batch_size: int = 32) -> Conditions:
         width = self.network.config.joint_attention_dim
         states, pooled = [], []
         for start in range(0, len(prompts), batch_size):

@@ -39,8 +39,15 @@ class SDXLDenoiser(Denoiser):
                  if load.optional(e) is not None]
         return cls(load("unet"), load("scheduler"), load("vae"), [t for t, _ in pairs], [e for _, e in pairs], info)
 
-    def _modules(self):
-        return super()._modules() + self.text_encoders
+    def text_modules(self):
+        return list(self.text_encoders)
+
+    def components(self):
+        parts = super().components()
+        suffixes = ("", "_2") if len(self.text_encoders) == 2 else ("_2",)  # a refiner has only the second
+        for suffix, tokenizer, encoder in zip(suffixes, self.tokenizers, self.text_encoders):
+            parts[f"tokenizer{suffix}"], parts[f"text_encoder{suffix}"] = tokenizer, encoder
+        return parts
 
     def null_condition(self) -> str:
         return ""
@@ -54,7 +61,7 @@ class SDXLDenoiser(Denoiser):
         return torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device).repeat(n, 1)
 
     @torch.inference_mode()
-    def embed_conditions(self, prompts: Sequence[str], batch_size: int = 32) -> Conditions:
+    def _embed_conditions(self, prompts: Sequence[str], batch_size: int = 32) -> Conditions:
         states, pooled = [], []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])

@@ -54,8 +54,8 @@ class TextUNetDenoiser(Denoiser):
         vae = load.optional("vae")
         return cls(load("unet"), load("scheduler"), tokenizer, text_encoder, vae, info)
 
-    def _modules(self):
-        return super()._modules() + ([self.text_encoder] if self.text_encoder is not None else [])
+    def text_modules(self):
+        return [self.text_encoder] if self.text_encoder is not None else []
 
     @property
     def takes_any_size(self) -> bool:
@@ -78,7 +78,7 @@ class TextUNetDenoiser(Denoiser):
         return [(self.tokenizer, self.max_text_length)] if self.tokenizer is not None else []
 
     @torch.inference_mode()
-    def embed_conditions(self, prompts: Sequence[str], batch_size: int = 64) -> Conditions:
+    def _embed_conditions(self, prompts: Sequence[str], batch_size: int = 64) -> Conditions:
         if self.text_encoder is None:
             raise UserError("this text model was built without its text encoder, so it cannot embed prompts")
         masked = self.info.text_attention_mask
