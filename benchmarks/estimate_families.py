@@ -206,9 +206,8 @@ def main() -> None:
             folder = write_pipeline(Path(tmp) / f"p{k}", pipeline, components)
             row = {"family": name}
             for placement in ("auto", "gpu"):
-                fits = {m: estimate(folder, memory=f"{m}GB", text_encoders=placement).max_batch_size
-                        for m in MEMORIES}
                 result = estimate(folder, text_encoders=placement)
+                fits = {m: result.max_batch(m * GIB) for m in MEMORIES}
                 row[placement] = {"weights_on_gpu_gib": sum(c["gib"] for c in result.components
                                                             if c["where"] == "gpu"),
                                   "peak_gib_batch_256": result.peak_gib,

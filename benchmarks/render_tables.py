@@ -208,6 +208,7 @@ def print_all():
         print("**Memory**: " + ", ".join(f"{r['images']} images: peak RSS {r['peak_rss_mib']:.0f} MiB"
                                          for r in mem["rows"]) + "\n")
     render_load_memory(load("load_memory"))
+    render_estimates(load("estimate_families"))
     render_cnn_budget(load("cnn_budget"))
     render_flow(load("flow"))
     render_compositional(load("compositional"))
@@ -239,6 +240,29 @@ def render_load_memory(result):
     for r in result["rows"]:
         print(f"| {r['case']} | {r['weights_gib']:.2f} GiB | {r['private_gib']:.2f} GiB | {r['private_ratio']:.2f} | "
               f"{r['rss_gib']:.2f} GiB | {r['rss_ratio']:.2f} | {r['seconds']:.0f} |")
+    print()
+
+
+def render_estimates(result):
+    if not result:
+        return
+    print("**`estimate` against measured peaks** (each network alone, bf16, traced on fake tensors; measured: the "
+          "H200 rows of the GPU throughput table; `python benchmarks/estimate_families.py`)\n")
+    print("| network | batch | estimated | measured | relative |\n|---|---|---|---|---|")
+    for r in result["check"]:
+        measured = f"{r['measured_gib']:.1f} GiB" if r["measured_gib"] else "-"
+        relative = f"{100 * r['relative_error']:+.0f}%" if r["relative_error"] is not None else "-"
+        print(f"| {r['network']} | {r['batch']} | {r['estimated_gib']:.1f} GiB | {measured} | {relative} |")
+    print()
+    print("**Which GPU runs which family** (`estimate` on the published configs, bf16, native size; text encoders "
+          "off the GPU after embedding, the default, and kept on it; the largest batch plans on 90% of the card)\n")
+    print("| family | weights on the GPU | peak at batch 256 | largest batch on 24 / 48 / 80 GB | text encoders on "
+          "the GPU: weights, largest batch on 24 / 48 / 80 GB |\n|---|---|---|---|---|")
+    for row in result["families"]:
+        auto, gpu = row["auto"], row["gpu"]
+        batches = [" / ".join(str(p["max_batch"][m] or "no") for m in ("24", "48", "80")) for p in (auto, gpu)]
+        print(f"| {row['family']} | {auto['weights_on_gpu_gib']:.1f} GiB | {auto['peak_gib_batch_256']:.0f} GiB | "
+              f"{batches[0]} | {gpu['weights_on_gpu_gib']:.1f} GiB, {batches[1]} |")
     print()
 
 

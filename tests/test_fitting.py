@@ -102,6 +102,13 @@ def test_estimate_reads_configs_only_and_counts_the_real_weights(models, tmp_pat
     assert {c["where"] for c in smaller.components if "text_encoder" in c["name"]} == {"cpu after embedding"}
     at_twice = estimate(configs, batch_size=128)
     assert at_twice.peak_gib > estimate(configs, batch_size=64).peak_gib
+    for tokenizer in ("tokenizer", "tokenizer_2"):  # only model_index.json and config files
+        for path in (configs / tokenizer).iterdir():
+            if path.name != "tokenizer_config.json":
+                path.unlink()
+    without = estimate(configs, batch_size=64, memory="1GB", text_encoders="gpu")
+    assert without.components == result.components
+    assert without.peak_gib == pytest.approx(result.peak_gib, rel=0.01)
 
 
 def test_the_estimate_command(models, capsys):

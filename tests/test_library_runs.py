@@ -120,6 +120,10 @@ def test_the_matcher_keeps_no_state_between_calls_and_a_bounded_cache(models):
     np.testing.assert_array_equal(first, fresh.match(images, texts_a).matrix())
     np.testing.assert_array_equal(second, ImageTextMatcher(denoiser, strategy=Exhaustive(2)).match(
         images, texts_b).matrix())
+    row_bytes = sum(v.numel() * v.element_size() for v in next(iter(shared._embedded.values())).values())
+    by_bytes = ImageTextMatcher(denoiser, strategy=Exhaustive(2), cache_bytes=2 * row_bytes)
+    np.testing.assert_array_equal(by_bytes.match(images, texts_a).matrix(), first)
+    assert len(by_bytes._embedded) == 2 and by_bytes._cached_bytes == 2 * row_bytes
 
 
 @pytest.mark.skipif(not _has_fashion_mnist(), reason="Fashion-MNIST not installed (make data)")

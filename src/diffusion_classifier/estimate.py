@@ -89,6 +89,16 @@ class Estimate:
     memory_gib: float | None = None
     max_batch_size: int | None = None
 
+    weights_on_gpu_gib: float = 0.0  # the weights that stay on the GPU while scoring
+    embedding_phase_gib: float = 0.0  # what embedding takes on the GPU (0 where the encoders never go there)
+
+    def max_batch(self, memory: int) -> int:
+        """The largest batch whose scoring peak fits `memory` bytes (planning on HEADROOM of it); 0 if none does."""
+        room = memory * HEADROOM - (self.weights_on_gpu_gib + self.activation_gib_fixed) * GIB
+        if room <= 0 or self.embedding_phase_gib * GIB > memory:
+            return 0
+        return int(room // (self.activation_gib_per_sample * GIB))
+
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
@@ -183,11 +193,10 @@ def estimate(model: str | Path, resolution: int | None = None, batch_size: int |
     embedding_phase = weights + encoders + embedding if text_encoders == "gpu" else 0
     result.embedding_on_gpu_gib = (weights + encoders + embedding) / GIB
     result.peak_gib = max(scoring, embedding_phase) / GIB
+    result.weights_on_gpu_gib, result.embedding_phase_gib = weights / GIB, embedding_phase / GIB
     if memory is not None:
         budget = parse_memory(memory) if isinstance(memory, str) else int(memory)
-        result.memory_gib = budget / GIB
-        room = budget * HEADROOM - weights - fixed
-        result.max_batch_size = max(0, int(room // per_sample)) if room > 0 and embedding_phase <= budget else 0
+        result.memory_gib, result.max_batch_size = budget / GIB, result.max_batch(budget)
     return result
 
 

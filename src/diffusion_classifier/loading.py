@@ -126,6 +126,9 @@ def load_component(folder: Path, library: str, class_name: str, what: str = "", 
         if fake_mode is not None and isinstance(cls, type) and issubclass(cls, torch.nn.Module):
             with fake_mode:
                 return _from_config(cls, folder, library)
+        if fake_mode is not None and library == "transformers" and not any(
+                p.name != "tokenizer_config.json" for p in folder.iterdir()):
+            return TokenCounter.from_folder(folder)  # only configs: the token count is all an estimate needs
         if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
             files, chosen = hub.choose_weights([p.name for p in folder.iterdir()], variant)
             if not files:
@@ -137,6 +140,27 @@ def load_component(folder: Path, library: str, class_name: str, what: str = "", 
             return cls.from_pretrained(folder, **options)  # safetensors, or torch.load(weights_only=True)
     except (OSError, ValueError, json.JSONDecodeError, pickle.UnpicklingError, RuntimeError) as exc:
         raise UserError(f"could not load {what!r} from {folder}: {str(exc).splitlines()[0]}") from exc
+
+
+class TokenCounter:
+    """Stands in for a tokenizer whose files are absent when only configs are read (estimate.py): every text is
+    model_max_length tokens (tokenizer_config.json's, else CLIP's 77), which is what the adapters pad to."""
+
+    def __init__(self, model_max_length: int = 77):
+        self.model_max_length = model_max_length
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> TokenCounter:
+        config = folder / "tokenizer_config.json"
+        length = json.loads(config.read_text()).get("model_max_length") if config.is_file() else None
+        return cls(int(length) if isinstance(length, (int, float)) and length < 1e6 else 77)
+
+    def __call__(self, texts, max_length: int | None = None, **_) -> Any:
+        from types import SimpleNamespace
+
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = torch.ones(len(texts), max_length or self.model_max_length, dtype=torch.long)
+        return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
 def _from_config(cls: type, folder: Path, library: str) -> torch.nn.Module:

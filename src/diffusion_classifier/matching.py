@@ -134,11 +134,12 @@ class ImageTextMatcher:
     runs over the texts of each image (Elimination drops texts the paired test rules out).
     with_null: also measure the empty prompt at every pair (needed for unconditional normalisation;
     costs one more evaluation per timestep and image).
-    cache_size: embedded texts kept for later calls (least recently used dropped first).
+    cache_bytes / cache_size: embedded texts kept on the device for later calls, at most this many bytes (Flux's
+        T5 states are 4 MiB per text) and this many texts; least recently used dropped first.
     """
 
     def __init__(self, denoiser: Denoiser, config: ScoringConfig | None = None, with_null: bool = True,
-                 cache_size: int = 4096, **options):
+                 cache_size: int = 4096, cache_bytes: int = 2**30, **options):
         if denoiser.conditioning != "text":
             raise UserError("image-text matching needs a text-conditioned model; this one takes class ids")
         self.denoiser = denoiser
@@ -146,8 +147,9 @@ class ImageTextMatcher:
         self.with_null = with_null
         check_robust_options(denoiser, self.config)
         self.engine = ScoringEngine.for_config(denoiser, None, self.config)  # each call brings its texts
-        self.cache_size = max(1, int(cache_size))
+        self.cache_size, self.cache_bytes = max(1, int(cache_size)), max(0, int(cache_bytes))
         self._embedded: OrderedDict[str, dict] = OrderedDict()
+        self._cached_bytes = 0
 
     @classmethod
     def from_pretrained(cls, model: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
@@ -230,13 +232,16 @@ class ImageTextMatcher:
         missing = [t for t in distinct if t not in rows]
         if missing:
             embedded = self.denoiser.embed_conditions(missing)
-            for k, text in enumerate(missing):
-                rows[text] = {key: value[k:k + 1] for key, value in embedded.items()}
+            for k, text in enumerate(missing):  # copies: a view would keep the whole embedded batch alive
+                rows[text] = {key: value[k:k + 1].clone() for key, value in embedded.items()}
         for text in distinct:  # most recently used last; the oldest leave once the cache is full
+            if text not in self._embedded:
+                self._cached_bytes += sum(v.numel() * v.element_size() for v in rows[text].values())
             self._embedded[text] = rows[text]
             self._embedded.move_to_end(text)
-        while len(self._embedded) > self.cache_size:
-            self._embedded.popitem(last=False)
+        while self._embedded and (len(self._embedded) > self.cache_size or self._cached_bytes > self.cache_bytes):
+            _, dropped = self._embedded.popitem(last=False)
+            self._cached_bytes -= sum(v.numel() * v.element_size() for v in dropped.values())
         bank = {key: torch.cat([rows[t][key] for t in distinct]) for key in rows[distinct[0]]}
         return bank, {t: i for i, t in enumerate(distinct)}
 
