@@ -13,7 +13,7 @@ import torch
 
 from . import probabilities
 from .config import ScoringConfig
-from .data import preprocess
+from .data import image_list, preprocess
 from .denoisers import Denoiser
 from .errors import UserError, warn_once
 from .labels import candidate_classes
@@ -83,6 +83,10 @@ class DiffusionClassifier:
                 labels, prompts = preset.candidates(labels, templates)
                 templates = None
         self.config = config.with_options(**options) if config else scoring_config(preset, **options)
+        budget, available = self.config.strategy.timestep_budget(), denoiser.num_train_timesteps
+        if budget > available:
+            raise UserError(f"the strategy scores up to {budget} timesteps per candidate, but this model has "
+                            f"{available}")
         self.timestep_weights = dict(timestep_weights) if timestep_weights else None
         if self.timestep_weights or temperature is not None:
             self.probability_source = "calibrated" if self.timestep_weights else "given"
@@ -126,8 +130,9 @@ class DiffusionClassifier:
     # ----- scikit-learn style verbs ------------------------------------------------
     def classify(self, images: Sequence, names: Sequence[str] | None = None,
                  noise: Sequence[torch.Tensor | None] | None = None) -> list[Classification]:
-        """Classify images (PIL, paths, arrays or tensors); returns one rich result per image."""
-        images = list(images)
+        """Classify images (PIL images, paths, HxW / HxWxC / CxHxW arrays or tensors; one of them alone is one
+        image); returns one rich result per image."""
+        images = image_list(images)
         names = list(names) if names is not None else [str(im) if isinstance(im, (str, Path)) else f"#{i}"
                                                         for i, im in enumerate(images)]
         results = []
@@ -159,7 +164,8 @@ class DiffusionClassifier:
         return Classification(image=name, prediction=self.classes_[order[0]], prediction_index=int(order[0]),
                               ranking=[(self.classes_[i], float(scores[i])) for i in order], mean_errors=scores,
                               errors=table.errors.copy(), timesteps=list(table.timesteps), nfe=table.nfe,
-                              seconds=seconds, extra={"evidence": table.evidence} if table.evidence else {},
+                              seconds=seconds, extra={"evidence": {self.classes_[int(c)]: why for c, why in
+                                                                   table.evidence.items()}} if table.evidence else {},
                               tied_with=tied, timesteps_per_label={c: int(n) for c, n in zip(self.classes_, counts)})
 
     def predict(self, images: Sequence) -> np.ndarray:

@@ -89,15 +89,16 @@ def _add_label_options(g) -> None:
 def _add_scoring_options(p, classes: bool = True) -> None:
     """classes=False (match): candidates are texts, so no preset, class tree or probability options."""
     what = "class" if classes else "text"
+    whats = "classes" if classes else "texts"
     g = p.add_argument_group("scoring")
     groups = {"scoring": g}
     g.add_argument("--strategy", choices=["exhaustive", "staged", "elimination"], default=None,
                    help=f"exhaustive: every {what} at --timesteps; staged: the paper's adaptive schedule; "
-                        f"elimination: drop {what}s once paired statistics rule them out")
+                        f"elimination: drop {whats} once paired statistics rule them out")
     g.add_argument("--timesteps", type=int, default=None,
                    help=f"timesteps per {what} (exhaustive; default 25; wins over a preset's schedule)")
     g.add_argument("--n-samples", type=int, nargs="+", help="timesteps per stage (staged), e.g. 50 500")
-    g.add_argument("--to-keep", type=int, nargs="+", help=f"{what}s kept after each stage (staged), e.g. 5 1")
+    g.add_argument("--to-keep", type=int, nargs="+", help=f"{whats} kept after each stage (staged), e.g. 5 1")
     if classes:
         g.add_argument("--preset", help="a dataset preset (" + ", ".join(PRESET_NAMES) + "): its class names and "
                        "prompts unless --labels / --template are given, and its staged schedule and loss unless "
@@ -108,7 +109,7 @@ def _add_scoring_options(p, classes: bool = True) -> None:
     g.add_argument("--max-timesteps", type=int, default=100,
                    help="elimination: size of the even timestep grid it draws from (default 100)")
     g.add_argument("--shortlist", type=int, default=None,
-                   help=f"elimination: keep only this many {what}s after the first round (plain top-k)")
+                   help=f"elimination: keep only this many {whats} after the first round (plain top-k)")
     if classes:
         g.add_argument("--class-tree", help="elimination: JSON file grouping the class names (nested); after round "
                        "r only the --keep-groups best groups at depth r go on")
@@ -606,6 +607,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffusion-classifier: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped (`... --json | head -1`): nothing left to say to it
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampl
 def load_image(path: str | Path) -> Image.Image:
     """Open an image file fully (so truncated files fail here, with a clear message)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not an image: give image files (evaluate --data takes a folder)")
     if not path.is_file():
         raise UserError(f"image not found: {path}")
     try:
@@ -35,6 +37,16 @@ def load_image(path: str | Path) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"cannot read image {path}: {reason}") from exc
+
+
+def image_list(images) -> list:
+    """One image (a path, a PIL image, an HxW / HxWxC / CxHxW array or tensor) or a sequence of them -> a list
+    (a batch array or tensor [N, ...] is N images)."""
+    if isinstance(images, (str, Path, Image.Image)):
+        return [images]
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        return [images] if images.ndim <= 3 else list(images)
+    return list(images)
 
 
 def to_pil(image) -> Image.Image:
@@ -52,13 +64,15 @@ def to_pil(image) -> Image.Image:
         image = array
     if isinstance(image, np.ndarray):
         array = image
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):  # CxHxW
+            array = array.transpose(1, 2, 0)
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         if array.dtype != np.uint8:
             scale = 255 if array.max() <= 1.0 else 1
             array = np.clip(array.astype(np.float64) * scale, 0, 255).round().astype(np.uint8)
-        if array.ndim not in (2, 3):
-            raise UserError(f"image arrays must be HxW or HxWxC; got shape {image.shape}")
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+            raise UserError(f"image arrays must be HxW, HxWxC or CxHxW (C = 1, 3 or 4); got shape {image.shape}")
         return Image.fromarray(array)
     raise UserError(f"unsupported image type {type(image).__name__}")
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .config import ScoringConfig
-from .data import preprocess
+from .data import image_list, preprocess
 from .denoisers import Denoiser
 from .errors import UserError, warn_once
 from .loading import load_with_options
@@ -169,7 +169,7 @@ class ImageTextMatcher:
     def match(self, images: Sequence, texts: Sequence[str], names: Sequence[str] | None = None) -> Matching:
         """Every image against every text: one Matching with an [N, M] score matrix."""
         texts = self.check_texts(texts)
-        images = list(images)
+        images = image_list(images)
         names = list(names) if names is not None else [str(im) if isinstance(im, (str, Path)) else f"#{i}"
                                                         for i, im in enumerate(images)]
         scored = []
@@ -261,4 +261,5 @@ def _image_scores(name: str, texts: list[str], table: ScoreTable, seconds: float
     return ImageScores(image=name, texts=texts, errors=table.errors[:, 0, :].copy(),
                        null_errors=None if table.null_errors is None else table.null_errors.copy(),
                        timesteps=list(table.timesteps), nfe=table.nfe, seconds=seconds,
-                       extra={"evidence": table.evidence} if table.evidence else {})
+                       extra={"evidence": {texts[int(k)]: why for k, why in table.evidence.items()}}
+                       if table.evidence else {})

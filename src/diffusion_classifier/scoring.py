@@ -16,6 +16,7 @@ entry i goes with the i-th distinct timestep evaluated.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Iterator, Sequence
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 NULL = -1  # the candidate index of a job's null row in a work item
 DEFAULT_BATCH = 256  # network evaluations per pass on the CPU, and at most on CUDA (--batch-size auto)
 AUTO_BATCH_SHARE = 0.8  # of the free GPU memory an automatic batch size plans to use
+PINNED_BATCHES = 4  # batches of noise whose copies to the GPU may be in flight at once
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: 2.5+
 WEIGHTINGS = ("uniform", "elbo")
 
 
@@ -161,6 +164,7 @@ class ScoringEngine:
         self.denoiser, self.conditions = denoiser, conditions
         self.loss, self.target = loss, target
         self.batch_size = batch_size if not self.auto_batch else None  # auto: sized at the first wave
+        self._halved_from: int | None = None  # the automatic size before out-of-memory halved it
         self.schedule = denoiser.schedule.with_grid(grid)
         # ELBO weighting multiplies each error by -dlogSNR/dt at its position (mean 1 over the schedule)
         weights = denoiser.schedule.elbo_weights().float() if weighting == "elbo" else None
@@ -219,7 +223,12 @@ class ScoringEngine:
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        self.denoiser.error(x0, torch.zeros_like(x0, dtype=torch.float32), t, cond, self.loss, self.target)
+        try:
+            with self.denoiser.eager() if self.denoiser.compiled else contextlib.nullcontext():  # no compile here
+                self.denoiser.error(x0, torch.zeros_like(x0, dtype=torch.float32), t, cond, self.loss, self.target)
+        except OUT_OF_MEMORY:
+            torch.cuda.empty_cache()
+            return 1  # and _smaller_batch says what to change if even that fails
         per_sample = max(1, (torch.cuda.max_memory_allocated(device) - before) / probe)
         free = torch.cuda.mem_get_info(device)[0]
         return int(min(DEFAULT_BATCH, max(1, free * AUTO_BATCH_SHARE // per_sample)))
@@ -230,7 +239,7 @@ class ScoringEngine:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if self.auto_batch and self.batch_size > 1:
-            self._halved_from = getattr(self, "_halved_from", None) or self.batch_size
+            self._halved_from = self._halved_from or self.batch_size
             self.batch_size = max(1, self.batch_size // 2)
             return
         weights = sum(t.numel() * t.element_size() for m in self.denoiser._modules() for t in m.parameters()
@@ -313,7 +322,7 @@ class ScoringEngine:
         pairs, first, noise_index = np.unique(np.stack([items["job"], items["col"]], axis=1), axis=0,
                                               return_index=True, return_inverse=True)
         noise_index, pair_t = noise_index.reshape(-1), items["t"][first]
-        in_flight: list[torch.Tensor] = []  # pinned host buffers whose copies may still run
+        in_flight: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # pinned buffers whose copies may still run
         x0_bank = torch.stack([run.job.x0 for run, _ in work]).to(device)
         as_device = {key: torch.from_numpy(value).to(device) for key, value in items.items()}
         errors = torch.empty(n, device=device)
@@ -325,8 +334,13 @@ class ScoringEngine:
                                 for k in needed.tolist()])
             if device.type == "cuda":
                 host = host.pin_memory()
-                in_flight.append(host)
             noise_rows = host.to(device, non_blocking=device.type == "cuda")
+            if device.type == "cuda":  # a pinned buffer may go once its copy is done; keep a few batches' worth
+                done = torch.cuda.Event()
+                done.record()
+                in_flight.append((host, done))
+                while in_flight and (in_flight[0][1].query() or len(in_flight) > PINNED_BATCHES):
+                    in_flight.pop(0)[1].synchronize()
             take = torch.arange(start, stop, device=device)
             local = torch.from_numpy(local.reshape(-1)).to(device)
             if self.compile and self.denoiser.compiled and len(take) < self.batch_size:  # one compiled shape
@@ -341,11 +355,11 @@ class ScoringEngine:
                     batch_errors = self._first_compiled_call(x0, eps, t, cond)
                 else:
                     batch_errors = self.denoiser.error(x0, eps, t, cond, self.loss, self.target)
-            except torch.OutOfMemoryError:
+            except OUT_OF_MEMORY:
                 del x0, eps, cond, noise_rows
                 self._smaller_batch(device)
                 continue  # the same items again, in a smaller batch
-            if getattr(self, "_halved_from", None):
+            if self._halved_from:
                 warn_once(f"--batch-size auto: {self.batch_size} evaluations per pass fit this GPU (down from "
                           f"{self._halved_from} after running out of memory)")
             if self.weights is not None:

@@ -134,6 +134,8 @@ class Exhaustive(Strategy):
 
     def __init__(self, n_timesteps: int = 25):
         self.n_timesteps = int(n_timesteps)
+        if self.n_timesteps < 1:
+            raise UserError(f"--timesteps must be at least 1, got {self.n_timesteps}")
 
     def rounds(self, table, schedule, aggregate):
         grid = schedule.grid(self.n_timesteps, table.t_min)
