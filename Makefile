@@ -20,12 +20,12 @@ venv: $(VENV)/.installed
 data:
 	@test -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz || \
 	  { command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
-	    || echo "Fashion-MNIST not installed (apt-get unavailable); tests that need it will skip"; }
+	    || echo "Fashion-MNIST not installed (apt-get unavailable, or it failed: another apt process may hold its lock); tests that need it will skip"; }
 
 # Debian's chromium for the browser test of the web page (skipped with its reason where it is missing).
 browser:
 	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
-	    || echo "chromium not installed (apt-get unavailable); the browser test will skip"; }
+	    || echo "chromium not installed (apt-get unavailable, or it failed: another apt process may hold its lock); the browser test will skip"; }
 
 demo: venv
 	$(VENV)/bin/diffusion-classifier classify examples/fashion-mnist/*.png --model fashion-mnist-text \

@@ -372,9 +372,11 @@ class Trainer:
             state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
             known = _comparable(TrainConfig(conditioning=config.conditioning))
             stored = {**known, **{k: v for k, v in state["config"].items() if k in known}}  # newer fields
-            if stored != _comparable(config):
-                raise UserError(f"{self.checkpoint_path} was made with another configuration; use a new "
-                                f"output directory")
+            current = _comparable(config)
+            if stored != current:
+                changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+                raise UserError(f"{self.checkpoint_path} was made with another configuration (differs in: "
+                                f"{', '.join(changed)}); use a new output directory or the same settings")
         elif config.init_from:
             source = Path(config.init_from) / "checkpoint.pt"
             if not source.is_file():
