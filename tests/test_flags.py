@@ -76,3 +76,14 @@ def test_impossible_timesteps_are_one_line_without_a_calibration_warning(models,
     code = main(["classify", str(image), "--model", str(models["pixel_class"]), "--timesteps", str(timesteps)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0]
+
+
+def test_a_preset_of_other_classes_is_refused_for_a_class_model(models, tmp_path, capsys):
+    """Finding 1: the CIFAR-10 preset on a model of other classes used to run under the model's names."""
+    image = tmp_path / "shoe.png"
+    random_images(1, size=8, mode="L")[0].save(image)
+    code = main(["classify", str(image), "--model", str(models["pixel_class"]), "--preset", "cifar10"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cifar10 preset has 10 classes and this class-conditional model 4" in err[0]
+    with pytest.raises(UserError, match="the pets preset has 37 classes"):
+        DiffusionClassifier.from_pretrained(models["pixel_class"], preset="pets")

@@ -18,7 +18,7 @@ from .denoisers import Denoiser
 from .errors import UserError, warn_once
 from .labels import candidate_classes
 from .loading import load_with_options
-from .presets import DatasetPreset, scoring_config
+from .presets import DatasetPreset, preset_class_ids, scoring_config
 from .presets import preset as load_preset
 from .scoring import ScoringEngine, check_robust_options, prepare_images
 from .strategies import ScoreTable, strategy_from_description
@@ -82,6 +82,8 @@ class DiffusionClassifier:
             if denoiser.conditioning == "text" and prompts is None:
                 labels, prompts = preset.candidates(labels, templates)
                 templates = None
+            elif denoiser.conditioning != "text" and labels is None:  # its own classes, or refused, not renamed
+                labels = preset_class_ids(preset, denoiser)
         self.config = config.with_options(**options) if config else scoring_config(preset, **options)
         budget, available = self.config.strategy.timestep_budget(), denoiser.num_train_timesteps
         if budget > available:

@@ -131,3 +131,20 @@ def scoring_config(chosen: str | DatasetPreset | None = None, **options) -> Scor
     if options.get("strategy") is None:
         options.pop("strategy", None)
     return ScoringConfig.from_options(**options)
+
+
+def preset_class_ids(chosen: DatasetPreset, denoiser) -> list[int]:
+    """The model's class ids for a dataset relabelled by a preset: label i is class i, when the model's classes
+    are the preset's. A model trained on other classes is refused rather than silently renamed."""
+    names = denoiser.class_names
+    if denoiser.num_classes != len(chosen.classes):
+        raise UserError(f"the {chosen.name} preset has {len(chosen.classes)} classes and this class-conditional "
+                        f"model {denoiser.num_classes}: a class-conditional model scores only its own classes")
+    if names:
+        agree = sum(same_class(a, b) for a, b in zip(chosen.classes, names))
+        if agree < len(names) / 2:
+            raise UserError(f"the {chosen.name} preset's classes ({', '.join(chosen.classes[:3])}, ...) are not "
+                            f"this class-conditional model's ({', '.join(names[:3])}, ...), which scores only its "
+                            "own classes; to rename the dataset's classes to the model's on purpose, pass them "
+                            "with --labels in the dataset's class order")
+    return list(range(len(chosen.classes)))

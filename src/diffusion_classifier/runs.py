@@ -25,7 +25,8 @@ from .data import LabelledImages, load_dataset
 from .denoisers import Denoiser
 from .errors import UserError
 from .labels import validate_labels, validate_templates
-from .presets import DatasetPreset, preset, scoring_config
+from .presets import DatasetPreset, preset, preset_class_ids, scoring_config
+from .presets import preset as load_preset
 
 TASKS = ("classification", "winoground", "pairs")
 IMAGES_PER_EXAMPLE = {"winoground": 2, "pairs": 1}
@@ -176,6 +177,8 @@ def make_classifier(denoiser: Denoiser, scoring: ScoringConfig, labels: Sequence
     from .classifier import DiffusionClassifier
 
     if denoiser.conditioning != "text":
+        if preset is not None and labels is None:  # a preset of other classes is refused, not renamed
+            preset_class_ids(load_preset(preset), denoiser)
         templates, preset = None, None
     fitted = read_calibration(calibration) if calibration else {"temperature": temperature}
     return DiffusionClassifier(denoiser, labels=labels, templates=templates, config=scoring,
@@ -190,26 +193,7 @@ def _candidate_labels(run: EvaluationRun, dataset: LabelledImages, denoiser: Den
         return list(run.labels)
     if not run.preset:
         return dataset.class_names
-    return _preset_classes_of(run.dataset_preset, denoiser) if denoiser.conditioning != "text" else None
-
-
-def _preset_classes_of(chosen: DatasetPreset, denoiser: Denoiser) -> list[int]:
-    """The model's class ids for a dataset relabelled by a preset: label i is class i, when the model's classes
-    are the preset's. A model trained on other classes is refused rather than silently renamed."""
-    names = denoiser.class_names
-    if denoiser.num_classes != len(chosen.classes):
-        raise UserError(f"the {chosen.name} preset has {len(chosen.classes)} classes and this class-conditional "
-                        f"model {denoiser.num_classes}: a class-conditional model scores only its own classes")
-    if names:
-        from .presets import same_class
-
-        agree = sum(same_class(a, b) for a, b in zip(chosen.classes, names))
-        if agree < len(names) / 2:
-            raise UserError(f"the {chosen.name} preset's classes ({', '.join(chosen.classes[:3])}, ...) are not "
-                            f"this class-conditional model's ({', '.join(names[:3])}, ...), which scores only its "
-                            "own classes; to rename the dataset's classes to the model's on purpose, pass them "
-                            "with --labels in the dataset's class order")
-    return list(range(len(chosen.classes)))
+    return preset_class_ids(run.dataset_preset, denoiser) if denoiser.conditioning != "text" else None
 
 
 def _load_items(run: EvaluationRun):
