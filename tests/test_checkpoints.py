@@ -63,6 +63,12 @@ def test_models_load_in_the_scoring_dtype(models):
         assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
 
 
+def test_an_explicit_variant_the_model_lacks_is_said(models, capsys):
+    denoiser = load_denoiser(models["sd"], device="cpu", variant="fp16", dtype="float32")
+    assert denoiser.weights_variant is None
+    assert "--variant fp16: " in capsys.readouterr().err
+
+
 # ----- non-finite numbers ------------------------------------------------------------------------------------
 def test_a_network_that_returns_nan_stops_with_the_image_named(models):
     denoiser = load_denoiser(models["pixel_class"], device="cpu")
@@ -130,6 +136,8 @@ def test_lora_scales_add_up(models, sd_lora):
 def test_lora_mistakes_are_one_line_errors(models, sd_lora, tmp_path):
     with pytest.raises(UserError, match="one scale per --lora"):
         load_denoiser(models["sd"], device="cpu", lora=[sd_lora], lora_scale=[0.5, 0.5])
+    with pytest.raises(UserError, match="one scale per --lora"):  # a scale without a LoRA is not ignored
+        load_denoiser(models["sd"], device="cpu", lora_scale=[0.5])
     with pytest.raises(UserError, match="no such file or directory"):
         load_denoiser(models["sd"], device="cpu", lora=[tmp_path / "missing.safetensors"])
     with pytest.raises(UserError, match="is not a diffusers pipeline, so diffusers cannot load LoRA"):

@@ -537,12 +537,8 @@ def cmd_estimate(args) -> int:
 
     from .estimate import describe, estimate
 
-    if not str(args.batch_size).isdigit() or int(args.batch_size) < 1:
+    if not str(args.batch_size).isdigit() or int(args.batch_size) < 1:  # before any config is read
         raise UserError(f"--batch-size must be a whole number of at least 1, got {args.batch_size!r}")
-    if args.memory is not None:
-        from .estimate import parse_memory
-
-        parse_memory(args.memory)  # a mistake fails before anything is read
     result = estimate(args.model, resolution=args.resolution, batch_size=int(args.batch_size), dtype=args.dtype,
                       memory=args.memory, text_encoders=args.text_encoders, variant=args.variant)
     print(json.dumps(result.to_dict()) if args.json else "\n".join(describe(result)))

@@ -87,8 +87,7 @@ class Estimate:
     embedding_on_gpu_gib: float = 0.0  # every weight plus that: what embedding on the GPU takes
     peak_gib: float = 0.0
     memory_gib: float | None = None
-    max_batch_size: int | None = None
-
+    max_batch_size: int | None = None  # 0: no batch fits (describe() says why)
     weights_on_gpu_gib: float = 0.0  # the weights that stay on the GPU while scoring
     embedding_phase_gib: float = 0.0  # what embedding takes on the GPU (0 where the encoders never go there)
 
@@ -147,11 +146,13 @@ def estimate(model: str | Path, resolution: int | None = None, batch_size: int |
     `batch_size` (default 256) network evaluations per pass, and the largest batch that fits `memory`."""
     from .hub import resolve_variant
     from .runtime import parse_dtype
+    from .scoring import DEFAULT_BATCH
 
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    batch_size = 256 if batch_size in (None, "auto") else int(batch_size)
+    batch_size = DEFAULT_BATCH if batch_size in (None, "auto") else int(batch_size)
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    budget = None if memory is None else parse_memory(memory) if isinstance(memory, str) else int(memory)
     denoiser, mode = _build_fake(model, dtype, resolve_variant(variant, dtype))
     if resolution is not None:
         denoiser.set_resolution(resolution)
@@ -165,7 +166,7 @@ def estimate(model: str | Path, resolution: int | None = None, batch_size: int |
             tracker.reset_peak()
             denoiser.embed_conditions(_candidates(denoiser, 8))
             embedding = tracker.peak - start
-            encoders = sum(_module_bytes(m) for m, where in on_gpu if where != "gpu" and m is not None)
+            encoders = sum(_module_bytes(m) for m, where in on_gpu if where != "gpu")
             # the VAE's encoding of one chunk of images
             vae = 0
             if denoiser.vae is not None:
@@ -194,16 +195,17 @@ def estimate(model: str | Path, resolution: int | None = None, batch_size: int |
     result.embedding_on_gpu_gib = (weights + encoders + embedding) / GIB
     result.peak_gib = max(scoring, embedding_phase) / GIB
     result.weights_on_gpu_gib, result.embedding_phase_gib = weights / GIB, embedding_phase / GIB
-    if memory is not None:
-        budget = parse_memory(memory) if isinstance(memory, str) else int(memory)
+    if budget is not None:
         result.memory_gib, result.max_batch_size = budget / GIB, result.max_batch(budget)
     return result
 
 
 def _placement(denoiser, text_encoders: str) -> list[tuple[torch.nn.Module, str]]:
     """(module, where it lives while scoring) in component_names() order."""
-    if text_encoders not in ("gpu", "cpu", "auto"):
-        raise UserError(f"--text-encoders: choose gpu, cpu or auto, not {text_encoders!r}")
+    from .loading import TEXT_ENCODER_PLACES
+
+    if text_encoders not in TEXT_ENCODER_PLACES:
+        raise UserError(f"--text-encoders: choose {', '.join(TEXT_ENCODER_PLACES)}, not {text_encoders!r}")
     text = {id(m) for m in denoiser.text_modules()}
     return [(m, "gpu" if id(m) not in text or text_encoders == "gpu" else "cpu after embedding")
             for _, m in _named_modules(denoiser)]

@@ -79,9 +79,7 @@ def _hub_file(repo_id: str, filename: str) -> Path:
 def fuse_loras(denoiser, sources: Sequence[str | Path], scales: Sequence[float] = ()) -> None:
     """Fuse each LoRA into the denoiser's network (and text encoders, where it holds weights for them) at its
     scale (default 1.0 each), through diffusers' LoRA loading."""
-    scales = [float(s) for s in scales] if scales else [1.0] * len(sources)
-    if len(scales) != len(sources):
-        raise UserError(f"--lora-scale: give one scale per --lora ({len(sources)}), or none for 1.0 each")
+    scales = [float(s) for s in scales] if scales else [1.0] * len(sources)  # counts checked by load_denoiser
     files = [lora_file(source) for source in sources]  # every LoRA found before any is fused
     pipe = denoiser.diffusers_pipeline()
     if not hasattr(pipe, "load_lora_weights"):
@@ -116,8 +114,9 @@ def _checkpoint_keys(path: Path) -> list[str]:
     return list(state)
 
 
-def load_single_file(model: str | Path, config: str | Path | None, dtype: torch.dtype, variant: str | None):
-    """A Denoiser from a single-file checkpoint and its base pipeline (`config`: a directory or hub id)."""
+def load_single_file(model: str | Path, base_config: str | Path | None, dtype: torch.dtype, variant: str | None):
+    """A Denoiser from a single-file checkpoint and its base pipeline (`base_config`, the CLI's --config: a
+    directory or hub id)."""
     from . import loading
 
     path = Path(model).expanduser()
@@ -126,19 +125,19 @@ def load_single_file(model: str | Path, config: str | Path | None, dtype: torch.
     if not str(path).endswith(SINGLE_FILE_SUFFIXES):
         raise UserError(f"--config is for single-file checkpoints ({', '.join(SINGLE_FILE_SUFFIXES)}); "
                         f"{path} is not one")
-    if config is None:
+    if base_config is None:
         raise UserError(f"{path} is a single-file checkpoint: give its base pipeline with --config (a diffusers "
                         "directory or hub id, e.g. stabilityai/stable-diffusion-xl-base-1.0), whose configs and "
                         "other components it is loaded with")
     keys = _checkpoint_keys(path)
     whole_pipeline = any(key.startswith(PIPELINE_FILE_PREFIXES) for key in keys)
     # the base's network weights are never needed; its other components fill in what the file lacks
-    base_dir = loading.resolve_model_dir(config, variant, skip_weights=NETWORK_KEYS)
+    base_dir = loading.resolve_model_dir(base_config, variant, skip_weights=NETWORK_KEYS)
     index = loading.read_index(base_dir)
     network_key = next((k for k in NETWORK_KEYS if k in index), None)
     if network_key is None:
-        raise UserError(f"--config {config}: its model_index.json names no unet or transformer")
-    record = {"single_file": str(path), "config": str(config), "sha256": file_sha256(path)}
+        raise UserError(f"--config {base_config}: its model_index.json names no unet or transformer")
+    record = {"single_file": str(path), "config": str(base_config), "sha256": file_sha256(path)}
     if whole_pipeline:
         denoiser = _whole_pipeline(path, base_dir, index, dtype)
     else:

@@ -27,8 +27,9 @@ WEIGHT_STEMS = {"safetensors": ("diffusion_pytorch_model", "model"),
 _SHARD = r"(?:-\d{5}-of-\d{5})?"
 _WEIGHT = re.compile(rf"^(?P<stem>[^./]+?)(?:\.(?P<variant>\w+))?{_SHARD}\.(?P<ext>safetensors|bin)$")
 _INDEX = re.compile(r"^(?P<stem>[^./]+)\.(?P<ext>safetensors|bin)\.index(?:\.(?P<variant>\w+))?\.json$")
-# weights in forms we never load (exports, other frameworks, single-file checkpoints)
-OTHER_WEIGHTS = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".onnx_data", ".h5", ".pb",
+# every weight-like file (loadable weights, exports, other frameworks, single-file checkpoints): none is a config;
+# the chosen weights are added back by choose_weights
+WEIGHT_LIKE_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".onnx_data", ".h5", ".pb",
                  ".gguf", ".xml", ".tflite", ".mlmodel", ".pdparams")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 VARIANTS_HELP = "auto (fp16 files where the repository has them and the scoring dtype is half), none (full files), " \
@@ -79,7 +80,7 @@ def component_files(names: Iterable[str], variant: str | None) -> tuple[list[str
     """(every file of one component folder to load: configs, tokenizer files and the chosen weights; variant)."""
     names = list(names)
     weights, chosen = choose_weights(names, variant)
-    others = [n for n in names if not n.endswith(OTHER_WEIGHTS) and not _INDEX.match(n)]
+    others = [n for n in names if not n.endswith(WEIGHT_LIKE_SUFFIXES) and not _INDEX.match(n)]
     return sorted(others) + weights, chosen
 
 

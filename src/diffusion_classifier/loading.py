@@ -23,7 +23,7 @@ import torch
 
 from . import finetunes, hub
 from .denoisers import Denoiser, ModelInfo, vae_dtype
-from .errors import UserError
+from .errors import UserError, warn_once
 
 # pipeline class name -> "module in adapters:class"
 ADAPTERS = {
@@ -309,6 +309,8 @@ def load_denoiser(model: str | Path, device: str | torch.device = "auto", dtype:
 
     if text_encoders not in TEXT_ENCODER_PLACES:
         raise UserError(f"--text-encoders: choose {', '.join(TEXT_ENCODER_PLACES)}, not {text_encoders!r}")
+    if lora_scale and len(lora_scale) != len(lora):
+        raise UserError(f"--lora-scale: give one scale per --lora ({len(lora)}), or none for 1.0 each")
     where = parse_device(device) if isinstance(device, str) else torch.device(device)
     dtype = parse_dtype(dtype, where) if isinstance(dtype, str) else dtype
     wanted = hub.resolve_variant(variant, dtype)
@@ -316,6 +318,9 @@ def load_denoiser(model: str | Path, device: str | torch.device = "auto", dtype:
         denoiser = finetunes.load_single_file(model, base_config, dtype, wanted)
     else:
         denoiser = load_pipeline(resolve_model_dir(model, wanted), dtype, wanted)
+    if variant not in ("auto", None, "", "none") and denoiser.weights_variant != wanted:
+        warn_once(f"--variant {variant}: {model} has no such weight files; its "
+                  f"{denoiser.weights_variant or 'full'} ones were loaded")
     denoiser.text_placement = text_encoders
     denoiser.to(device=where, dtype=dtype)
     if lora:
@@ -341,7 +346,7 @@ def load_pipeline(directory: Path, dtype: torch.dtype | None = None, variant: st
     the models are built from their configs alone, without storage (estimate.py)."""
     index = read_index(directory)
     specs = _component_specs(index)
-    info = ModelInfo.from_index({k: v for k, v in index.items() if k not in specs and not k.startswith("_")
+    info = ModelInfo.from_index({k: v for k, v in index.items() if not k.startswith("_")
                                  and not _is_component_spec(k, v)})
     adapter = adapter_class(str(index.get("_class_name", "")))
     load = ComponentLoader(directory, specs, dtype, variant, given, fake_mode)

@@ -91,6 +91,12 @@ class NonFiniteError(UserError):
         super().__init__(f"NaN or inf in the {what} of image {image or '(unnamed)'}: nothing was ranked{hint}")
 
 
+def _check_finite(denoiser: Denoiser, what: str, batch: torch.Tensor, names: Sequence[str]) -> None:
+    finite = torch.isfinite(batch).flatten(1).all(1)
+    if not finite.all():
+        raise NonFiniteError(denoiser, what, names[int(finite.int().argmin())])
+
+
 def prepare_images(denoiser: Denoiser, config: ScoringConfig, pixels: torch.Tensor, rows: np.ndarray,
                    null_row: int | None = None, noise: Sequence | None = None,
                    names: Sequence[str] | None = None) -> list[Job]:
@@ -104,12 +110,9 @@ def prepare_images(denoiser: Denoiser, config: ScoringConfig, pixels: torch.Tens
         sigma = robust.estimate_noise_sigma(pixels)
         t_mins = robust.min_timestep_for(sigma, denoiser.schedule, config.noise_margin).tolist()
     names = list(names) if names is not None else [f"#{i}" for i in range(len(pixels))]
-    if not torch.isfinite(pixels).all():
-        raise NonFiniteError(denoiser, "pixels", names[int(torch.isfinite(pixels).flatten(1).all(1).int().argmin())])
+    _check_finite(denoiser, "pixels", pixels, names)
     x0 = denoiser.encode_images(pixels)
-    finite = torch.isfinite(x0).flatten(1).all(1)
-    if not finite.all():
-        raise NonFiniteError(denoiser, "latents (the VAE's encoding)", names[int(finite.int().argmin())])
+    _check_finite(denoiser, "latents (the VAE's encoding)", x0, names)
     return [Job(x0[i], image_seed(config.seed, pixels[i]), rows, null_row, int(t_mins[i]),
                 None if noise is None or noise[i] is None else torch.as_tensor(noise[i]).to(x0.device), names[i])
             for i in range(len(x0))]
@@ -239,7 +242,7 @@ class ScoringEngine:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if self.auto_batch and self.batch_size > 1:
-            self._halved_from = self._halved_from or self.batch_size
+            self._halved_from = self._halved_from or self.batch_size  # reported once a batch fits
             self.batch_size = max(1, self.batch_size // 2)
             return
         weights = sum(t.numel() * t.element_size() for m in self.denoiser._modules() for t in m.parameters()
@@ -359,9 +362,10 @@ class ScoringEngine:
                 del x0, eps, cond, noise_rows
                 self._smaller_batch(device)
                 continue  # the same items again, in a smaller batch
-            if self._halved_from:
+            if self._halved_from:  # the first batch that fits after halving: say so once
                 warn_once(f"--batch-size auto: {self.batch_size} evaluations per pass fit this GPU (down from "
                           f"{self._halved_from} after running out of memory)")
+                self._halved_from = None
             if self.weights is not None:
                 batch_errors = batch_errors * self.weights[t]
             real = stop - start
