@@ -200,6 +200,7 @@ def print_all():
                   f"{r['loading']:.1f} s | {r['scoring_25_timesteps']:.1f} s |")
         print()
     render_efficiency(load("efficiency"))
+    render_many_classes(load("many_classes"))
     render_robustness(load("robustness"))
     for path in sorted(RESULTS.glob("robustness_*.json")):  # other runs of a few families or rows (--out)
         render_robustness(load(path.stem), title=f"Robustness, `{path.stem}`")
@@ -460,6 +461,45 @@ def render_efficiency(eff):
                   f"{c['per_timestep_weights']['ece']:.3f}." if "per_timestep_weights" in c else "") + "\n")
         meta = eff["meta"]["calibration"]
         print_stale_note(meta["model"], meta.get("model_weights_sha256"))
+
+
+def render_many_classes(many):
+    if not many:
+        return
+    if "strategies" in many:
+        meta = many["meta"]
+        print(f"**Many candidates: 90-way pairs** ({meta['images']} Fashion-MNIST pair composites [a | b] among the "
+              f"{meta['classes']} captions \"{{a}} to the left of {{b}}\", {meta['model']}; every row replayed on one "
+              f"stored exhaustive pass over the {meta['grid']}-timestep grid: same images and noise; first-look rows "
+              "fitted on the other half of the images)\n")
+        print("| strategy | accuracy | vs exhaustive-50 (paired) | agrees with exhaustive-50 | mean NFE | p95 NFE |")
+        print("|---|---|---|---|---|---|")
+        for r in many["strategies"]:
+            print(f"| {r['strategy']} | {pct(r['accuracy'], r['accuracy_standard_error'])} | "
+                  f"{100 * r['accuracy_minus_exhaustive']:+.1f} +- {100 * r['difference_standard_error']:.1f} | "
+                  f"{pct(r['agreement'], r['agreement_standard_error'])} | {r['nfe_mean']:.0f} | "
+                  f"{r['nfe_p95']:.0f} |")
+        print()
+        print_stale_note(meta["model"], meta.get("weights"))
+    if "ten_way" in many:
+        rows = many["ten_way"]
+        print(f"**Elimination's bound, 10-way** (fashion-mnist-class, earlier weights, {rows[0]['images']} test "
+              "images, replayed on the stored exhaustive 50-timestep run): " + "; ".join(
+                  f"{r['strategy']}: {100 * r['accuracy']:.2f}%, agrees {100 * r['agreement']:.2f}%, "
+                  f"{r['nfe_mean']:.0f} NFE (p95 {r['nfe_p95']:.0f})" for r in rows) + "\n")
+    if "simulation" in many:
+        print("**Elimination's promise by simulation** (error rate 0.05; share of simulated images whose exhaustive "
+              "winner is dropped, +- standard error; diffusion_classifier.simulation)\n")
+        print("| candidates (tied with the best) | first round | normal bound (before) | t bound | NFE share, "
+              "normal / t |")
+        print("|---|---|---|---|---|")
+        rows = many["simulation"]
+        for normal, t in zip(rows[0::2], rows[1::2]):
+            print(f"| {normal['candidates']} ({normal['tied']}) | {normal['min_timesteps']} timesteps | "
+                  f"{pct(normal['dropped_winner'], normal['standard_error'])} | "
+                  f"{pct(t['dropped_winner'], t['standard_error'])} | "
+                  f"{normal['nfe_share_of_exhaustive']:.2f} / {t['nfe_share_of_exhaustive']:.2f} |")
+        print()
 
 
 def render_robustness(rob, title="Robustness"):

@@ -121,6 +121,27 @@ def _gaps_of_run(run_dir: str | Path, aggregate: str) -> tuple[np.ndarray, list[
     return gaps, list(grids.pop())
 
 
+FIRST_LOOK_FILE = "first_look.json"
+
+
+def first_look_of_run(run_dir: str | Path, n_timesteps: int = 2, miss_rate: float = 0.02):
+    """Fit a first look (shortlists.fit_first_look) on an exhaustive run's errors; write RUN_DIR/first_look.json.
+
+    The run's labels are not used: the first look learns where exhaustive scoring's winner sits, so any
+    images like the ones to be classified serve, labelled or not."""
+    from .shortlists import fit_first_look
+
+    config, records, matrices = read_classification_run(run_dir, "calibrate --first-look")
+    grids = {tuple(timesteps) for _, _, timesteps in matrices}
+    if len(grids) != 1 or not matrices:
+        raise UserError("a first look is fitted on an exhaustive run (the same timesteps for every image)")
+    grid = sorted(grids.pop())
+    errors = np.stack([m[:, :, np.argsort(ts)] for _, m, ts in matrices])  # columns in grid order
+    first = fit_first_look(errors, grid, n_timesteps, miss_rate, config.get("aggregate", "min"))
+    first.save(Path(run_dir) / FIRST_LOOK_FILE)
+    return first
+
+
 def read_calibration(path: str | Path) -> dict:
     """calibration.json (or a run directory holding one): temperature, and per-timestep weights if fitted."""
     path = Path(path)

@@ -106,10 +106,15 @@ def _add_scoring_options(p, classes: bool = True) -> None:
     g.add_argument("--error-rate", type=float, default=0.05,
                    help=f"elimination: chance of dropping the best {what}, per image (default 0.05)")
     g.add_argument("--max-nfe", type=int, default=None, help="elimination: network evaluations per image at most")
-    g.add_argument("--max-timesteps", type=int, default=100,
-                   help="elimination: size of the even timestep grid it draws from (default 100)")
+    g.add_argument("--max-timesteps", type=int, default=None,
+                   help="elimination: size of the even timestep grid it draws from (default 100, or the first "
+                   "look's grid)")
     g.add_argument("--shortlist", type=int, default=None,
                    help=f"elimination: keep only this many {whats} after the first round (plain top-k)")
+    g.add_argument("--first-look", metavar="FILE_OR_RUN",
+                   help=f"elimination with many {whats}: first_look.json from `calibrate --first-look` (or the run "
+                   f"directory holding it): every {what} at its few fitted timesteps first, then only those within "
+                   "its fitted gap of the best go on (its miss rate adds to --error-rate)")
     if classes:
         g.add_argument("--class-tree", help="elimination: JSON file grouping the class names (nested); after round "
                        "r only the --keep-groups best groups at depth r go on")
@@ -153,6 +158,15 @@ def _load_options(args) -> dict:
             "base_config": args.base_config, "text_encoders": args.text_encoders}
 
 
+def _first_look(path: str):
+    from pathlib import Path
+
+    from .calibration import FIRST_LOOK_FILE
+    from .shortlists import FirstLook
+
+    return FirstLook.load(Path(path) / FIRST_LOOK_FILE if Path(path).is_dir() else path)
+
+
 def _strategy(args):
     """The strategy the flags ask for; None when none is asked for (the preset's, else exhaustive 25)."""
     from .strategies import Elimination, Exhaustive, Staged
@@ -162,10 +176,14 @@ def _strategy(args):
             raise UserError("--strategy elimination does not take --n-samples, --to-keep or --timesteps "
                             "(it takes --max-timesteps and --max-nfe)")
         tree = _read_json(args.class_tree, "class tree") if getattr(args, "class_tree", None) else None
-        return Elimination(args.error_rate, args.max_nfe, args.max_timesteps, shortlist=args.shortlist,
-                           class_tree=tree, keep_groups=getattr(args, "keep_groups", 2))
+        first_look = _first_look(args.first_look) if args.first_look else None
+        max_timesteps = args.max_timesteps or (first_look.grid if first_look else 100)
+        return Elimination(args.error_rate, args.max_nfe, max_timesteps, shortlist=args.shortlist,
+                           class_tree=tree, keep_groups=getattr(args, "keep_groups", 2), first_look=first_look)
     if getattr(args, "class_tree", None):
         raise UserError("--class-tree needs --strategy elimination")
+    if args.first_look:
+        raise UserError("--first-look needs --strategy elimination")
     if args.strategy == "staged" or args.n_samples or args.to_keep:
         if not args.n_samples or not args.to_keep:
             raise UserError("the staged strategy needs both --n-samples and --to-keep")
@@ -471,14 +489,31 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the fit / held-out split")
     p.add_argument("--per-timestep", action="store_true",
                    help="also fit one weight per timestep (exhaustive runs; classify must use the same timesteps)")
+    p.add_argument("--first-look", type=int, metavar="K", default=None,
+                   help="instead: fit a first look of K timesteps for --strategy elimination --first-look on an "
+                   "exhaustive run (many candidates); writes RUN_DIR/first_look.json")
+    p.add_argument("--miss-rate", type=float, default=0.02,
+                   help="with --first-look: chance of leaving out the exhaustive winner (default 0.02)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def cmd_calibrate(args) -> int:
     import json
 
-    from .calibration import calibrate_run
+    from .calibration import calibrate_run, first_look_of_run
 
+    if args.first_look is not None:
+        first = first_look_of_run(args.run_dir, args.first_look, args.miss_rate)
+        if args.json:
+            print(json.dumps(first.to_dict()))
+        else:
+            from pathlib import Path
+
+            print(f"first look at timesteps {list(first.timesteps)}: keeps classes within {first.max_gap:.4g} "
+                  f"(relative) of the best; mean shortlist {first.held_out_shortlist:.1f}; misses the exhaustive "
+                  f"winner on at most {first.miss_rate:g} of images like these; written to "
+                  f"{Path(args.run_dir) / 'first_look.json'}")
+        return 0
     result = calibrate_run(args.run_dir, args.fit_fraction, args.seed, per_timestep=args.per_timestep)
     if args.json:
         print(json.dumps(result))

@@ -1,0 +1,124 @@
+"""Elimination's promise with many candidates and few samples, and the first look's shortlist."""
+
+import json
+
+import numpy as np
+import pytest
+
+from diffusion_classifier.errors import UserError
+from diffusion_classifier.replay import replay
+from diffusion_classifier.schedules import as_schedule
+from diffusion_classifier.shortlists import FirstLook, conformal_quantile, fit_first_look
+from diffusion_classifier.simulation import dropped_winner_rate, simulated_errors
+from diffusion_classifier.strategies import Elimination, _quantile, strategy_from_description
+
+GRID = as_schedule(1000).grid(50, 0)
+
+
+@pytest.mark.parametrize("n_candidates,n_tied,repeats", [(2, 2, 300), (10, 5, 300), (90, 30, 150), (1000, 100, 25)])
+@pytest.mark.parametrize("min_timesteps,round_size", [(3, 1), (8, 4)])
+def test_elimination_drops_the_exhaustive_winner_at_most_at_its_error_rate(n_candidates, n_tied, repeats,
+                                                                         min_timesteps, round_size):
+    rate = 0.1
+    strategy = Elimination(rate, max_timesteps=len(GRID), min_timesteps=min_timesteps, round_size=round_size)
+    dropped, cost = dropped_winner_rate(strategy, n_candidates, n_tied, repeats, seed=n_candidates + min_timesteps)
+    assert dropped <= rate + 3 * np.sqrt(rate * (1 - rate) / repeats)
+    assert cost < 1  # it does eliminate: the check is not passed by never deciding
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_the_gap_bound_covers_at_its_level_with_few_samples(n):
+    """One look, one comparison: a zero-mean normal gap is declared positive at most at the stated level (the
+    normal quantile the bound used before exceeds it several times over with so few samples)."""
+    rng = np.random.default_rng(n)
+    level = 0.01
+    gaps = rng.standard_normal((200_000, n))
+    statistic = gaps.mean(axis=1) / (gaps.std(axis=1, ddof=1) / np.sqrt(n))
+    t_rate = (statistic > _quantile(1 - level, n - 1)).mean()
+    normal_rate = (statistic > _quantile(1 - level, None)).mean()
+    assert t_rate <= level * 1.1
+    assert normal_rate > 1.5 * level  # what the old bound did
+
+
+def test_a_whole_grid_makes_elimination_exhaustive():
+    """With the finite-population correction the bound closes when the grid is seen: candidates whose grid
+    mean is worse are dropped then, so the answer is exhaustive's."""
+    rng = np.random.default_rng(0)
+    errors = simulated_errors(rng, 3, 3)
+    table = replay(Elimination(0.05, max_timesteps=len(GRID)), errors, GRID)
+    assert table.ranking()[0] == errors[:, 0].mean(axis=1).argmin()
+
+
+def test_conformal_quantile():
+    scores = np.arange(1, 100, dtype=float)  # 99 scores
+    assert conformal_quantile(scores, 0.1) == 90.0  # rank ceil(100 * 0.9) = 90
+    assert conformal_quantile(scores[:5], 0.1) == float("inf")  # too few to bound 10%
+
+
+def test_first_look_keeps_the_winner_on_new_images_and_finds_the_informative_timesteps():
+    """Class information sits at grid points 20-24 only; the fitted first look picks among those, and its shortlist
+    keeps the exhaustive winner on at least 1 - miss_rate of fresh images while dropping most candidates."""
+    rng = np.random.default_rng(0)
+
+    def images(n):
+        errors = 1.0 + 0.05 * rng.standard_normal((n, 40, len(GRID)))
+        truth = rng.integers(0, 40, n)
+        errors[np.arange(n), truth, 20:25] -= 0.3
+        return errors
+
+    first = fit_first_look(images(400), GRID, n_timesteps=2, miss_rate=0.05)
+    assert set(first.timesteps) & set(GRID[20:25])
+    fresh = images(400)
+    winners = fresh.mean(axis=2).argmin(axis=1)
+    shortlisted, agreed, nfe = 0, 0, []
+    for errors, winner in zip(fresh, winners):
+        table = replay(Elimination(0.05, max_timesteps=len(GRID), first_look=first), errors[:, None, :], GRID)
+        shortlisted += table.evidence.get(int(winner), {}).get("by") != "first look"
+        agreed += table.ranking()[0] == winner
+        nfe.append(table.nfe)
+    slack = 3 * np.sqrt(0.1 * 0.9 / len(fresh))
+    assert shortlisted / len(fresh) >= 0.95 - slack
+    assert agreed / len(fresh) >= 1 - (0.05 + 0.05) - slack  # the promise: first-look miss rate + error rate
+    assert np.mean(nfe) < 0.5 * fresh[0].size  # a fraction of exhaustive's cost
+
+
+def test_first_look_round_trips_through_describe_and_json(tmp_path):
+    first = FirstLook((10, 250), 0.02, 0.05, 50, 200, 3.5)
+    strategy = Elimination(0.05, max_timesteps=50, first_look=first)
+    rebuilt = strategy_from_description(strategy.describe())
+    assert rebuilt.first_look == first and rebuilt.bound == "t"
+    first.save(tmp_path / "first.json")
+    assert FirstLook.load(tmp_path / "first.json") == first
+    with pytest.raises(UserError, match="own shortlist"):
+        Elimination(first_look=first, shortlist=3)
+    with pytest.raises(UserError, match="cannot bound"):
+        fit_first_look(np.ones((10, 5, 50)), GRID, miss_rate=0.05)
+
+
+def test_calibrate_fits_a_first_look_that_classify_and_evaluate_use(models, tmp_path, capsys):
+    from diffusion_classifier.cli import main
+
+    from .conftest import image_folder
+
+    names = ["dog", "cat", "bird", "fish", "frog", "horse"]
+    data = image_folder(tmp_path / "data", names, 2, size=20, mode="RGB")
+    run_dir = tmp_path / "run"
+    assert main(["evaluate", "--model", str(models["pixel_text"]), "--data", str(data), "--out", str(run_dir),
+                 "--timesteps", "8", "--quiet"]) == 0
+    code = main(["calibrate", str(run_dir), "--first-look", "2", "--miss-rate", "0.25", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    first = FirstLook.from_dict(json.loads(out.strip().splitlines()[-1]))
+    assert len(first.timesteps) == 2 and first.grid == 8 and first.fitted_on == 12
+    image = str(next((data / "dog").iterdir()))
+    code = main(["classify", image, "--model", str(models["pixel_text"]), "--labels", ",".join(names),
+                 "--strategy", "elimination", "--first-look", str(run_dir), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    row = json.loads(out.strip().splitlines()[-1])
+    assert len(names) * 2 <= row["nfe"] <= len(names) * 8  # the first look for all, then the shortlist
+    code = main(["classify", image, "--model", str(models["pixel_text"]), "--labels", ",".join(names),
+                 "--first-look", str(run_dir)])
+    assert code != 0 and "--first-look needs --strategy elimination" in capsys.readouterr().err
+    code = main(["calibrate", str(run_dir), "--first-look", "2", "--miss-rate", "0.01"])
+    assert code != 0 and "cannot bound a miss rate" in capsys.readouterr().err
