@@ -1,5 +1,5 @@
-"""Findings of issue #36 fixed so far: one image given alone, channel-first arrays, a folder given as an image,
-a closed pipe after --json, elimination evidence keyed by name, help text."""
+"""Findings of issue #36: one image given alone, channel-first arrays, a folder given as an image, a closed pipe
+after --json, elimination evidence keyed by name, help text, options the strategy or model does not use."""
 
 from __future__ import annotations
 
@@ -87,3 +87,30 @@ def test_a_preset_of_other_classes_is_refused_for_a_class_model(models, tmp_path
     assert code == 2 and len(err) == 1 and "cifar10 preset has 10 classes and this class-conditional model 4" in err[0]
     with pytest.raises(UserError, match="the pets preset has 37 classes"):
         DiffusionClassifier.from_pretrained(models["pixel_class"], preset="pets")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--strategy", "exhaustive", "--n-samples", "5", "10", "--to-keep", "3", "1"],
+     "--strategy exhaustive does not use --n-samples (staged), --to-keep (staged)"),
+    (["--error-rate", "0.1"], "the default strategy (a preset's schedule, else exhaustive) does not use --error-rate"),
+    (["--timesteps", "4", "--max-nfe", "50"], "the exhaustive strategy its options choose does not use --max-nfe"),
+    (["--shortlist", "2"], "does not use --shortlist (elimination): add --strategy elimination"),
+    (["--strategy", "staged", "--n-samples", "2", "4", "--to-keep", "2", "1", "--error-rate", "0.1"],
+     "--strategy staged does not use --error-rate (elimination)"),
+    (["--strategy", "elimination", "--keep-groups", "3"], "--keep-groups is used with --class-tree only"),
+    (["--noise-margin", "3"], "--noise-margin is used by --noise-aware scoring only"),
+    (["--template", "a photo of a {}."], "apply to text-conditioned models; this model is class-conditional"),
+])
+def test_an_option_the_strategy_or_model_does_not_use_is_refused(models, tmp_path, capsys, extra, message):
+    """Finding 2: each of these used to run, the option silently ignored (or another strategy run)."""
+    image = tmp_path / "shoe.png"
+    random_images(1, size=8, mode="L")[0].save(image)
+    code = main(["classify", str(image), "--model", str(models["pixel_class"]), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_the_noise_margin_rule_holds_in_the_api(models):
+    with pytest.raises(UserError, match="--noise-margin is used by --noise-aware"):
+        DiffusionClassifier.from_pretrained(models["pixel_class"], noise_margin=3.0)
+    DiffusionClassifier.from_pretrained(models["pixel_class"], noise_margin=3.0, noise_aware=True)

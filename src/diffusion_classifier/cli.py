@@ -103,7 +103,7 @@ def _add_scoring_options(p, classes: bool = True) -> None:
         g.add_argument("--preset", help="a dataset preset (" + ", ".join(PRESET_NAMES) + "): its class names and "
                        "prompts unless --labels / --template are given, and its staged schedule and loss unless "
                        "--strategy, --timesteps, --n-samples or --to-keep are")
-    g.add_argument("--error-rate", type=float, default=0.05,
+    g.add_argument("--error-rate", type=float, default=None,
                    help=f"elimination: chance of dropping the best {what}, per image (default 0.05)")
     g.add_argument("--max-nfe", type=int, default=None, help="elimination: network evaluations per image at most")
     g.add_argument("--max-timesteps", type=int, default=None,
@@ -118,8 +118,8 @@ def _add_scoring_options(p, classes: bool = True) -> None:
     if classes:
         g.add_argument("--class-tree", help="elimination: JSON file grouping the class names (nested); after round "
                        "r only the --keep-groups best groups at depth r go on")
-        g.add_argument("--keep-groups", type=int, default=2,
-                       help="elimination with --class-tree: groups kept per level")
+        g.add_argument("--keep-groups", type=int, default=None,
+                       help="elimination with --class-tree: groups kept per level (default 2)")
     if classes:
         g.add_argument("--temperature", type=float, default=None,
                        help="softmax temperature of probabilities (default: the model's stored one, else 1.0)")
@@ -167,30 +167,51 @@ def _first_look(path: str):
     return FirstLook.load(Path(path) / FIRST_LOOK_FILE if Path(path).is_dir() else path)
 
 
+ELIMINATION_OPTIONS = {"error_rate": "--error-rate", "max_nfe": "--max-nfe", "max_timesteps": "--max-timesteps",
+                       "shortlist": "--shortlist", "class_tree": "--class-tree", "keep_groups": "--keep-groups",
+                       "first_look": "--first-look"}
+STAGED_OPTIONS = {"n_samples": "--n-samples", "to_keep": "--to-keep"}
+
+
 def _strategy(args):
-    """The strategy the flags ask for; None when none is asked for (the preset's, else exhaustive 25)."""
+    """The strategy the flags ask for; None when none is asked for (the preset's, else exhaustive 25).
+
+    One rule: an option the chosen strategy does not use is an error naming the strategy that uses it. Without
+    --strategy, --n-samples/--to-keep choose staged and --timesteps exhaustive (as a preset's schedule would
+    be replaced); elimination is only ever chosen by name."""
     from .strategies import Elimination, Exhaustive, Staged
 
-    if args.strategy == "elimination":
-        if args.n_samples or args.to_keep or args.timesteps is not None:
-            raise UserError("--strategy elimination does not take --n-samples, --to-keep or --timesteps "
-                            "(it takes --max-timesteps and --max-nfe)")
+    def given(options: dict) -> list[str]:
+        return [flag for name, flag in options.items() if getattr(args, name, None) not in (None, [])]
+
+    chosen = args.strategy or ("staged" if given(STAGED_OPTIONS) else "exhaustive" if args.timesteps is not None
+                               else None)
+    foreign = {"elimination": given(STAGED_OPTIONS) + (["--timesteps"] if args.timesteps is not None else []),
+               "staged": given(ELIMINATION_OPTIONS) + (["--timesteps"] if args.timesteps is not None else []),
+               "exhaustive": given(ELIMINATION_OPTIONS) + given(STAGED_OPTIONS),
+               None: given(ELIMINATION_OPTIONS)}[chosen]
+    if foreign:
+        users = {"--timesteps": "exhaustive", **{f: "staged" for f in STAGED_OPTIONS.values()},
+                 **{f: "elimination" for f in ELIMINATION_OPTIONS.values()}}
+        by = ", ".join(f"{flag} ({users[flag]})" for flag in foreign)
+        now = f"--strategy {chosen}" if args.strategy else (
+            "the default strategy (a preset's schedule, else exhaustive)" if chosen is None
+            else f"the {chosen} strategy its options choose")
+        raise UserError(f"{now} does not use {by}: add --strategy {users[foreign[0]]}, or leave them out")
+    if chosen == "elimination":
+        if getattr(args, "keep_groups", None) is not None and not getattr(args, "class_tree", None):
+            raise UserError("--keep-groups is used with --class-tree only")
         tree = _read_json(args.class_tree, "class tree") if getattr(args, "class_tree", None) else None
         first_look = _first_look(args.first_look) if args.first_look else None
         max_timesteps = args.max_timesteps or (first_look.grid if first_look else 100)
-        return Elimination(args.error_rate, args.max_nfe, max_timesteps, shortlist=args.shortlist,
-                           class_tree=tree, keep_groups=getattr(args, "keep_groups", 2), first_look=first_look)
-    if getattr(args, "class_tree", None):
-        raise UserError("--class-tree needs --strategy elimination")
-    if args.first_look:
-        raise UserError("--first-look needs --strategy elimination")
-    if args.strategy == "staged" or args.n_samples or args.to_keep:
+        return Elimination(0.05 if args.error_rate is None else args.error_rate, args.max_nfe, max_timesteps,
+                           shortlist=args.shortlist, class_tree=tree,
+                           keep_groups=getattr(args, "keep_groups", None) or 2, first_look=first_look)
+    if chosen == "staged":
         if not args.n_samples or not args.to_keep:
             raise UserError("the staged strategy needs both --n-samples and --to-keep")
-        if args.timesteps is not None:
-            raise UserError("--timesteps is the exhaustive strategy's; the staged one takes --n-samples")
         return Staged(args.n_samples, args.to_keep)
-    if args.strategy == "exhaustive" or args.timesteps is not None:
+    if chosen == "exhaustive":
         return Exhaustive(25 if args.timesteps is None else args.timesteps)
     return None
 

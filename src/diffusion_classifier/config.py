@@ -75,6 +75,8 @@ class ScoringConfig:
                 raise UserError(f"unknown {f.name} {getattr(self, f.name)!r}; choose one of {', '.join(choices)}")
         if self.noise_margin <= 0:
             raise UserError("the noise margin must be positive")
+        if self.noise_margin != 2.0 and not self.noise_aware:
+            raise UserError("--noise-margin is used by --noise-aware scoring only: add --noise-aware, or leave it out")
         if isinstance(self.batch_size, str) and self.batch_size.isdigit():
             object.__setattr__(self, "batch_size", int(self.batch_size))
         if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):

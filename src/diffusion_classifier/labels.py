@@ -83,7 +83,8 @@ def candidate_classes(denoiser, labels: Sequence | None, templates: Sequence[str
         labels = validate_labels([str(label) for label in labels])
         return labels, expand_prompts(labels, validate_templates(templates or ["{}"]))
     if templates is not None or prompts is not None:
-        raise UserError("templates and prompts apply to text-conditioned models; this model takes class ids")
+        raise UserError("templates and prompts (--template, --templates-file) apply to text-conditioned models; this "
+                        "model is class-conditional: it takes class ids or its saved class names")
     names = denoiser.class_names or [str(i) for i in range(denoiser.num_classes)]
     if labels is None:
         return list(names), list(range(len(names)))

@@ -169,15 +169,13 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto", gro
 def make_classifier(denoiser: Denoiser, scoring: ScoringConfig, labels: Sequence | None = None,
                     templates: Sequence[str] | None = None, preset: str | DatasetPreset | None = None,
                     temperature: float | None = None, calibration: str | Path | None = None):
-    """A classifier from a run's (or `classify`'s) settings. Class-conditional models take no templates; a
-    preset gives them its scoring settings (resolved into `scoring` already) and is refused by the classifier
-    when its classes are not the model's; probabilities come from the
+    """A classifier from a run's (or `classify`'s) settings. Class-conditional models take no templates (the
+    classifier refuses them); a preset gives them its scoring settings (resolved into `scoring` already) and
+    is refused by the classifier when its classes are not the model's; probabilities come from the
     calibration file when given, else the temperature (None: the model's stored one)."""
     from .calibration import read_calibration
     from .classifier import DiffusionClassifier
 
-    if denoiser.conditioning != "text":
-        templates = None  # the preset gives a class model its schedule, and its classes when they are the model's
     fitted = read_calibration(calibration) if calibration else {"temperature": temperature}
     return DiffusionClassifier(denoiser, labels=labels, templates=templates, config=scoring,
                                temperature=fitted["temperature"], timestep_weights=fitted.get("timestep_weights"),
