@@ -169,14 +169,14 @@ def test_per_timestep_weights_recover_known_weights():
 
 
 def test_calibrate_command_on_a_stored_run(models, tmp_path, capsys):
-    data = image_folder(tmp_path / "data", ["cat", "dog"], 5)
+    data = image_folder(tmp_path / "data", ["cat", "dog"], 20)
     run = tmp_path / "run"
     assert main(["evaluate", "--model", str(models["pixel_class"]), "--data", str(data), "--labels", "cat,dog",
                  "--out", str(run), "--timesteps", "4", "--quiet"]) == 0
     capsys.readouterr()
     assert main(["calibrate", str(run), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["temperature"] > 0 and result["fit_images"] + result["held_out_images"] == 10
+    assert result["temperature"] > 0 and result["fit_images"] + result["held_out_images"] == 40
     assert {"nll", "ece"} <= set(result["after"])
     image = data / "cat" / "0.png"
     assert main(["classify", str(image), "--model", str(models["pixel_class"]), "--labels", "cat,dog",
@@ -203,7 +203,7 @@ def test_elimination_options_are_validated(models, tmp_path, capsys):
     random_images(1, size=8, mode="L")[0].save(image)
     assert main(["classify", str(image), "--model", str(models["pixel_class"]), "--strategy", "elimination",
                  "--n-samples", "5"]) == 2
-    assert "does not take --n-samples" in capsys.readouterr().err
+    assert "does not use --n-samples" in capsys.readouterr().err
 
 
 def test_exhaustive_probabilities_equal_plain_softmax(models):

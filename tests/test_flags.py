@@ -114,3 +114,70 @@ def test_the_noise_margin_rule_holds_in_the_api(models):
     with pytest.raises(UserError, match="--noise-margin is used by --noise-aware"):
         DiffusionClassifier.from_pretrained(models["pixel_class"], noise_margin=3.0)
     DiffusionClassifier.from_pretrained(models["pixel_class"], noise_margin=3.0, noise_aware=True)
+
+
+def test_report_filters_apply_to_every_line(models, tmp_path, capsys):
+    """Finding 5: --t-min re-scored the accuracy but not the accuracy-vs-timesteps lines or error_by_timestep."""
+    import json
+
+    from .conftest import image_folder
+
+    data = image_folder(tmp_path / "data", ["a", "b"], 2, size=8, mode="L")
+    run_dir = tmp_path / "run"
+    assert main(["evaluate", "--model", str(models["pixel_class"]), "--data", str(data), "--labels", "0,1",
+                 "--out", str(run_dir), "--timesteps", "10", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(run_dir), "--t-min", "500", "--no-plots", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    kept = [t for t in report["error_by_timestep"]["timesteps"]]
+    assert kept and min(kept) >= 500 and len(kept) == 5  # 5 of the 10 even timesteps lie above 500
+    assert max(row["timesteps"] for row in report["accuracy_vs_timesteps"]) == len(kept)
+    assert main(["report", str(run_dir), "--t-min", "500", "--no-plots"]) == 0
+    assert "only the stored timesteps in [500, the largest]" in capsys.readouterr().out
+
+
+def test_a_calibration_holds_only_for_its_settings_and_needs_enough_images(models, tmp_path, capsys):
+    """Finding 6: --calibration applied a temperature fitted at other settings, labelled "given"; calibrate fitted
+    on 2 images without a word."""
+    import json
+
+    from .conftest import image_folder
+
+    data = image_folder(tmp_path / "data", ["a", "b"], 20, size=8, mode="L")
+    run_dir = tmp_path / "run"
+    assert main(["evaluate", "--model", str(models["pixel_class"]), "--data", str(data), "--labels", "0,1",
+                 "--out", str(run_dir), "--timesteps", "4", "--quiet"]) == 0
+    assert main(["calibrate", str(run_dir)]) == 0
+    capsys.readouterr()
+    image = str(next((data / "a").iterdir()))
+    classify = ["classify", image, "--model", str(models["pixel_class"]), "--calibration", str(run_dir), "--json"]
+    assert main(classify + ["--timesteps", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["probabilities"] == "calibrated"
+    for extra, reason in ((["--timesteps", "4", "--loss", "l1"], "it was fitted with loss l2, this run uses l1"),
+                          (["--timesteps", "50"], "it was fitted at 4 timesteps and holds for 1 to 16")):
+        assert main(classify + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "the calibration does not hold for these settings" in err[0] and reason in err[0]
+
+    small = image_folder(tmp_path / "small", ["a", "b"], 3, size=8, mode="L")
+    small_run = tmp_path / "small-run"
+    assert main(["evaluate", "--model", str(models["pixel_class"]), "--data", str(small), "--labels", "0,1",
+                 "--out", str(small_run), "--timesteps", "2", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["calibrate", str(small_run)]) == 2
+    assert "calibrate fits on at least 20" in capsys.readouterr().err
+    assert not (small_run / "calibration.json").exists()
+
+
+def test_evaluate_says_nothing_about_probabilities_it_does_not_show(tmp_path, capsys):
+    """Finding 4: evaluate warned that the stored temperature does not apply although it shows no probabilities;
+    classify, which shows them, still says so."""
+    from .conftest import image_folder
+
+    data = image_folder(tmp_path / "data", ["a", "b"], 1, size=28, mode="L")
+    assert main(["evaluate", "--model", "fashion-mnist-class", "--data", str(data), "--labels", "0,1",
+                 "--out", str(tmp_path / "run"), "--timesteps", "2", "--loss", "l1", "--quiet"]) == 0
+    assert "calibrated" not in capsys.readouterr().err
+    assert main(["classify", str(data / "a" / "0.png"), "--model", "fashion-mnist-class", "--timesteps", "2",
+                 "--loss", "l1"]) == 0
+    assert "probabilities are not calibrated" in capsys.readouterr().err

@@ -23,9 +23,10 @@ from .probabilities import (
     weighted_probabilities,
 )
 from .runtime import atomic_write_text
-from .store import read_classification_run
+from .store import STORE_NAME, ResultsStore, read_classification_run
 
 CALIBRATION_FILE = "calibration.json"
+MIN_FIT_IMAGES = 20
 
 
 def fit_temperature(relative: np.ndarray, labels: np.ndarray, low: float = 1e-6, high: float = 1e2) -> float:
@@ -91,6 +92,10 @@ def calibrate_run(run_dir: str | Path, fit_fraction: float = 0.5, seed: int = 0,
     relative, labels, aggregate = relative_errors_of_run(run_dir)
     order = np.random.default_rng(seed).permutation(len(labels))
     n_fit = max(2, int(round(fit_fraction * len(labels))))
+    if n_fit < MIN_FIT_IMAGES or len(labels) - n_fit < 1:
+        raise UserError(f"{run_dir} has {len(labels)} classified images, so the fit would rest on {n_fit}; calibrate "
+                        f"fits on at least {MIN_FIT_IMAGES} (and judges on the rest): with fewer, the temperature "
+                        "says more about which images were drawn than about the model. Evaluate more images")
     fit, held = order[:n_fit], order[n_fit:]
     temperature = fit_temperature(relative[fit], labels[fit])
 
@@ -99,6 +104,7 @@ def calibrate_run(run_dir: str | Path, fit_fraction: float = 0.5, seed: int = 0,
                 "ece": expected_calibration_error(probs, labels[held])}
 
     result = {"temperature": temperature, "fit_images": int(len(fit)), "held_out_images": int(len(held)),
+              "fitted_on": fitted_on(run_dir),
               "before": judge(softmax_of_errors(relative[held], 1.0)),
               "after": judge(softmax_of_errors(relative[held], temperature)), "seed": seed}
     if per_timestep:
@@ -142,14 +148,28 @@ def first_look_of_run(run_dir: str | Path, n_timesteps: int = 2, miss_rate: floa
     return first
 
 
+def fitted_on(run_dir: str | Path) -> dict:
+    """The settings of a run a temperature fitted on it holds for (classifier.stored_temperature_applies)."""
+    with ResultsStore(run_dir) as store:
+        config = store.config()
+    return {"strategy": config.get("strategy"),
+            "scoring": {k: config.get(k) for k in ("loss", "target", "grid", "weighting", "aggregate")}}
+
+
 def read_calibration(path: str | Path) -> dict:
-    """calibration.json (or a run directory holding one): temperature, and per-timestep weights if fitted."""
+    """calibration.json (or a run directory holding one): temperature, per-timestep weights if fitted, and the
+    settings it was fitted at (`fitted_on`; files written before it was recorded take it from the run beside
+    them, when there is one)."""
     path = Path(path)
     if path.is_dir():
         path = path / CALIBRATION_FILE
     try:
         data = json.loads(path.read_text())
         out = {"temperature": float(data["temperature"])}
+        if "fitted_on" in data:
+            out["fitted_on"] = data["fitted_on"]
+        elif (path.parent / STORE_NAME).is_file():
+            out["fitted_on"] = fitted_on(path.parent)
         if "timestep_weights" in data:
             out["timestep_weights"] = dict(zip(map(int, data["timesteps"]), map(float, data["timestep_weights"])))
         return out

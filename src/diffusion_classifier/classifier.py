@@ -66,6 +66,9 @@ class DiffusionClassifier:
         as it was fitted (stored_temperature_applies), else 1.0 with a warning; `probability_source`
         says which ("calibrated", "given" or "not calibrated").
     timestep_weights: per-timestep weights from `calibrate --per-timestep` instead of a temperature.
+    calibration: what `calibrate` fitted (calibration.read_calibration: temperature, timestep_weights, fitted_on);
+        like the model's stored temperature it is used only for the scoring settings it was fitted at (else an
+        error), and probabilities then say "calibrated".
     preset: a dataset preset (name or `preset(name)`): its class names and the paper's prompts unless labels,
         templates or prompts are given, and its staged schedule and loss unless a strategy or loss is
         (class-conditional models take only the schedule and loss).
@@ -75,7 +78,7 @@ class DiffusionClassifier:
                  templates: Sequence[str] | None = None, prompts: Sequence[Sequence[str]] | None = None,
                  config: ScoringConfig | None = None, temperature: float | None = None,
                  timestep_weights: dict[int, float] | None = None, preset: str | DatasetPreset | None = None,
-                 **options):
+                 calibration: dict | None = None, **options):
         self.denoiser = denoiser
         if preset is not None:
             preset = load_preset(preset)
@@ -89,16 +92,28 @@ class DiffusionClassifier:
         if budget > available:
             raise UserError(f"the strategy scores up to {budget} timesteps per candidate, but this model has "
                             f"{available}")
+        if calibration is not None:
+            if temperature is not None or timestep_weights is not None:
+                raise UserError("give a calibration or a temperature / timestep weights, not both")
+            reason = stored_temperature_applies(calibration, self.config) if calibration.get("fitted_on") else None
+            if reason is not None:
+                raise UserError(f"the calibration does not hold for these settings: {reason} (fit one for them with "
+                                "evaluate + calibrate)")
+            temperature, timestep_weights = calibration["temperature"], calibration.get("timestep_weights")
         self.timestep_weights = dict(timestep_weights) if timestep_weights else None
-        if self.timestep_weights or temperature is not None:
+        self._calibration_warning = None  # said when probabilities are first computed, not by runs that show none
+        if calibration is not None:
+            self.probability_source = "calibrated"
+        elif self.timestep_weights or temperature is not None:
             self.probability_source = "calibrated" if self.timestep_weights else "given"
         else:
             reason = stored_temperature_applies(denoiser.info.calibration, self.config)
             self.probability_source = "calibrated" if reason is None else "not calibrated"
             temperature = float(denoiser.info.temperature) if reason is None else 1.0
             if reason is not None and denoiser.info.calibration:
-                warn_once(f"probabilities are not calibrated: {reason}; the model's stored temperature does "
-                          "not apply (fit one for these settings with evaluate + calibrate)")
+                self._calibration_warning = (f"probabilities are not calibrated: {reason}; the model's stored "
+                                             "temperature does not apply (fit one for these settings with evaluate "
+                                             "+ calibrate)")
         if temperature <= 0:
             raise UserError("temperature must be positive")
         self.temperature = temperature
@@ -182,6 +197,8 @@ class DiffusionClassifier:
         """softmax(-(error - leader's error on the same timesteps) / temperature) per image."""
         if not results:
             return np.zeros((0, len(self.classes_)))
+        if self._calibration_warning:
+            warn_once(self._calibration_warning)
         if self.timestep_weights:
             return np.stack([self._weighted_probabilities(r) for r in results])
         relative = np.stack([probabilities.relative_scores(r.errors, r.prediction_index, self.config.aggregate)

@@ -472,6 +472,9 @@ def cmd_report(args) -> int:
           f"(as stored: {report['stored_accuracy']:.4f})")
     print(f"  NFE per image mean {report['nfe']['mean']:.0f}, p95 {report['nfe']['p95']:.0f};   "
           f"seconds per image mean {report['seconds_per_image']['mean']:.3f}")
+    if args.t_min or args.t_max is not None:
+        print(f"  accuracies above and below use only the stored timesteps in [{args.t_min}, "
+              f"{'the largest' if args.t_max is None else args.t_max}]")
     for row in report["accuracy_vs_timesteps"]:
         print(f"  {row['timesteps']:>4} timesteps: accuracy {row['accuracy']:.4f}")
     print(f"  written to {args.run_dir}/report/")

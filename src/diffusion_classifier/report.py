@@ -60,8 +60,8 @@ def build_report(run_dir: str | Path, aggregate: str | None = None, t_min: int =
         "seconds_per_image": {"mean": float(seconds.mean()), "p95": float(np.percentile(seconds, 95))},
         "labels": labels, "confusion_matrix": confusion.tolist(),
     }
-    report["accuracy_vs_timesteps"] = _accuracy_vs_timesteps(ok, by_idx, truth, aggregate)
-    report["error_by_timestep"] = _error_by_timestep(ok, by_idx, truth)
+    report["accuracy_vs_timesteps"] = _accuracy_vs_timesteps(ok, by_idx, truth, aggregate, t_min, t_max)
+    report["error_by_timestep"] = _error_by_timestep(ok, by_idx, truth, t_min, t_max)
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     atomic_write_text(json.dumps(report, indent=2) + "\n", out / "report.json")
@@ -70,13 +70,18 @@ def build_report(run_dir: str | Path, aggregate: str | None = None, t_min: int =
     return report
 
 
-def _accuracy_vs_timesteps(ok, by_idx, truth, aggregate) -> list[dict]:
-    """For exhaustive runs: accuracy when only k evenly spaced stored timesteps are used."""
+def _within(t: int, t_min: int, t_max: int | None) -> bool:
+    return t >= t_min and (t_max is None or t <= t_max)
+
+
+def _accuracy_vs_timesteps(ok, by_idx, truth, aggregate, t_min: int = 0, t_max: int | None = None) -> list[dict]:
+    """For exhaustive runs: accuracy when only k evenly spaced stored timesteps (of those in [t_min, t_max])
+    are used."""
     first, timesteps = by_idx[ok[0]["idx"]]
     if not np.isfinite(first).all():
         return []  # pruned candidates: subsets of timesteps are not comparable across classes
-    order = np.argsort(timesteps)
-    n = len(timesteps)
+    order = np.array([i for i in np.argsort(timesteps) if _within(timesteps[i], t_min, t_max)])
+    n = len(order)
     rows = []
     for k in sorted({1, 2, 5, 10, 25, 50, 100, 250, 500, n} & set(range(1, n + 1))):
         columns = order[even_subset(range(n), k)]
@@ -85,13 +90,15 @@ def _accuracy_vs_timesteps(ok, by_idx, truth, aggregate) -> list[dict]:
     return rows
 
 
-def _error_by_timestep(ok, by_idx, truth) -> dict:
-    """Mean error at each stored timestep for the true class and for the other classes."""
+def _error_by_timestep(ok, by_idx, truth, t_min: int = 0, t_max: int | None = None) -> dict:
+    """Mean error at each stored timestep in [t_min, t_max] for the true class and for the other classes."""
     sums: dict[int, list[float]] = {}
     for r, label in zip(ok, truth):
         errors, timesteps = by_idx[r["idx"]]
         per_class = np.nanmin(errors, axis=1)  # best prompt
         for col, t in enumerate(timesteps):
+            if not _within(t, t_min, t_max):
+                continue
             others = np.delete(per_class[:, col], label)
             entry = sums.setdefault(t, [0.0, 0, 0.0, 0])
             if np.isfinite(per_class[label, col]):

@@ -176,10 +176,9 @@ def make_classifier(denoiser: Denoiser, scoring: ScoringConfig, labels: Sequence
     from .calibration import read_calibration
     from .classifier import DiffusionClassifier
 
-    fitted = read_calibration(calibration) if calibration else {"temperature": temperature}
-    return DiffusionClassifier(denoiser, labels=labels, templates=templates, config=scoring,
-                               temperature=fitted["temperature"], timestep_weights=fitted.get("timestep_weights"),
-                               preset=preset)
+    fitted = read_calibration(calibration) if calibration else None
+    return DiffusionClassifier(denoiser, labels=labels, templates=templates, config=scoring, temperature=temperature,
+                               calibration=fitted, preset=preset)
 
 
 def _candidate_labels(run: EvaluationRun, dataset: LabelledImages, denoiser: Denoiser) -> list | None:
