@@ -181,3 +181,37 @@ def test_evaluate_says_nothing_about_probabilities_it_does_not_show(tmp_path, ca
     assert main(["classify", str(data / "a" / "0.png"), "--model", "fashion-mnist-class", "--timesteps", "2",
                  "--loss", "l1"]) == 0
     assert "probabilities are not calibrated" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["classify", "evaluate"])
+def test_candidates_a_class_model_lacks_are_refused_before_it_loads(models, tmp_path, capsys, monkeypatch, command):
+    """Finding 4: --labels cat,dog on a class model loaded it first (about 6 s), then failed; evaluate on a folder
+    of other class names likewise."""
+    from diffusion_classifier import loading
+
+    from .conftest import image_folder
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_denoiser", no_loading)
+    data = image_folder(tmp_path / "data", ["car", "bus"], 1, size=8, mode="L")
+    target = [str(data / "car" / "0.png")] if command == "classify" else ["--data", str(data), "--out",
+                                                                         str(tmp_path / "run")]
+    for extra, message in ((["--labels", "car,bus"], "label 'car' is not one of the model's classes"),
+                           (["--template", "a {}"], "apply to text-conditioned models")):
+        code = main([command, *target, "--model", str(models["pixel_class"]), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_a_wide_image_into_a_square_model_says_how_much_is_cut_off(clf, capsys):
+    """Finding 7: a 100x40 image went into the 28x28 class model without the warning the pairs model gives; a
+    4:3 photo (the paper's center crop) still goes in quietly."""
+    from PIL import Image
+
+    clf.classify([Image.new("L", (40, 30))])
+    assert "cut off" not in capsys.readouterr().err
+    clf.classify([Image.new("L", (100, 40))])
+    err = capsys.readouterr().err
+    assert "a 100x40 image goes into a model that takes 8x8 (width x height)" in err and "60% of it is cut off" in err

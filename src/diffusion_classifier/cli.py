@@ -275,13 +275,17 @@ def _add_classify(sub) -> None:
 def cmd_classify(args) -> int:
     import json
 
+    from .calibration import read_calibration
     from .data import load_image
     from .presets import scoring_config
-    from .runs import make_classifier
+    from .runs import check_candidates, make_classifier
 
     images = [load_image(path) for path in args.images]  # fail fast, naming the bad file
     labels, templates = _labels(args), _templates(args)
     scoring = scoring_config(args.preset, **_scoring_fields(args))  # validate cheap options before loading
+    check_candidates(args.model, labels, templates)
+    if args.calibration:
+        read_calibration(args.calibration)
     classifier = make_classifier(_model(args), scoring, labels, templates, args.preset, args.temperature,
                                  args.calibration)
     results = classifier.classify(images, names=args.images)

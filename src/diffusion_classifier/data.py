@@ -101,9 +101,13 @@ def preprocess(images: Sequence, resolution: int | tuple[int, int], channels: in
         img = _to_mode(ImageOps.exif_transpose(to_pil(image)) or to_pil(image), channels)
         if img.size != (width, height):
             w, h = img.size
-            if width != height and abs((w / h) / (width / height) - 1) > 0.1:  # a non-square model loses content
+            stretch = max((w / h) / (width / height), (h / w) * (width / height))
+            # a non-square model's layout is a contract (a pair's two halves); a square one center-crops photos
+            # as the paper does, and warns only when the crop cuts off more than a third of the image
+            if stretch > (1.1 if width != height else 1.5):
                 warn_once(f"a {w}x{h} image goes into a model that takes {width}x{height} (width x height): it is "
-                          f"resized to cover that shape and center-cropped, so part of it is cut off")
+                          f"resized to cover that shape and center-cropped, so {100 * (1 - 1 / stretch):.0f}% of "
+                          "it is cut off")
             scale = max(width / w, height / h)
             img = img.resize((max(width, round(w * scale)), max(height, round(h * scale))),
                              INTERPOLATIONS[interpolation])

@@ -83,12 +83,22 @@ def candidate_classes(denoiser, labels: Sequence | None, templates: Sequence[str
         labels = validate_labels([str(label) for label in labels])
         return labels, expand_prompts(labels, validate_templates(templates or ["{}"]))
     if templates is not None or prompts is not None:
-        raise UserError("templates and prompts (--template, --templates-file) apply to text-conditioned models; this "
-                        "model is class-conditional: it takes class ids or its saved class names")
+        raise UserError(TEMPLATES_NEED_TEXT)
     names = denoiser.class_names or [str(i) for i in range(denoiser.num_classes)]
+    return class_ids(names, labels, denoiser.num_classes)
+
+
+TEMPLATES_NEED_TEXT = ("templates and prompts (--template, --templates-file) apply to text-conditioned models; this "
+                       "model is class-conditional: it takes class ids or its saved class names")
+
+
+def class_ids(names: Sequence[str], labels: Sequence | None, num_classes: int) -> tuple[list[str], list[int]]:
+    """(names, ids) of a class-conditional model's candidates: all its classes, or `labels` given as saved names
+    (or a comma-separated part of one, as ImageNet's "tench, Tinca tinca") or integer ids."""
+    names = list(names)
     if labels is None:
-        return list(names), list(range(len(names)))
-    lookup: dict[str, int] = {}  # full names, and each comma-separated synonym (ImageNet's "tench, Tinca tinca")
+        return names, list(range(len(names)))
+    lookup: dict[str, int] = {}
     for i, name in enumerate(names):
         for key in [name] + [part.strip() for part in name.split(",")]:
             lookup.setdefault(key, i)
@@ -104,7 +114,7 @@ def candidate_classes(denoiser, labels: Sequence | None, templates: Sequence[str
                             f"({', '.join(names[:12])}{', ...' if len(names) > 12 else ''})")
     if len(set(ids)) != len(ids):
         raise UserError("duplicate labels")
-    bad = [i for i in ids if not 0 <= i < denoiser.num_classes]
+    bad = [i for i in ids if not 0 <= i < num_classes]
     if bad:
-        raise UserError(f"class id {bad[0]} is outside the model's {denoiser.num_classes} classes")
+        raise UserError(f"class id {bad[0]} is outside the model's {num_classes} classes")
     return [names[i] if i < len(names) else str(i) for i in ids], ids

@@ -282,6 +282,24 @@ def _is_component_spec(key: str, value: Any) -> bool:
             and len(value) == 2 and value[0] in COMPONENT_LIBRARIES)
 
 
+def peek_conditioning(model: str | Path) -> tuple[str, list[str] | None] | None:
+    """(conditioning, saved class names) of a built-in model or a local pipeline directory, read from its
+    model_index.json without loading anything, so that candidates can be checked before a model loads; None
+    for hub ids and single files (known once fetched) and for anything it cannot read (loading will say)."""
+    directory = builtin_model_dir(str(model)) if str(model) in BUILTIN_MODELS else Path(model)
+    try:
+        index = read_index(directory)
+        conditioning = adapter_class(str(index.get("_class_name", ""))).conditioning
+    except (OSError, UserError):
+        return None
+    names = index.get("class_names")
+    if names is None and isinstance(index.get("id2label"), dict):
+        id2label = index["id2label"]
+        names = [id2label[str(i)] for i in range(len(id2label))] if all(
+            str(i) in id2label for i in range(len(id2label))) else None
+    return conditioning, names
+
+
 def read_index(directory: Path) -> dict:
     try:
         index = json.loads((directory / "model_index.json").read_text())

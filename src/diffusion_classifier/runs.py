@@ -127,6 +127,13 @@ def run_evaluation(run: EvaluationRun, denoiser: Denoiser | None = None, progres
         raise UserError("max_new must be at least 0")
     items = _load_items(run)
     scoring = run.scoring_config()  # validate the settings before loading a model
+    if run.task == "classification":
+        from .calibration import read_calibration
+
+        labels = run.labels if run.labels is not None or run.preset else items.class_names
+        check_candidates(run.model, labels, run.templates)
+        if run.calibration:
+            read_calibration(run.calibration)
     with process_group() as group:
         if denoiser is None:
             denoiser = load_model(run.model, run.device, run.dtype, group, variant=run.variant, lora=run.lora,
@@ -152,6 +159,22 @@ def run_evaluation(run: EvaluationRun, denoiser: Denoiser | None = None, progres
             metrics = evaluate_matching(matcher, run.task, items, run.out, identity, examples_per_batch=per_batch,
                                         progress=progress, group=group, normalize=run.normalize, max_new=max_new)
     return metrics
+
+
+def check_candidates(model: str | Path, labels: Sequence | None, templates: Sequence[str] | None) -> None:
+    """What can be checked about the candidates before the model loads (built-in models and local directories:
+    their model_index.json says whether they take text and names their classes); the classifier checks again."""
+    from .labels import TEMPLATES_NEED_TEXT, class_ids
+    from .loading import peek_conditioning
+
+    peeked = peek_conditioning(model)
+    if peeked is None or peeked[0] == "text":
+        return
+    if templates:
+        raise UserError(TEMPLATES_NEED_TEXT)
+    names = peeked[1]
+    if labels is not None and names:
+        class_ids(names, labels, len(names))
 
 
 def load_model(model: str | Path, device: str = "auto", dtype: str = "auto", group=None, **options) -> Denoiser:
