@@ -40,7 +40,7 @@ from diffusion_classifier.schedules import even_subset
 from diffusion_classifier.shortlists import fit_first_look
 from diffusion_classifier.simulation import dropped_winner_rate
 from diffusion_classifier.store import ResultsStore
-from diffusion_classifier.strategies import Elimination, Exhaustive, FixedTimesteps, Staged
+from diffusion_classifier.strategies import CoarseToFine, Elimination, Exhaustive, FixedTimesteps, Staged
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "fashion-mnist-pairs"
@@ -84,6 +84,49 @@ def manifest_for(n: int) -> str:
     return str(relative)
 
 
+COARSE_GRID = 10  # the coarse pass's timesteps: an even 10-point grid, every point on the 50-point one
+
+
+def coarse_captions(spec: dict | None = None) -> dict[str, dict[str, list[str]]]:
+    """The partial captions "{item} on the {side}" (the pairs model's single-item captions) as two families of
+    coarse candidates over the 90 captions: by left item and by right item."""
+    spec = spec or load_spec()
+    names, fine = spec["names"], captions(spec)
+    return {side: {f"{names[item]} on the {side}": [fine[k] for k, pair in enumerate(PAIRS)
+                                                     if pair[0 if side == "left" else 1] == item]
+                   for item in range(10)} for side in ("left", "right")}
+
+
+def coarse_errors(n_stored: int, args) -> np.ndarray:
+    """[images, 20, 1, COARSE_GRID] errors of the partial captions on the first n_stored composites (the same noise
+    as the pass: noise follows the image and the timestep). Cached in results/ (not committed), by chunks."""
+    from diffusion_classifier import DiffusionClassifier, load_denoiser
+    from diffusion_classifier.data import manifest
+    from diffusion_classifier.schedules import as_schedule
+
+    labels = [label for family in coarse_captions().values() for label in family]
+    cache = RESULTS / "many_classes_coarse.npz"
+    key = json.dumps({"weights": model_fingerprint(MODEL), "labels": labels, "grid": COARSE_GRID,
+                      "data": pass_run(args.images).data})
+    done = np.zeros((0, len(labels), 1, COARSE_GRID))
+    if cache.exists() and str(np.load(cache)["key"]) == key:
+        done = np.load(cache)["errors"]
+    if len(done) >= n_stored:
+        return done[:n_stored]
+    dataset = manifest(ROOT / pass_run(args.images).data)
+    grid = as_schedule(1000).grid(COARSE_GRID, 0)
+    clf = DiffusionClassifier(load_denoiser(MODEL), labels=labels, templates=["{}"], strategy=FixedTimesteps(grid),
+                              batch_size=args.batch_size)
+    for start in range(len(done), n_stored, args.chunk):
+        items = dataset.items[start:min(n_stored, start + args.chunk)]
+        results = clf.classify(items)
+        done = np.concatenate([done, np.stack([r.errors[:, :, np.argsort(r.timesteps)] for r in results])])
+        np.savez(cache.with_suffix(".tmp.npz"), errors=done, key=key)
+        cache.with_suffix(".tmp.npz").replace(cache)
+        print(f"coarse pass: {len(done)} of {n_stored} images", flush=True)
+    return done
+
+
 def pass_run(n: int, batch_size: int = 64) -> EvaluationRun:
     out = RUNS / f"many-classes-pairs-{model_fingerprint(MODEL)[:10]}-test{n}-grid{GRID}"
     return EvaluationRun(model=MODEL, data=manifest_for(n), out=out.relative_to(ROOT), labels=tuple(captions()),
@@ -124,6 +167,26 @@ def replayed(strategy, errors: np.ndarray, grid: list[int]) -> tuple[np.ndarray,
     """Per image: the replayed prediction and NFE."""
     tables = [replay(strategy, e, grid) for e in errors]
     return np.array([t.ranking()[0] for t in tables]), np.array([t.nfe for t in tables])
+
+
+def as_grid(points: int) -> list[int]:
+    from diffusion_classifier.schedules import as_schedule
+
+    return as_schedule(1000).grid(points, 0)
+
+
+def replayed_fine(strategy, errors: np.ndarray, grid: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """As replayed, for tables whose rows past the 90 classes are coarse candidates (never predicted); a coarse
+    candidate asked for at a timestep the coarse pass did not score would read NaN, which is refused."""
+    predictions, nfe = [], []
+    for e in errors:
+        table = replay(strategy, e, grid)
+        if np.isnan(table.errors[table.evaluated]).any():
+            raise SystemExit("a strategy asked for coarse errors the coarse pass did not score")
+        order = [c for c in table.ranking() if c < len(PAIRS)]
+        predictions.append(order[0])
+        nfe.append(table.nfe)
+    return np.array(predictions), np.array(nfe)
 
 
 def cross_fitted(make_strategy, fit, errors: np.ndarray, grid: list[int]) -> tuple[np.ndarray, np.ndarray, list]:
@@ -181,6 +244,21 @@ def section_strategies(args, out: dict) -> None:
             name = f"first look {k} (miss {miss}) + elimination {rate - miss:g}" + (f", max_nfe {cap}" if cap else "")
             predictions, nfe, fits = cross_fitted(make, fit, errors, grid)
             add(name, predictions, nfe, {**make(None).describe(), "first_look": "cross-fitted"}, fits)
+    if args.coarse:
+        coarse = coarse_errors(n, args)
+        families = coarse_captions()
+        combined = np.full((n, len(PAIRS) + coarse.shape[1], 1, GRID), np.nan)
+        combined[:, :len(PAIRS)] = errors
+        columns = [grid.index(t) for t in as_grid(COARSE_GRID)]
+        combined[:, len(PAIRS):, :, columns] = coarse
+        labels_all = captions() + [label for family in families.values() for label in family]
+        for keep in (2, 3):
+            for k in (2, 3):
+                strategy = CoarseToFine(list(families.values()), keep=keep, timesteps=k, grid=COARSE_GRID,
+                                        then=Elimination(rate, max_timesteps=GRID)).resolve(labels_all)
+                name = (f"coarse-to-fine: partial captions at {k} timesteps, keep {keep} per side, then elimination "
+                        f"{rate}")
+                add(name, *replayed_fine(strategy, combined, grid), strategy.describe())
     out["strategies"] = rows
     out["meta"] = {"images": n, "grid": GRID, "classes": len(PAIRS), "model": MODEL,
                    "weights": model_fingerprint(MODEL), "exhaustive_accuracy": float(np.mean(exhaustive == labels)),
@@ -247,6 +325,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--error-rate", type=float, default=0.05, help="the promise of the first-look rows (total)")
     parser.add_argument("--miss-rate", type=float, default=0.02, help="the first look's share of it")
+    parser.add_argument("--coarse", action="store_true", help="strategies: add the coarse-to-fine rows (scores the "
+                        "20 partial captions at 10 timesteps of the stored images first, cached)")
     args = parser.parse_args()
     os.chdir(ROOT)  # the stored run names its data relative to the repository root
     tune_cpu_allocator()

@@ -122,3 +122,33 @@ def test_calibrate_fits_a_first_look_that_classify_and_evaluate_use(models, tmp_
     assert code != 0 and "--first-look needs --strategy elimination" in capsys.readouterr().err
     code = main(["calibrate", str(run_dir), "--first-look", "2", "--miss-rate", "0.01"])
     assert code != 0 and "cannot bound a miss rate" in capsys.readouterr().err
+
+
+def test_coarse_to_fine_scores_coarse_candidates_then_only_the_classes_they_keep(models):
+    from diffusion_classifier import DiffusionClassifier
+    from diffusion_classifier.strategies import CoarseToFine, Exhaustive
+
+    from .conftest import random_images
+
+    classes = ["red cat", "red dog", "blue cat", "blue dog", "green cat", "green dog"]
+    colour = {"a red thing": classes[0:2], "a blue thing": classes[2:4], "a green thing": classes[4:6]}
+    animal = {"a cat": classes[0::2], "a dog": classes[1::2]}
+    strategy = CoarseToFine([colour, animal], keep=1, timesteps=2, grid=10, then=Exhaustive(3))
+    clf = DiffusionClassifier.from_pretrained(models["pixel_text"], labels=classes, templates=["a photo of {}."],
+                                              strategy=strategy)
+    result = clf.classify(random_images(1, size=8, mode="L"))[0]
+    assert {label for label, _ in result.ranking} == set(classes)  # coarse candidates never ranked
+    assert result.errors.shape[0] == len(classes)
+    assert result.nfe == 5 * 2 + 1  # five coarse candidates at 2 timesteps, then the one class both families keep
+    dropped = {c for c, why in result.extra["evidence"].items() if why["by"] == "coarse-to-fine"}
+    assert dropped == set(classes) - {result.prediction}
+    assert strategy_from_description(strategy.describe()).describe() == strategy.describe()
+
+    wider = CoarseToFine([colour], keep=2, timesteps=[100, 500], then=Exhaustive(3))
+    clf = DiffusionClassifier.from_pretrained(models["pixel_text"], labels=classes, templates=["a photo of {}."],
+                                              strategy=wider)
+    result = clf.classify(random_images(1, size=8, mode="L"))[0]
+    assert result.nfe == 3 * 2 + 4 * 3  # three colours at 2 timesteps, then the four classes of the best two
+    with pytest.raises(UserError, match="is not a candidate label"):
+        DiffusionClassifier.from_pretrained(models["pixel_text"], labels=classes[:2], templates=["{}"],
+                                            strategy=CoarseToFine([colour]))

@@ -119,9 +119,19 @@ class DiffusionClassifier:
         self.temperature = temperature
         check_robust_options(denoiser, self.config)
         self.classes_, conditions = candidate_classes(denoiser, labels, templates, prompts)
-        self.strategy = self.config.strategy.resolve(self.classes_)
+        extra = self.config.strategy.extra_candidates()  # coarse candidates: scored, never ranked
+        if extra:
+            if prompts is not None:
+                raise UserError("coarse candidates are expanded with templates; give labels and templates, not prompts")
+            names, extra_conditions = candidate_classes(denoiser, extra, templates, None)
+            if set(names) & set(self.classes_):
+                raise UserError(f"coarse candidate {sorted(set(names) & set(self.classes_))[0]!r} is also a class")
+            conditions = list(conditions) + list(extra_conditions)
+            self.strategy = self.config.strategy.resolve(self.classes_ + names)
+        else:
+            self.strategy = self.config.strategy.resolve(self.classes_)
         if denoiser.conditioning == "text":
-            self.prompts_ = conditions
+            self.prompts_ = conditions[:len(self.classes_)]
             flat = [c for per_class in conditions for c in per_class]
             too_long, same = denoiser.check_texts(flat)
             for message in too_long:
@@ -172,17 +182,20 @@ class DiffusionClassifier:
         return [self._result(name, table, seconds) for name, table in zip(names, tables)]
 
     def _result(self, name: str, table: ScoreTable, seconds: float) -> Classification:
-        scores = table.class_scores(self.config.aggregate)
-        order = table.ranking(self.config.aggregate)
-        counts = np.isfinite(table.errors[:, 0, :]).sum(axis=1)
+        n = len(self.classes_)  # rows past the classes are coarse candidates: they count in the NFE only
+        errors = table.errors[:n]
+        scores = probabilities.class_scores(errors, self.config.aggregate)
+        order = probabilities.ranking(errors, self.config.aggregate)
+        counts = np.isfinite(errors[:, 0, :]).sum(axis=1)
         tied = [self.classes_[i] for i in itertools.takewhile(  # ranked, so the ties follow the leader
             lambda i: counts[i] == counts[order[0]] and probabilities.same_score(scores[i], scores[order[0]]),
             order[1:])]
         return Classification(image=name, prediction=self.classes_[order[0]], prediction_index=int(order[0]),
                               ranking=[(self.classes_[i], float(scores[i])) for i in order], mean_errors=scores,
-                              errors=table.errors.copy(), timesteps=list(table.timesteps), nfe=table.nfe,
+                              errors=errors.copy(), timesteps=list(table.timesteps), nfe=table.nfe,
                               seconds=seconds, extra={"evidence": {self.classes_[int(c)]: why for c, why in
-                                                                   table.evidence.items()}} if table.evidence else {},
+                                                                   table.evidence.items() if c < n}}
+                              if table.evidence else {},
                               tied_with=tied, timesteps_per_label={c: int(n) for c, n in zip(self.classes_, counts)})
 
     def predict(self, images: Sequence) -> np.ndarray:

@@ -117,9 +117,15 @@ class Strategy:
         """The strategy bound to the candidates' names (for strategies configured by name)."""
         return self
 
-    def rounds(self, table: ScoreTable, schedule: NoiseSchedule, aggregate: str) -> Iterator[Round]:
-        """Rounds for one image; grid positions come from `schedule.grid`."""
+    def rounds(self, table: ScoreTable, schedule: NoiseSchedule, aggregate: str,
+               candidates: Sequence[int] | None = None) -> Iterator[Round]:
+        """Rounds for one image over `candidates` (rows of the table; default all of them); grid positions
+        come from `schedule.grid`."""
         raise NotImplementedError
+
+    def extra_candidates(self) -> list[str]:
+        """Conditions a strategy scores besides the classes (coarse candidates); none by default."""
+        return []
 
     def describe(self) -> dict:
         raise NotImplementedError
@@ -137,9 +143,9 @@ class Exhaustive(Strategy):
         if self.n_timesteps < 1:
             raise UserError(f"--timesteps must be at least 1, got {self.n_timesteps}")
 
-    def rounds(self, table, schedule, aggregate):
+    def rounds(self, table, schedule, aggregate, candidates=None):
         grid = schedule.grid(self.n_timesteps, table.t_min)
-        yield Round(tuple(range(table.n_classes)), tuple(grid))
+        yield Round(tuple(_candidates(table, candidates)), tuple(grid))
 
     def describe(self):
         return {"name": "exhaustive", "n_timesteps": self.n_timesteps}
@@ -156,12 +162,12 @@ class FixedTimesteps(Strategy):
         if not self.timesteps or len(set(self.timesteps)) != len(self.timesteps):
             raise UserError("timesteps must be a non-empty list without repeats")
 
-    def rounds(self, table, schedule, aggregate):
+    def rounds(self, table, schedule, aggregate, candidates=None):
         T = schedule.num_train_timesteps
         if not all(0 <= t < T for t in self.timesteps):
             raise UserError(f"timesteps must lie in [0, {T})")
         chosen = [t for t in self.timesteps if t >= table.t_min] or [max(self.timesteps)]
-        yield Round(tuple(range(table.n_classes)), tuple(chosen))
+        yield Round(tuple(_candidates(table, candidates)), tuple(chosen))
 
     def describe(self):
         return {"name": "fixed", "timesteps": self.timesteps}
@@ -207,8 +213,8 @@ class Staged(Strategy):
             remaining = min(remaining, keep)
         return total
 
-    def rounds(self, table, schedule, aggregate):
-        remaining = list(range(table.n_classes))
+    def rounds(self, table, schedule, aggregate, candidates=None):
+        remaining = _candidates(table, candidates)
         for grid, keep in zip(self.stage_timesteps(schedule, table.t_min), self.to_keep):
             if grid:
                 yield Round(tuple(remaining), tuple(grid))
@@ -240,6 +246,10 @@ def low_discrepancy_order(n: int) -> list[int]:
         if k > 64 * n:  # cannot happen for n >= 1; keeps the loop provably finite
             order += [i for i in range(n) if i not in seen]
     return order
+
+
+def _candidates(table: ScoreTable, candidates: Sequence[int] | None) -> list[int]:
+    return list(range(table.n_classes)) if candidates is None else [int(c) for c in candidates]
 
 
 class Elimination(Strategy):
@@ -313,14 +323,16 @@ class Elimination(Strategy):
         resolved.class_tree = class_tree_indices(self.class_tree, labels)
         return resolved
 
-    def rounds(self, table, schedule, aggregate):
+    def rounds(self, table, schedule, aggregate, candidates=None):
         grid = schedule.grid(min(self.max_timesteps, schedule.num_train_timesteps), table.t_min)
         order = [grid[i] for i in low_discrepancy_order(len(grid))]
-        alive = list(range(table.n_classes))
+        alive = _candidates(table, candidates)
         n_prompts = table.errors.shape[1]
-        comparisons = max(1, table.n_classes - 1)
+        comparisons = max(1, len(alive) - 1)
         position, look = 0, 0
         groups = class_tree_indices(self.class_tree, range(table.n_classes)) if self.class_tree else None
+        if groups is not None and candidates is not None:
+            raise UserError("a class tree works on all candidates; it cannot follow a coarse-to-fine search")
         if self.first_look is not None and len(alive) > 1:
             first = self.first_look.timesteps_on(grid)
             yield Round(tuple(alive), tuple(first))
@@ -384,6 +396,89 @@ class Elimination(Strategy):
 BOUNDS = ("t", "normal")
 
 
+class CoarseToFine(Strategy):
+    """Hierarchical pruning with coarse candidates (beyond the paper), for many classes.
+
+    `families`: one or more partitions of the classes into groups, each group named by a coarse
+    candidate: a condition the model can score although it is not a class (a partial caption such as
+    "a bag on the left" for the 90 "{a} to the left of {b}" captions; a parent class such as "a bag
+    first, then anything"). As {coarse label: [class labels]} dicts. Families are levels, taken in
+    order: each scores, at `timesteps` (grid timesteps, or a count spread evenly over an even grid of
+    `grid` points), the coarse candidates of its groups that still hold a class, and only the classes of
+    its `keep` best groups go on (a family that does not cover a class leaves it alone). Nested families
+    (first item, then first two items) descend a class tree; independent ones (left item, right item)
+    intersect. `then` (default Elimination()) finishes among the classes left. Coarse candidates are
+    scored as classes are (the same templates and noise) and count in the NFE; they never appear in a
+    ranking. Like a class tree this is a top-k, not a test: `keep` trades cost for the chance of losing
+    the winner.
+    """
+
+    def __init__(self, families: dict | list, keep: int = 3, timesteps: int | Sequence[int] = 2, grid: int = 50,
+                 then: Strategy | None = None):
+        families = [families] if isinstance(families, dict) else list(families)
+        if not families or not all(isinstance(f, dict) and f for f in families):
+            raise UserError("coarse-to-fine needs one or more families: {coarse label: [class labels]}")
+        if keep < 1:
+            raise UserError("coarse-to-fine: keep must be at least 1")
+        if isinstance(timesteps, int) and timesteps < 1 or not isinstance(timesteps, int) and not timesteps:
+            raise UserError("coarse-to-fine: at least one first-round timestep")
+        self.families, self.keep, self.grid = families, int(keep), int(grid)
+        self.timesteps = timesteps if isinstance(timesteps, int) else [int(t) for t in timesteps]
+        self.then = then if then is not None else Elimination()
+        self._groups: list[list[tuple[int, list[int]]]] | None = None  # bound by resolve: (coarse row, class rows)
+
+    def extra_candidates(self) -> list[str]:
+        return list(dict.fromkeys(label for family in self.families for label in family))
+
+    def resolve(self, labels):
+        """`labels`: the classes followed by the extra candidates, as the classifier lays them out."""
+        index = {label: i for i, label in enumerate(labels)}
+        bound = copy.copy(self)
+        bound._groups = []
+        for family in self.families:
+            groups = []
+            for coarse, members in family.items():
+                missing = [m for m in members if m not in index]
+                if missing:
+                    raise UserError(f"coarse-to-fine: {missing[0]!r} (under {coarse!r}) is not a candidate label")
+                groups.append((index[coarse], [index[m] for m in members]))
+            bound._groups.append(groups)
+        bound.then = self.then.resolve(labels)
+        return bound
+
+    def rounds(self, table, schedule, aggregate, candidates=None):
+        if self._groups is None:
+            raise UserError("coarse-to-fine must be resolved against the candidate labels first")
+        first = (even_subset(schedule.grid(self.grid, table.t_min), self.timesteps)
+                 if isinstance(self.timesteps, int) else self.timesteps)
+        coarse = {row for family in self._groups for row, _ in family}
+        alive = [c for c in _candidates(table, candidates) if c not in coarse]
+        for level, family in enumerate(self._groups):
+            live = [(row, members) for row, members in family if set(members) & set(alive)]
+            if len(live) <= self.keep:
+                continue  # nothing to choose at this level
+            yield Round(tuple(row for row, _ in live), tuple(first))
+            scores = table.class_scores(aggregate)
+            allowed = {c for _, members in sorted(live, key=lambda group: scores[group[0]])[: self.keep]
+                       for c in members}
+            covered = {c for _, members in family for c in members}
+            for c in alive:
+                if c in covered and c not in allowed:
+                    table.evidence[int(c)] = {"eliminated": True, "by": "coarse-to-fine", "level": level}
+            alive = [c for c in alive if c not in covered or c in allowed]
+        if len(alive) > 1:
+            yield from self.then.rounds(table, schedule, aggregate, candidates=alive)
+        elif alive:  # one class left: score it once so it ranks first
+            yield Round(tuple(alive), (first[0],))
+
+    def timestep_budget(self) -> int:
+        return self.then.timestep_budget()
+
+    def describe(self):
+        return {"name": "coarse-to-fine", "families": self.families, "keep": self.keep, "timesteps": self.timesteps,
+                "grid": self.grid, "then": self.then.describe()}
+
+
 def _quantile(p: float, degrees_of_freedom: int | None) -> float:
     """The p-quantile of Student's t (a normal one for None)."""
     if degrees_of_freedom is None:
@@ -438,7 +533,10 @@ def strategy_from_description(description: dict) -> Strategy:
     """The strategy a run or a stored calibration recorded (its describe()), rebuilt."""
     settings = dict(description)
     name = settings.pop("name", None)
-    kinds = {"exhaustive": Exhaustive, "fixed": FixedTimesteps, "staged": Staged, "elimination": Elimination}
+    kinds = {"exhaustive": Exhaustive, "fixed": FixedTimesteps, "staged": Staged, "elimination": Elimination,
+             "coarse-to-fine": CoarseToFine}
+    if name == "coarse-to-fine" and isinstance(settings.get("then"), dict):
+        settings["then"] = strategy_from_description(settings["then"])
     if name not in kinds:
         raise UserError(f"unknown strategy {name!r} in a stored configuration")
     try:
