@@ -100,30 +100,38 @@ def coarse_captions(spec: dict | None = None) -> dict[str, dict[str, list[str]]]
 def coarse_errors(n_stored: int, args) -> np.ndarray:
     """[images, 20, 1, COARSE_GRID] errors of the partial captions on the first n_stored composites (the same noise
     as the pass: noise follows the image and the timestep). Cached in results/ (not committed), by chunks."""
-    from diffusion_classifier import DiffusionClassifier, load_denoiser
     from diffusion_classifier.data import manifest
-    from diffusion_classifier.schedules import as_schedule
 
     labels = [label for family in coarse_captions().values() for label in family]
-    cache = RESULTS / "many_classes_coarse.npz"
-    key = json.dumps({"weights": model_fingerprint(MODEL), "labels": labels, "grid": COARSE_GRID,
-                      "data": pass_run(args.images).data})
-    done = np.zeros((0, len(labels), 1, COARSE_GRID))
+    dataset = manifest(ROOT / pass_run(args.images).data)
+    return cached_errors("many_classes_coarse.npz", MODEL, labels, ["{}"], dataset, n_stored, as_grid(COARSE_GRID),
+                         args)
+
+
+def cached_errors(name: str, model, labels: list[str], templates, dataset, n_stored: int, timesteps: list[int],
+                  args) -> np.ndarray:
+    """[images, labels, prompts, timesteps] errors of `labels` on the first n_stored images of `dataset`, scored at
+    `timesteps`, cached in results/NAME (not committed) and extended chunk by chunk."""
+    from diffusion_classifier import DiffusionClassifier, load_denoiser
+
+    cache = RESULTS / name
+    key = json.dumps({"weights": model_fingerprint(model), "labels": labels, "timesteps": timesteps,
+                      "images": [str(i) for i in dataset.items[:1]]})
+    done = None
     if cache.exists() and str(np.load(cache)["key"]) == key:
         done = np.load(cache)["errors"]
-    if len(done) >= n_stored:
+    if done is not None and len(done) >= n_stored:
         return done[:n_stored]
-    dataset = manifest(ROOT / pass_run(args.images).data)
-    grid = as_schedule(1000).grid(COARSE_GRID, 0)
-    clf = DiffusionClassifier(load_denoiser(MODEL), labels=labels, templates=["{}"], strategy=FixedTimesteps(grid),
-                              batch_size=args.batch_size)
-    for start in range(len(done), n_stored, args.chunk):
-        items = dataset.items[start:min(n_stored, start + args.chunk)]
-        results = clf.classify(items)
-        done = np.concatenate([done, np.stack([r.errors[:, :, np.argsort(r.timesteps)] for r in results])])
+    clf = DiffusionClassifier(load_denoiser(model), labels=labels, templates=templates,
+                              strategy=FixedTimesteps(timesteps), batch_size=args.batch_size)
+    start = 0 if done is None else len(done)
+    for first in range(start, n_stored, args.chunk):
+        results = clf.classify(dataset.items[first:min(n_stored, first + args.chunk)])
+        chunk = np.stack([r.errors[:, :, np.argsort(r.timesteps)] for r in results])
+        done = chunk if done is None else np.concatenate([done, chunk])
         np.savez(cache.with_suffix(".tmp.npz"), errors=done, key=key)
         cache.with_suffix(".tmp.npz").replace(cache)
-        print(f"coarse pass: {len(done)} of {n_stored} images", flush=True)
+        print(f"{name}: {len(done)} of {n_stored} images", flush=True)
     return done
 
 
@@ -175,16 +183,15 @@ def as_grid(points: int) -> list[int]:
     return as_schedule(1000).grid(points, 0)
 
 
-def replayed_fine(strategy, errors: np.ndarray, grid: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """As replayed, for tables whose rows past the 90 classes are coarse candidates (never predicted); a coarse
+def replayed_fine(strategy, errors: np.ndarray, grid: list[int], n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """As replayed, for tables whose rows past the classes are coarse candidates (never predicted); a coarse
     candidate asked for at a timestep the coarse pass did not score would read NaN, which is refused."""
     predictions, nfe = [], []
     for e in errors:
         table = replay(strategy, e, grid)
         if np.isnan(table.errors[table.evaluated]).any():
             raise SystemExit("a strategy asked for coarse errors the coarse pass did not score")
-        order = [c for c in table.ranking() if c < len(PAIRS)]
-        predictions.append(order[0])
+        predictions.append(next(c for c in table.ranking() if c < n_classes))
         nfe.append(table.nfe)
     return np.array(predictions), np.array(nfe)
 
@@ -200,22 +207,22 @@ def cross_fitted(make_strategy, fit, errors: np.ndarray, grid: list[int]) -> tup
     return predictions, nfe, fits
 
 
-def section_strategies(args, out: dict) -> None:
-    errors, labels, grid = stored_pass(args.images)
+def with_coarse(errors: np.ndarray, grid: list[int], coarse: np.ndarray, coarse_grid: list[int]) -> np.ndarray:
+    """[images, classes + coarse, prompts, grid]: the pass's errors, then the coarse candidates' at their timesteps
+    (NaN elsewhere)."""
+    combined = np.full((errors.shape[0], errors.shape[1] + coarse.shape[1], errors.shape[2], len(grid)), np.nan)
+    combined[:, :errors.shape[1]] = errors
+    combined[:, errors.shape[1]:, :, [grid.index(t) for t in coarse_grid]] = coarse
+    return combined
+
+
+def compare(errors: np.ndarray, labels: np.ndarray, grid: list[int], strategies: dict, args, nfe_cap: int,
+            coarse: tuple | None = None) -> list[dict]:
+    """Every strategy replayed on the stored errors, the first looks cross-fitted, the coarse-to-fine rows on
+    the combined table (coarse: (combined errors, families, all labels, coarse grid size)); one row each."""
     exhaustive = errors[:, :, 0].mean(axis=2).argmin(axis=1)
-    n = len(errors)
-    print(f"{n} images stored; exhaustive-{GRID} accuracy {np.mean(exhaustive == labels):.3f}", flush=True)
+    n, rows = len(errors), []
     rate, miss = args.error_rate, args.miss_rate
-    strategies = {f"exhaustive {k} (even subset)": FixedTimesteps(even_subset(grid, k)) for k in (5, 10, 20)}
-    strategies[f"exhaustive {GRID}"] = Exhaustive(GRID)
-    strategies["staged 5/50 keep 5/1 (the paper's fast variant, CIFAR-10/Pets shape)"] = Staged([5, GRID], [5, 1])
-    strategies["staged 3/5/25/50 keep 45/5/1/1 (the paper's ImageNet shape, scaled)"] = Staged(
-        [3, 5, 25, GRID], [45, 5, 1, 1])
-    for r in (0.05, 0.2):
-        strategies[f"elimination {r}, normal bound (before)"] = Elimination(r, max_timesteps=GRID, bound="normal")
-        strategies[f"elimination {r}, t bound"] = Elimination(r, max_timesteps=GRID)
-    strategies[f"elimination {rate}, top-10 shortlist after 8"] = Elimination(rate, max_timesteps=GRID, shortlist=10)
-    rows = []
 
     def add(name, predictions, nfe, config, fits=None):
         correct, agree = predictions == labels, predictions == exhaustive
@@ -237,32 +244,49 @@ def section_strategies(args, out: dict) -> None:
         def fit(held_out, k=k):
             return fit_first_look(held_out, grid, n_timesteps=k, miss_rate=miss)
 
-        for cap in (None, 300):
+        for cap in (None, nfe_cap):
             def make(first, cap=cap):
-                return Elimination(rate - miss, max_timesteps=GRID, first_look=first, max_nfe=cap)
+                return Elimination(rate - miss, max_timesteps=len(grid), first_look=first, max_nfe=cap)
 
             name = f"first look {k} (miss {miss}) + elimination {rate - miss:g}" + (f", max_nfe {cap}" if cap else "")
             predictions, nfe, fits = cross_fitted(make, fit, errors, grid)
             add(name, predictions, nfe, {**make(None).describe(), "first_look": "cross-fitted"}, fits)
+    if coarse is not None:
+        combined, families, labels_all, coarse_points = coarse
+        for keep in (2, 3, 5):
+            for k in sorted({min(2, coarse_points), min(3, coarse_points)}):
+                strategy = CoarseToFine(families, keep=keep, timesteps=k, grid=coarse_points,
+                                        then=Elimination(rate, max_timesteps=len(grid))).resolve(labels_all)
+                name = f"coarse-to-fine at {k} timesteps, keep {keep} per level, then elimination {rate}"
+                add(name, *replayed_fine(strategy, combined, grid, errors.shape[1]), strategy.describe())
+    return rows
+
+
+def section_strategies(args, out: dict) -> None:
+    errors, labels, grid = stored_pass(args.images)
+    exhaustive = errors[:, :, 0].mean(axis=2).argmin(axis=1)
+    n = len(errors)
+    print(f"{n} images stored; exhaustive-{GRID} accuracy {np.mean(exhaustive == labels):.3f}", flush=True)
+    rate = args.error_rate
+    strategies = {f"exhaustive {k} (even subset)": FixedTimesteps(even_subset(grid, k)) for k in (5, 10, 20)}
+    strategies[f"exhaustive {GRID}"] = Exhaustive(GRID)
+    strategies["staged 5/50 keep 5/1 (the paper's fast variant, CIFAR-10/Pets shape)"] = Staged([5, GRID], [5, 1])
+    strategies["staged 3/5/25/50 keep 45/5/1/1 (the paper's ImageNet shape, scaled)"] = Staged(
+        [3, 5, 25, GRID], [45, 5, 1, 1])
+    for r in (0.05, 0.2):
+        strategies[f"elimination {r}, normal bound (before)"] = Elimination(r, max_timesteps=GRID, bound="normal")
+        strategies[f"elimination {r}, t bound"] = Elimination(r, max_timesteps=GRID)
+    strategies[f"elimination {rate}, top-10 shortlist after 8"] = Elimination(rate, max_timesteps=GRID, shortlist=10)
+    coarse = None
     if args.coarse:
-        coarse = coarse_errors(n, args)
         families = coarse_captions()
-        combined = np.full((n, len(PAIRS) + coarse.shape[1], 1, GRID), np.nan)
-        combined[:, :len(PAIRS)] = errors
-        columns = [grid.index(t) for t in as_grid(COARSE_GRID)]
-        combined[:, len(PAIRS):, :, columns] = coarse
-        labels_all = captions() + [label for family in families.values() for label in family]
-        for keep in (2, 3):
-            for k in (2, 3):
-                strategy = CoarseToFine(list(families.values()), keep=keep, timesteps=k, grid=COARSE_GRID,
-                                        then=Elimination(rate, max_timesteps=GRID)).resolve(labels_all)
-                name = (f"coarse-to-fine: partial captions at {k} timesteps, keep {keep} per side, then elimination "
-                        f"{rate}")
-                add(name, *replayed_fine(strategy, combined, grid), strategy.describe())
-    out["strategies"] = rows
+        combined = with_coarse(errors, grid, coarse_errors(n, args), as_grid(COARSE_GRID))
+        coarse = (combined, list(families.values()),
+                  captions() + [label for family in families.values() for label in family], COARSE_GRID)
+    out["strategies"] = compare(errors, labels, grid, strategies, args, 300, coarse)
     out["meta"] = {"images": n, "grid": GRID, "classes": len(PAIRS), "model": MODEL,
                    "weights": model_fingerprint(MODEL), "exhaustive_accuracy": float(np.mean(exhaustive == labels)),
-                   "error_rate": rate, "miss_rate": miss}
+                   "error_rate": rate, "miss_rate": args.miss_rate}
 
 
 def section_ten_way(args, out: dict) -> None:
@@ -315,16 +339,91 @@ def section_simulation(args, out: dict) -> None:
     out["simulation"] = rows
 
 
+def triples_manifest(n: int, names: list[str]) -> str:
+    """n three-item test composites (triples.test_composites) as PNGs and a manifest labelled by the model's class
+    names."""
+    from PIL import Image
+
+    from diffusion_classifier import triples
+
+    relative = Path("runs") / "many_classes" / f"triples-test{n}" / "manifest.jsonl"
+    path = ROOT / relative
+    if not path.is_file():
+        images, labels = fashion_mnist_arrays("test")
+        pictures, ids = triples.test_composites(images, labels, n)
+        (path.parent / "images").mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i, (picture, k) in enumerate(zip(pictures, ids)):
+            Image.fromarray(picture).save(path.parent / f"images/{i:05d}.png")
+            lines.append(json.dumps({"path": f"images/{i:05d}.png", "label": names[int(k)]}))
+        atomic_write_text("\n".join(lines) + "\n", path)
+    return str(relative)
+
+
+def section_thousand(args, out: dict) -> None:
+    """The 1,000-way task: a triples model (train --layout triples) on three-item test composites, an exhaustive
+    pass on an even grid of --thousand-grid timesteps stored by `evaluate` (resumable, within --minutes), the
+    110 coarse classes at 10 timesteps (cached), and the strategies replayed."""
+    from diffusion_classifier import load_denoiser, triples
+
+    if not args.triples_model:
+        print("1,000-way: no --triples-model given; skipped")
+        return
+    model, grid_size = args.triples_model, args.thousand_grid
+    denoiser = load_denoiser(model)
+    names = denoiser.class_names
+    fine = names[:triples.FINE]
+    data = triples_manifest(args.thousand_images, names)
+    run_dir = RUNS / f"many-classes-triples-{model_fingerprint(model)[:10]}-test{args.thousand_images}-grid{grid_size}"
+    run = EvaluationRun(model=model, data=data, out=run_dir.relative_to(ROOT), labels=tuple(fine),
+                        scoring={"strategy": Exhaustive(grid_size), "batch_size": args.batch_size})
+    deadline = time.monotonic() + 60 * args.minutes
+    while time.monotonic() < deadline:
+        metrics = run_evaluation(run, denoiser=denoiser, progress=False, max_new=args.chunk)
+        print(f"1,000-way pass: {metrics['images']} images stored, accuracy {metrics['accuracy']:.3f}", flush=True)
+        if metrics.get("complete"):
+            break
+    with ResultsStore(run.out) as store:
+        rows = store.db.execute("SELECT id, label FROM results WHERE status = 'ok' ORDER BY idx").fetchall()
+        by_id = store.error_matrices_by_id()
+    errors, grid = np.stack([by_id[i][0] for i, _ in rows]), by_id[rows[0][0]][1]
+    labels = np.array([y for _, y in rows])
+    coarse_labels = names[triples.FINE:]
+    coarse_points = min(COARSE_GRID, grid_size)
+    coarse_grid = as_grid(coarse_points)
+    if not set(coarse_grid) <= set(grid):
+        raise SystemExit(f"the coarse timesteps {coarse_grid} are not all on the {grid_size}-point grid")
+    from diffusion_classifier.data import manifest
+
+    coarse = cached_errors("many_classes_triples_coarse.npz", model, coarse_labels, None, manifest(ROOT / data),
+                           len(errors), coarse_grid, args)
+    strategies = {f"exhaustive {k} (even subset)": FixedTimesteps(even_subset(grid, k)) for k in (2, 5)}
+    strategies[f"exhaustive {grid_size}"] = Exhaustive(grid_size)
+    strategies["staged (the paper's ImageNet schedule shape: keep 500/50/10/1)"] = Staged(
+        [max(1, grid_size // 20), max(1, grid_size // 10), grid_size // 2, grid_size], [500, 50, 10, 1])
+    strategies[f"elimination {args.error_rate}, t bound"] = Elimination(args.error_rate, max_timesteps=grid_size)
+    combined = with_coarse(errors, grid, coarse, coarse_grid)
+    out["thousand"] = compare(errors, labels, grid, strategies, args, 400,
+                              (combined, triples.coarse_families(names), fine + list(coarse_labels), coarse_points))
+    exhaustive = errors[:, :, 0].mean(axis=2).argmin(axis=1)
+    out["thousand_meta"] = {"images": len(errors), "grid": grid_size, "classes": triples.FINE, "model": str(model),
+                            "weights": model_fingerprint(model),
+                            "exhaustive_accuracy": float(np.mean(exhaustive == labels))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["pass", "strategies", "ten-way", "simulation"],
-                        choices=["pass", "strategies", "ten-way", "simulation"])
+                        choices=["pass", "strategies", "ten-way", "simulation", "thousand"])
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--minutes", type=float, default=600.0, help="time budget of the pass in this call")
     parser.add_argument("--chunk", type=int, default=30, help="images per commit of the pass")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--error-rate", type=float, default=0.05, help="the promise of the first-look rows (total)")
     parser.add_argument("--miss-rate", type=float, default=0.02, help="the first look's share of it")
+    parser.add_argument("--triples-model", help="thousand: a model trained with `train --layout triples`")
+    parser.add_argument("--thousand-images", type=int, default=300)
+    parser.add_argument("--thousand-grid", type=int, default=20, help="thousand: the exhaustive pass's grid")
     parser.add_argument("--coarse", action="store_true", help="strategies: add the coarse-to-fine rows (scores the "
                         "20 partial captions at 10 timesteps of the stored images first, cached)")
     args = parser.parse_args()
@@ -336,7 +435,7 @@ def main() -> None:
     path = RESULTS / "many_classes.json"
     out = json.loads(path.read_text()) if path.exists() else {}
     for name, section in (("strategies", section_strategies), ("ten-way", section_ten_way),
-                          ("simulation", section_simulation)):
+                          ("simulation", section_simulation), ("thousand", section_thousand)):
         if name in args.sections:
             section(args, out)
             atomic_write_text(json.dumps(out, indent=2) + "\n", path)

@@ -215,3 +215,28 @@ def test_a_wide_image_into_a_square_model_says_how_much_is_cut_off(clf, capsys):
     clf.classify([Image.new("L", (100, 40))])
     err = capsys.readouterr().err
     assert "a 100x40 image goes into a model that takes 8x8 (width x height)" in err and "60% of it is cut off" in err
+
+
+def test_evaluate_takes_more_candidates_than_the_data_has_classes(models, tmp_path, capsys):
+    """A test subset of a many-class task need not hold every class: --labels naming all candidates, the data's
+    class names among them, matches images to candidates by name."""
+    import json
+
+    from .conftest import image_folder
+
+    data = image_folder(tmp_path / "data", ["dog", "cat"], 1, size=8, mode="L")
+    out = tmp_path / "run"
+    assert main(["evaluate", "--model", str(models["pixel_class"]), "--data", str(data), "--labels",
+                 "bird,cat,dog,fish", "--out", str(out), "--timesteps", "2", "--json", "--quiet"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["images"] == 2
+    from diffusion_classifier.store import ResultsStore
+
+    with ResultsStore(out) as store:
+        config = store.config()
+        stored = sorted(store.db.execute("SELECT id, label FROM results").fetchall())
+    assert config["labels"] == ["bird", "cat", "dog", "fish"]
+    assert [label for _, label in stored] == [1, 2]  # cat/0.png is candidate 1, dog/0.png candidate 2
+    assert main(["evaluate", "--model", str(models["pixel_class"]), "--data", str(data), "--labels", "bird,cat,fish",
+                 "--out", str(tmp_path / "other"), "--timesteps", "2"]) == 2
+    assert "labels that include every class name of the data" in capsys.readouterr().err

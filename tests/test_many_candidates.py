@@ -119,7 +119,7 @@ def test_calibrate_fits_a_first_look_that_classify_and_evaluate_use(models, tmp_
     assert len(names) * 2 <= row["nfe"] <= len(names) * 8  # the first look for all, then the shortlist
     code = main(["classify", image, "--model", str(models["pixel_text"]), "--labels", ",".join(names),
                  "--first-look", str(run_dir)])
-    assert code != 0 and "--first-look needs --strategy elimination" in capsys.readouterr().err
+    assert code != 0 and "does not use --first-look (elimination)" in capsys.readouterr().err
     code = main(["calibrate", str(run_dir), "--first-look", "2", "--miss-rate", "0.01"])
     assert code != 0 and "cannot bound a miss rate" in capsys.readouterr().err
 

@@ -435,3 +435,33 @@ def test_a_compile_that_fails_falls_back_to_eager_without_changing_the_run(tmp_p
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     assert torch.load(tmp_path / "eager" / "checkpoint.pt", weights_only=True)["losses"] == \
         torch.load(tmp_path / "fallback" / "checkpoint.pt", weights_only=True)["losses"]
+
+
+def test_triples_layout_trains_a_1110_class_model_whose_coarse_classes_score(tmp_path):
+    """Three items side by side, 1,000 ordered classes plus 110 coarse ones; the factorised embedding trains and
+    is exported as a plain one that gives the same class vectors."""
+    from diffusion_classifier import triples
+    from diffusion_classifier.strategies import CoarseToFine
+
+    items = _pair_items()
+    items = LabelledImages(items.items, items.labels, [f"item{c}" for c in range(10)], items.ids)
+    config = TrainConfig(conditioning="class", architecture="class-tiny", layout="triples", resolution=8,
+                         batch_size=8, warmup_steps=1, checkpoint_minutes=100, max_steps=2)
+    train(items, tmp_path / "m", config, progress=False)
+    state = torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)
+    factorised = triples.FactorisedClassEmbedding(state["ema"]["class_embedding.slots"].shape[-1])
+    factorised.slots.data.copy_(state["ema"]["class_embedding.slots"])
+    denoiser = load_denoiser(tmp_path / "m")
+    assert denoiser.num_classes == triples.N_CLASSES and denoiser.image_size == (8, 24)
+    names = denoiser.class_names
+    assert names[123] == "item1, item2, item3" and names[1012] == "item1, item2, *" and names[1101] == "item1, *, *"
+    torch.testing.assert_close(denoiser.network.class_embedding.weight, factorised.table())
+    ids = torch.tensor([123, 1012, 1101])
+    assert triples.positions(ids).tolist() == [[1, 2, 3], [1, 2, 10], [1, 10, 10]]
+
+    families = triples.coarse_families(names)
+    strategy = CoarseToFine(families, keep=2, timesteps=1, grid=5, then=Exhaustive(2))
+    clf = DiffusionClassifier(denoiser, labels=names[:1000], strategy=strategy)
+    result = clf.classify(random_images(1, size=24, mode="L"))[0]
+    assert result.nfe == 10 + 2 * 10 + 2 * 10 * 2  # 10 first items; the 20 first-twos under the best 2; 2 x 10 triples
+    assert len(result.ranking) == 1000 and result.prediction in names[:1000]

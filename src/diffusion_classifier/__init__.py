@@ -9,8 +9,8 @@ from .loading import load_denoiser
 from .matching import ImageTextMatcher
 from .presets import DatasetPreset, preset
 from .runs import EvaluationRun, run_evaluation
-from .strategies import Elimination, Exhaustive, FixedTimesteps, Staged
+from .strategies import CoarseToFine, Elimination, Exhaustive, FixedTimesteps, Staged
 
-__all__ = ["__version__", "Classification", "DatasetPreset", "Denoiser", "DiffusionClassifier", "Elimination",
+__all__ = ["__version__", "Classification", "CoarseToFine", "DatasetPreset", "Denoiser", "DiffusionClassifier", "Elimination",
            "EvaluationRun", "Exhaustive", "FixedTimesteps", "ImageTextMatcher", "ScoringConfig", "Staged",
            "UserError", "load_denoiser", "preset", "run_evaluation"]

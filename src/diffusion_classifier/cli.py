@@ -79,7 +79,9 @@ def _add_model_options(p, labels: bool = True) -> None:
 
 
 def _add_label_options(g) -> None:
-    g.add_argument("--labels", help="comma-separated class names (default: the model's or the dataset's)")
+    g.add_argument("--labels", help="comma-separated class names (default: the model's or the dataset's); for evaluate "
+                   "one per class of the data in class-index order, or any list that names every class of the data "
+                   "(more candidates than the data holds classes: matched by name)")
     g.add_argument("--labels-file", help="file with one class name per line")
     g.add_argument("--template", action="append", dest="templates",
                    help="prompt template with '{}' for the class name; repeat for several (text models)")

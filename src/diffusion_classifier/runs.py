@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .config import ScoringConfig
 from .data import LabelledImages, load_dataset
 from .denoisers import Denoiser
@@ -226,7 +228,15 @@ def _load_items(run: EvaluationRun):
     if run.limit is not None:
         dataset = dataset.subset(range(min(run.limit, len(dataset))))
     if run.labels is not None:
-        dataset.class_names = validate_labels(run.labels, expected=len(dataset.class_names))
+        labels = validate_labels(run.labels)
+        if len(labels) != len(dataset.class_names) and set(dataset.class_names) <= set(labels):
+            # more candidates than the data has classes (a test subset of many classes): matched by name
+            position = {name: i for i, name in enumerate(labels)}
+            dataset.labels = np.array([position[dataset.class_names[k]] for k in dataset.labels])
+        elif len(labels) != len(dataset.class_names):
+            raise UserError(f"expected {len(dataset.class_names)} labels (one per class of the data, in class-index "
+                            f"order), or labels that include every class name of the data; got {len(labels)}")
+        dataset.class_names = labels
     elif run.preset:
         dataset = run.dataset_preset.relabel(dataset)
     return dataset

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, triples
 from .adapters.class_unet import ClassUNetDenoiser
 from .adapters.text_unet import TextUNetDenoiser
 from .config import option
@@ -98,8 +98,11 @@ class TrainConfig:
                             ("ddpm", "flow"))
     layout: str = option("single", "pairs: train on two items side by side (28 x 56) with captions saying which "
                          "is where (text models; captions from resources/fashion_mnist_pairs.json or "
-                         "--captions-file)", ("single", "pairs"))
+                         "--captions-file); triples: three items side by side (28 x 84), class-conditional, "
+                         "1,000 ordered classes and 110 coarse ones (triples.py)", ("single", "pairs", "triples"))
     single_prob: float = option(0.2, "pairs layout: share of one-item images")
+    coarse_prob: float = option(0.2, "triples layout: share of samples labelled with a coarse class ('a, *, *' or "
+                                "'a, b, *', half each)")
     hard_negatives: float = option(0.0, "pairs layout: add WEIGHT x a ranking loss asking each caption to denoise "
                                    "its image better than the same words with the two items swapped (0: the "
                                    "generative loss only)", metavar="WEIGHT")
@@ -123,6 +126,8 @@ class TrainConfig:
         self.architecture = self.architecture or f"{self.conditioning}-small"
         if self.layout == "pairs" and self.conditioning != "text":
             raise UserError("--layout pairs trains a text-conditioned model: add --conditioning text")
+        if self.layout == "triples" and self.conditioning != "class":
+            raise UserError("--layout triples trains a class-conditional model (--conditioning class)")
         if self.architecture not in ARCHITECTURES:
             raise UserError(f"unknown architecture {self.architecture!r}; choose from {', '.join(ARCHITECTURES)}")
         if self.hard_negatives < 0 or self.hard_negative_temperature <= 0:
@@ -139,7 +144,7 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
         if self.checkpoint_minutes < 0:
             raise UserError("--checkpoint-minutes must be at least 0 (0: after every step)")
-        for name in ("weight_decay", "empty_caption_prob", "single_prob"):
+        for name in ("weight_decay", "empty_caption_prob", "single_prob", "coarse_prob"):
             if not 0 <= getattr(self, name) <= (1 if name != "weight_decay" else float("inf")):
                 raise UserError(f"--{name.replace('_', '-')} must lie in [0, 1]" if name != "weight_decay"
                                 else "--weight-decay must be at least 0")
@@ -152,10 +157,12 @@ def build_network(config: TrainConfig, num_classes: int, channels: int, cross_at
 
     arch = dict(ARCHITECTURES[config.architecture])
     cls = getattr(diffusers, arch.pop("cls"))
-    size = (config.resolution, 2 * config.resolution) if config.layout == "pairs" else config.resolution
+    width = {"pairs": 2, "triples": 3}.get(config.layout, 1) * config.resolution
+    size = config.resolution if width == config.resolution else (config.resolution, width)
     common = dict(sample_size=size, in_channels=channels, out_channels=channels, **arch)
     if cls is diffusers.UNet2DModel:
-        return cls(num_class_embeds=num_classes, **common)
+        network = cls(num_class_embeds=num_classes, **common)
+        return triples.factorise(network) if config.layout == "triples" else network
     return cls(cross_attention_dim=cross_attention_dim, **common)
 
 
@@ -290,6 +297,9 @@ class Trainer:
         self.images, self.labels = images.to(self.data_device), labels.to(self.data_device)
         self.text_cond = self.bank = None
         self.text_width = 0
+        if config.layout == "triples":
+            self.bank = triples.TripleSampler(self.images, self.labels, config.coarse_prob).to(self.data_device)
+            self.class_names = triples.class_names(self.class_names)
         if config.conditioning == "text":
             if config.layout == "pairs":
                 spec = load_spec(config.captions_file or None)
@@ -419,6 +429,8 @@ class Trainer:
         generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + step)
         if config.layout == "pairs":
             x0, condition = self.bank.batch(len(index), generator, config.empty_caption_prob)
+        elif config.layout == "triples":
+            x0, condition = self.bank.batch(len(index), generator)
         else:
             x0, condition = self.images[index], self.labels[index]
         t = torch.randint(0, config.num_train_timesteps, (len(index),), generator=generator, device=device)
@@ -663,7 +675,7 @@ def _comparable(config: TrainConfig) -> dict:
 def export(network, scheduler, out_dir: Path, config: TrainConfig, class_names: list[str],
            stats: dict | None = None) -> None:
     """Save the EMA weights as a pipeline that `load_denoiser` reads (class names in model_index.json)."""
-    network = network.eval()
+    network = (triples.materialise(network) if config.layout == "triples" else network).eval()
     extra = {"class_names": class_names, "id2label": {str(i): n for i, n in enumerate(class_names)}}
     if stats:
         extra["intensity_stats"] = stats
