@@ -136,7 +136,7 @@ def cached_errors(name: str, model, labels: list[str], templates, dataset, n_sto
 
 
 def pass_run(n: int, batch_size: int = 64) -> EvaluationRun:
-    out = RUNS / f"many-classes-pairs-{model_fingerprint(MODEL)[:10]}-test{n}-grid{GRID}"
+    out = RUNS / f"many-classes-{MODEL}-{model_fingerprint(MODEL)[:10]}-test{n}-grid{GRID}"
     return EvaluationRun(model=MODEL, data=manifest_for(n), out=out.relative_to(ROOT), labels=tuple(captions()),
                          templates=("{}",), scoring={"strategy": Exhaustive(GRID), "batch_size": batch_size})
 
@@ -161,12 +161,14 @@ def section_pass(args) -> None:
 def stored_pass(n: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The stored pass: errors [images, 90, 1, 50] in manifest order, true classes, and the grid."""
     run = pass_run(n)
+    if not (ROOT / run.out / "results.sqlite").is_file():
+        raise SystemExit(f"no stored pass in {run.out}: run --sections pass first")
     with ResultsStore(run.out) as store:
         rows = store.db.execute("SELECT idx, label FROM results WHERE status = 'ok' ORDER BY idx").fetchall()
         by_id = store.error_matrices_by_id()
         ids = dict(store.db.execute("SELECT idx, id FROM results WHERE status = 'ok'").fetchall())
     if not rows:
-        raise SystemExit(f"no stored pass in {run.out}: run --sections pass first")
+        raise SystemExit(f"the pass in {run.out} holds no images yet")
     errors = np.stack([by_id[ids[idx]][0] for idx, _ in rows])
     return errors, np.array([label for _, label in rows]), by_id[ids[rows[0][0]]][1]
 
@@ -240,7 +242,7 @@ def compare(errors: np.ndarray, labels: np.ndarray, grid: list[int], strategies:
 
     for name, strategy in strategies.items():
         add(name, *replayed(strategy, errors, grid), strategy.describe())
-    for k in (1, 2, 3):
+    for k in [k for k in (1, 2, 3) if k < len(grid)]:
         def fit(held_out, k=k):
             return fit_first_look(held_out, grid, n_timesteps=k, miss_rate=miss)
 
@@ -374,7 +376,8 @@ def section_thousand(args, out: dict) -> None:
     names = denoiser.class_names
     fine = names[:triples.FINE]
     data = triples_manifest(args.thousand_images, names)
-    run_dir = RUNS / f"many-classes-triples-{model_fingerprint(model)[:10]}-test{args.thousand_images}-grid{grid_size}"
+    run_dir = RUNS / (f"many-classes-{Path(model).name}-{model_fingerprint(model)[:10]}-test{args.thousand_images}"
+                      f"-grid{grid_size}")
     run = EvaluationRun(model=model, data=data, out=run_dir.relative_to(ROOT), labels=tuple(fine),
                         scoring={"strategy": Exhaustive(grid_size), "batch_size": args.batch_size})
     deadline = time.monotonic() + 60 * args.minutes
@@ -397,7 +400,8 @@ def section_thousand(args, out: dict) -> None:
 
     coarse = cached_errors("many_classes_triples_coarse.npz", model, coarse_labels, None, manifest(ROOT / data),
                            len(errors), coarse_grid, args)
-    strategies = {f"exhaustive {k} (even subset)": FixedTimesteps(even_subset(grid, k)) for k in (2, 5)}
+    strategies = {f"exhaustive {k} (even subset)": FixedTimesteps(even_subset(grid, k)) for k in (2, 5)
+                  if k < grid_size}
     strategies[f"exhaustive {grid_size}"] = Exhaustive(grid_size)
     strategies["staged (the paper's ImageNet schedule shape: keep 500/50/10/1)"] = Staged(
         [max(1, grid_size // 20), max(1, grid_size // 10), grid_size // 2, grid_size], [500, 50, 10, 1])
@@ -421,6 +425,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--error-rate", type=float, default=0.05, help="the promise of the first-look rows (total)")
     parser.add_argument("--miss-rate", type=float, default=0.02, help="the first look's share of it")
+    parser.add_argument("--out", default="many_classes", help="results/OUT.json (merged into when it exists)")
     parser.add_argument("--triples-model", help="thousand: a model trained with `train --layout triples`")
     parser.add_argument("--thousand-images", type=int, default=300)
     parser.add_argument("--thousand-grid", type=int, default=20, help="thousand: the exhaustive pass's grid")
@@ -432,7 +437,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     if "pass" in args.sections:
         section_pass(args)
-    path = RESULTS / "many_classes.json"
+    path = RESULTS / f"{args.out}.json"
     out = json.loads(path.read_text()) if path.exists() else {}
     for name, section in (("strategies", section_strategies), ("ten-way", section_ten_way),
                           ("simulation", section_simulation), ("thousand", section_thousand)):

@@ -44,6 +44,14 @@ def print_paired(title: str, baseline: str, variant: str, rows: list[dict]) -> N
     print()
 
 
+def strategy_name(row: dict) -> str:
+    """A row's strategy as it reads, marked where it was measured with elimination's earlier normal bound (its
+    stored configuration names no bound)."""
+    config = row.get("config") or {}
+    old_bound = config.get("name") == "elimination" and config.get("bound", "normal") == "normal"
+    return row["strategy"] + (" [earlier normal bound]" if old_bound else "")
+
+
 def load(name):
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -90,7 +98,7 @@ def headline() -> str:
             if r["strategy"].startswith(("exhaustive, 50", "elimination")):
                 earlier = r.get("model_weights_sha256") not in (None, model_fingerprint(r["model"]))
                 name = f"`{r['model']}`" + (f" (earlier weights, {r['model_weights_sha256'][:10]})" if earlier else "")
-                rows.append((f"{name}, {r['strategy']}", pct(r["accuracy"], r["accuracy_standard_error"]),
+                rows.append((f"{name}, {strategy_name(r)}", pct(r["accuracy"], r["accuracy_standard_error"]),
                              f"{r['images']:,} Fashion-MNIST test images, {r['nfe_mean']:.0f} NFE / image"))
         if "cnn" in fm:
             c = fm["cnn"]
@@ -106,6 +114,15 @@ def headline() -> str:
                 rows.append((f"our {r['model']} model (class-tiny, equal budget), eps error",
                              pct(r["accuracy"], r["accuracy_standard_error"]),
                              f"{r['images']:,} test images, {r['nfe']} NFE"))
+    many = load("many_classes")
+    if many and "strategies" in many:
+        meta = many["meta"]
+        for r in many["strategies"]:
+            name = r["strategy"]
+            if name == "exhaustive 50" or name.startswith("first look 1 ") and "max_nfe" not in name:
+                rows.append((f"`{meta['model']}`, 90-way pairs, {name}",
+                             f"{pct(r['accuracy'], r['accuracy_standard_error'])}, agrees with exhaustive "
+                             f"{pct(r['agreement'])}", f"{r['images']} composites, {r['nfe_mean']:.0f} NFE / image"))
     comp = load("compositional")
     if comp and "diffusion" in comp:
         d = comp["diffusion"]
@@ -148,7 +165,7 @@ def print_all():
               "s / image (from NFE) |")
         print("|---|---|---|---|---|---|")
         for r in fm["accuracy"]:
-            print(f"| {r['model']} | {r['images']} | {r['strategy']} | {r['nfe_mean']:.0f}, {r['nfe_p95']:.0f} | "
+            print(f"| {r['model']} | {r['images']} | {strategy_name(r)} | {r['nfe_mean']:.0f}, {r['nfe_p95']:.0f} | "
                   f"{100 * r['accuracy']:.1f}% +- {100 * r['accuracy_standard_error']:.1f} | "
                   f"{r['seconds_per_image']:.2f} |")
         print()
@@ -427,7 +444,7 @@ def render_efficiency(eff):
         print("|---|---|---|---|---|")
         for r in eff["strategies"]:
             seconds = f"{r['seconds_per_image']:.2f}" + (" (measured)" if r.get("seconds") == "measured" else "")
-            print(f"| {r['strategy']} | {100 * r['accuracy']:.1f}% | {r['nfe_mean']:.0f} | {r['nfe_p95']:.0f} | "
+            print(f"| {strategy_name(r)} | {100 * r['accuracy']:.1f}% | {r['nfe_mean']:.0f} | {r['nfe_p95']:.0f} | "
                   f"{seconds} |")
         print()
         print_stale_note(meta["model"], meta.get("model_weights_sha256"))

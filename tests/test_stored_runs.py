@@ -24,13 +24,42 @@ def _read(run: Path):
         return store.config(), store.records(), {idx: (m, ts) for idx, m, ts in store.error_matrices()}
 
 
+def _images_of(config: dict) -> dict:
+    """{image id: image} of a stored run's data: Fashion-MNIST's split, or a manifest the benchmarks write under
+    runs/ (not committed: skipped where it has not been regenerated)."""
+    from diffusion_classifier.data import fashion_mnist_arrays, load_dataset
+
+    if config["data"] == "fashion-mnist":
+        images, _ = fashion_mnist_arrays(config["split"])
+        return {f"{config['split']}/{i}": image for i, image in enumerate(images)}
+    path = Path(__file__).resolve().parents[1] / config["data"]
+    if not path.is_file():
+        pytest.skip(f"{config['data']} is written by the benchmark that made this run; not on this machine")
+    dataset = load_dataset(str(path))
+    return dict(zip(dataset.ids, dataset.items))
+
+
 @cache
 def _denoiser(model: str):
     return load_denoiser(model)
 
 
-def test_there_are_stored_runs():
-    assert len(RUNS) >= 5
+@pytest.mark.parametrize("run", RUNS, ids=lambda p: p.parent.name)
+def test_a_stored_run_is_named_for_what_it_holds(run):
+    """A run directory's name carries its model, the first 10 hex digits of the weights' sha256, its split and
+    image (example) count and its grid or timesteps, and they are what its configuration records."""
+    import re
+
+    config, records, _ = _read(run)
+    name = run.parent.name
+    assert Path(config["model"]).name in name
+    assert config["model_weights_sha256"][:10] in name
+    count = config.get("images", config.get("examples"))
+    assert re.search(rf"-(test|train){count}-", name), (name, count)
+    strategy = config["strategy"]
+    timesteps = strategy.get("n_timesteps") or len(strategy.get("timesteps", []))
+    assert name.endswith((f"grid{timesteps}", f"t{timesteps}")), (name, strategy)
+    assert 0 < len(records) <= count
 
 
 CLASSIFICATION = [r for r in RUNS if _read(r)[0].get("task", "classification") == "classification"]
@@ -52,23 +81,20 @@ def test_a_stored_run_replays_to_its_predictions_and_errors(run):
         fashion_mnist_dir()
     except UserError:
         pytest.skip("Fashion-MNIST is not installed (make data)")
-    from diffusion_classifier.data import fashion_mnist_arrays
-
+    images = _images_of(config)
     try:
         model_dir = resolve_model_dir(config["model"])
     except UserError:
         pytest.skip(f"{config['model']} is not on this machine (a local training run)")
     if weights_fingerprint(model_dir) != config["model_weights_sha256"]:
         pytest.skip(f"{config['model']} was re-shipped since this run")
-    images, _ = fashion_mnist_arrays(config["split"])
     options = {k: config[k] for k in ("target", "weighting") if config.get(k)}
     clf = DiffusionClassifier(
         _denoiser(config["model"]), labels=config["labels"], prompts=config["prompts"], strategy=strategy,
         loss=config["loss"], aggregate=config["aggregate"], seed=config["seed"],
         interpolation=config["interpolation"], grid=grid, **options)
-    sample = [ok[len(ok) // 2]]  # one image of each run (500 NFE): the check is the engine, not the sample
-    ids = [int(r["id"].split("/")[1]) for r in sample]
-    fresh = clf.classify([images[i] for i in ids])
+    sample = [ok[len(ok) // 2]]  # one image of each run: the check is the engine, not the sample
+    fresh = clf.classify([images[r["id"]] for r in sample])
     for record, result in zip(sample, fresh):
         stored, timesteps = matrices[record["idx"]]
         assert result.timesteps == timesteps

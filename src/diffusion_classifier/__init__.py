@@ -11,6 +11,6 @@ from .presets import DatasetPreset, preset
 from .runs import EvaluationRun, run_evaluation
 from .strategies import CoarseToFine, Elimination, Exhaustive, FixedTimesteps, Staged
 
-__all__ = ["__version__", "Classification", "CoarseToFine", "DatasetPreset", "Denoiser", "DiffusionClassifier", "Elimination",
-           "EvaluationRun", "Exhaustive", "FixedTimesteps", "ImageTextMatcher", "ScoringConfig", "Staged",
-           "UserError", "load_denoiser", "preset", "run_evaluation"]
+__all__ = ["__version__", "Classification", "CoarseToFine", "DatasetPreset", "Denoiser", "DiffusionClassifier",
+           "Elimination", "EvaluationRun", "Exhaustive", "FixedTimesteps", "ImageTextMatcher", "ScoringConfig",
+           "Staged", "UserError", "load_denoiser", "preset", "run_evaluation"]
