@@ -87,6 +87,9 @@ def test_first_look_round_trips_through_describe_and_json(tmp_path):
     strategy = Elimination(0.05, max_timesteps=50, first_look=first)
     rebuilt = strategy_from_description(strategy.describe())
     assert rebuilt.first_look == first and rebuilt.bound == "t"
+    before = {"name": "elimination", "error_rate": 0.05, "max_nfe": None, "max_timesteps": 50, "round_size": 4,
+              "min_timesteps": 8, "shortlist": None, "class_tree": None, "keep_groups": 2}  # stored before bounds
+    assert strategy_from_description(before).bound == "normal"
     first.save(tmp_path / "first.json")
     assert FirstLook.load(tmp_path / "first.json") == first
     with pytest.raises(UserError, match="own shortlist"):

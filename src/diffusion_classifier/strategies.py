@@ -537,6 +537,8 @@ def strategy_from_description(description: dict) -> Strategy:
              "coarse-to-fine": CoarseToFine}
     if name == "coarse-to-fine" and isinstance(settings.get("then"), dict):
         settings["then"] = strategy_from_description(settings["then"])
+    if name == "elimination":
+        settings.setdefault("bound", "normal")  # recorded before the t bound: the only rule there was
     if name not in kinds:
         raise UserError(f"unknown strategy {name!r} in a stored configuration")
     try:
