@@ -260,7 +260,8 @@ def compare(errors: np.ndarray, labels: np.ndarray, grid: list[int], strategies:
                 strategy = CoarseToFine(families, keep=keep, timesteps=k, grid=coarse_points,
                                         then=Elimination(rate, max_timesteps=len(grid))).resolve(labels_all)
                 name = f"coarse-to-fine at {k} timesteps, keep {keep} per level, then elimination {rate}"
-                add(name, *replayed_fine(strategy, combined, grid, errors.shape[1]), strategy.describe())
+                config = {**strategy.describe(), "families": f"{len(families)} levels of coarse candidates"}
+                add(name, *replayed_fine(strategy, combined, grid, errors.shape[1]), config)
     return rows
 
 

@@ -96,6 +96,12 @@ def test_first_look_round_trips_through_describe_and_json(tmp_path):
         Elimination(first_look=first, shortlist=3)
     with pytest.raises(UserError, match="cannot bound"):
         fit_first_look(np.ones((10, 5, 50)), GRID, miss_rate=0.05)
+    with pytest.raises(UserError, match="fitted on a grid of 50 timesteps"):
+        Elimination(first_look=first, max_timesteps=100)
+    pruned = np.ones((200, 5, 50))
+    pruned[0, 1, 3] = np.nan  # a pruned run's unmeasured cell: refused, not a NaN threshold
+    with pytest.raises(UserError, match="exhaustive errors"):
+        fit_first_look(pruned, GRID, miss_rate=0.05)
 
 
 def test_calibrate_fits_a_first_look_that_classify_and_evaluate_use(models, tmp_path, capsys):

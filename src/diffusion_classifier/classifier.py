@@ -102,8 +102,8 @@ class DiffusionClassifier:
             temperature, timestep_weights = calibration["temperature"], calibration.get("timestep_weights")
         self.timestep_weights = dict(timestep_weights) if timestep_weights else None
         self._calibration_warning = None  # said when probabilities are first computed, not by runs that show none
-        if calibration is not None:
-            self.probability_source = "calibrated"
+        if calibration is not None:  # checked for these settings only when it says what they were
+            self.probability_source = "calibrated" if calibration.get("fitted_on") else "given"
         elif self.timestep_weights or temperature is not None:
             self.probability_source = "calibrated" if self.timestep_weights else "given"
         else:

@@ -205,7 +205,8 @@ def _strategy(args):
             raise UserError("--keep-groups is used with --class-tree only")
         tree = _read_json(args.class_tree, "class tree") if getattr(args, "class_tree", None) else None
         first_look = _first_look(args.first_look) if args.first_look else None
-        max_timesteps = args.max_timesteps or (first_look.grid if first_look else 100)
+        max_timesteps = args.max_timesteps if args.max_timesteps is not None else (
+            first_look.grid if first_look else 100)
         return Elimination(0.05 if args.error_rate is None else args.error_rate, args.max_nfe, max_timesteps,
                            shortlist=args.shortlist, class_tree=tree,
                            keep_groups=getattr(args, "keep_groups", None) or 2, first_look=first_look)

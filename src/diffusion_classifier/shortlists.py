@@ -116,6 +116,9 @@ def fit_first_look(errors: np.ndarray, timesteps: Sequence[int], n_timesteps: in
     """
     errors = per_timestep(errors, aggregate)
     images, candidates, grid = errors.shape
+    if not np.isfinite(errors).all():
+        raise UserError("a first look is fitted on exhaustive errors: every candidate at every grid timestep (these "
+                        "have unmeasured cells, as a pruned run's do)")
     if grid != len(timesteps):
         raise UserError(f"errors have {grid} timesteps but {len(timesteps)} are named")
     if not 1 <= n_timesteps <= grid:

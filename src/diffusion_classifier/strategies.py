@@ -17,6 +17,7 @@ import numpy as np
 from . import probabilities
 from .errors import UserError
 from .schedules import NoiseSchedule, as_schedule, even_subset
+from .shortlists import FirstLook
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,8 @@ class Elimination(Strategy):
     information is), then keeps the candidates whose relative gap to the leader is at most its `max_gap`
     (a threshold that kept the exhaustive winner on 1 - miss_rate of the held-out images: a conformal
     shortlist, sized per image by the statistics). Statistical elimination then goes on among them from
-    `min_timesteps`. Its miss rate adds to error_rate in the promise.
+    `min_timesteps`. Its miss rate adds to error_rate in the promise. The first look is always spent in
+    full; `max_nfe` bounds what follows it.
 
     `shortlist` (optional): after the first round keep only this many best candidates (a plain top-k,
     not a statistical test).
@@ -291,8 +293,6 @@ class Elimination(Strategy):
                  round_size: int = 4, min_timesteps: int = 8, shortlist: int | None = None,
                  class_tree: list | dict | None = None, keep_groups: int = 2, first_look=None,
                  bound: str = "t"):
-        from .shortlists import FirstLook
-
         if not 0 < error_rate < 1:
             raise UserError("--error-rate must lie in (0, 1)")
         if max_nfe is not None and max_nfe < 1:
@@ -311,6 +311,9 @@ class Elimination(Strategy):
             first_look = first_look if isinstance(first_look, FirstLook) else FirstLook.from_dict(first_look)
             if shortlist is not None or class_tree is not None:
                 raise UserError("a first look makes its own shortlist: give it without --shortlist or --class-tree")
+            if first_look.grid != max_timesteps:
+                raise UserError(f"the first look was fitted on a grid of {first_look.grid} timesteps, and its promise "
+                                f"is about that grid: use --max-timesteps {first_look.grid}, not {max_timesteps}")
         self.first_look, self.bound = first_look, bound
         self.error_rate, self.max_nfe, self.max_timesteps = error_rate, max_nfe, max_timesteps
         self.round_size, self.min_timesteps, self.shortlist = round_size, min_timesteps, shortlist
