@@ -1,7 +1,7 @@
 """An honest discriminative baseline: the small CNN reference trained for the same CPU budget as a diffusion
 model it is compared with, without and with the standard augmentation, scored on the same test images.
 
-    python benchmarks/cnn_budget.py --minutes 50            # both CNNs side by side, one torch thread each
+    python -m benchmarks.cnn_budget --minutes 50            # both CNNs side by side, one torch thread each
 
 The budget is wall time on one torch thread, as the diffusion models were trained (the flow benchmark's
 DDPM control: 50 minutes of class-tiny; the shipped fashion-mnist-class: 274 minutes of class-small).
@@ -19,86 +19,47 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from common import RESULTS, RUNS, SmallCNN, cnn_correct, paired_difference, test_subset, to_pixels  # benchmarks/
 
 from diffusion_classifier.data import fashion_mnist_arrays
-from diffusion_classifier.runtime import atomic_write_text
+from diffusion_classifier.runtime import atomic_torch_save, atomic_write_text
+from diffusion_classifier.stats import paired_difference, standard_error
 from diffusion_classifier.store import ResultsStore
+
+from .common import RESULTS, RUNS, CNNTrainer, child_process, test_subset, to_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 AUGMENTATIONS = ("none", "flips+shifts")
 CHECKPOINT_MINUTES = 5.0
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Random horizontal flips and integer shifts of up to max_shift pixels, drawn per image (on x's device,
-    from a generator on that device)."""
-    n, device = len(x), x.device
-    flip = torch.rand(n, generator=generator, device=device) < 0.5
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
-    dy, dx = (torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator, device=device))
-    size = x.shape[-1]
-    steps = torch.arange(size, device=device)
-    rows = (dy.view(-1, 1) + steps).view(n, 1, size, 1).expand(n, 1, size, padded.shape[-1])
-    x = padded.gather(2, rows)
-    cols = (dx.view(-1, 1) + steps).view(n, 1, 1, size).expand(n, 1, size, size)
-    return x.gather(3, cols)
-
-
 def train(minutes: float, augmentation: str, out: Path, pixels: torch.Tensor, labels: np.ndarray,
           seed: int = 0) -> dict:
-    """Train (resuming from out/checkpoint.pt) until `minutes` of training in all; return the run's summary."""
+    """Train (resuming from out/checkpoint.pt) until `minutes` of training in all, checkpointing every
+    CHECKPOINT_MINUTES with a point of the accuracy curve; return the run's summary."""
     torch.set_num_threads(1)
     images, train_labels = fashion_mnist_arrays("train")
-    x, y = to_pixels(images), torch.from_numpy(train_labels)
-    model = SmallCNN()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(seed)
-    state = {"seconds": 0.0, "steps": 0, "curve": []}
+    trainer = CNNTrainer(to_pixels(images), torch.from_numpy(train_labels), augmentation != "none", seed=seed)
+    curve = []
     checkpoint = out / "checkpoint.pt"
     if checkpoint.is_file():
         saved = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        generator.set_state(saved["generator"])
-        state = saved["state"]
-
-    def save():
-        state["curve"].append({"minutes": round(state["seconds"] / 60, 2), "steps": state["steps"],
-                               "accuracy": float(cnn_correct(model.eval(), pixels, labels).mean())})
-        model.train()
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(), "state": state}, tmp)
-        tmp.replace(checkpoint)
-
-    model.train()
-    while state["seconds"] < minutes * 60:
-        started = time.monotonic()
-        stop = min(minutes * 60, (state["seconds"] // (CHECKPOINT_MINUTES * 60) + 1) * CHECKPOINT_MINUTES * 60)
-        while state["seconds"] + time.monotonic() - started < stop:
-            index = torch.randint(0, len(x), (128,), generator=generator)
-            batch = augment(x[index], generator) if augmentation != "none" else x[index]
-            loss = F.cross_entropy(model(batch), y[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            state["steps"] += 1
-        state["seconds"] += time.monotonic() - started
-        save()
-    correct = cnn_correct(model.eval(), pixels, labels)
-    return {"minutes": minutes, "augmentation": augmentation, "steps": state["steps"],
-            "epochs": state["steps"] * 128 / len(x), "images": len(correct), "accuracy": float(correct.mean()),
-            "accuracy_standard_error": float(correct.std(ddof=1) / np.sqrt(len(correct))),
-            "curve": state["curve"], "correct": correct}
+        trainer.load_state_dict(saved["trainer"])
+        curve = saved["curve"]
+    while trainer.seconds < minutes * 60:
+        stop = min(minutes * 60, (trainer.seconds // (CHECKPOINT_MINUTES * 60) + 1) * CHECKPOINT_MINUTES * 60)
+        trainer.train_for(stop - trainer.seconds)
+        curve.append({"minutes": round(trainer.seconds / 60, 2), "steps": trainer.steps,
+                      "accuracy": float(trainer.correct(pixels, labels).mean())})
+        atomic_torch_save({"trainer": trainer.state_dict(), "curve": curve}, checkpoint)
+    correct = trainer.correct(pixels, labels)
+    return {"minutes": minutes, "augmentation": augmentation, "steps": trainer.steps, "epochs": trainer.epochs,
+            "images": len(correct), "accuracy": float(correct.mean()), "accuracy_standard_error":
+            standard_error(correct), "curve": curve, "correct": correct}
 
 
 def diffusion_runs(subset: np.ndarray, runs_dir: Path) -> dict[str, np.ndarray]:
@@ -138,8 +99,8 @@ def main() -> None:
         summary["correct"] = "".join("1" if c else "0" for c in summary["correct"])
         atomic_write_text(json.dumps(summary) + "\n", out / "summary.json")
         return
-    workers = [subprocess.Popen([sys.executable, __file__, "--worker", a, "--minutes", str(args.minutes),
-                                 "--images", str(args.images), "--train-dir", str(train_dir)])
+    workers = [subprocess.Popen(**child_process(__spec__.name, "--worker", a, "--minutes", str(args.minutes),
+                                                "--images", str(args.images), "--train-dir", str(train_dir)))
                for a in AUGMENTATIONS]
     if any(w.wait() != 0 for w in workers):
         raise SystemExit("a CNN training run failed")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -10,12 +12,22 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_classifier import DiffusionClassifier
+from diffusion_classifier.adapters.loading import resolve_model_dir, weights_fingerprint
 from diffusion_classifier.data import fashion_mnist_arrays
-from diffusion_classifier.loading import resolve_model_dir, weights_fingerprint
-from diffusion_classifier.replay import replay
+from diffusion_classifier.engine.replay import replay
+from diffusion_classifier.stats import standard_error
 
+REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = Path(__file__).resolve().parent / "runs"  # fashion_mnist.py's stored evaluate runs
+
+
+def child_process(module: str, *args: str) -> dict:
+    """Popen/run keywords that run benchmark module `module` (its __spec__.name) with `args` in a fresh
+    interpreter, the repository importable wherever the child starts."""
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY) + (os.pathsep + path if path else "")}
+    return {"args": [sys.executable, "-m", module, *args], "env": env}
 
 
 def model_fingerprint(model: str) -> str:
@@ -97,7 +109,7 @@ def replayed_accuracy(strategy, errors: list[np.ndarray], grid: list[int], label
     """Accuracy and NFE of `strategy` replayed on stored exhaustive errors (one [classes, prompts, grid] per image)."""
     correct, nfe = replayed_decisions(strategy, errors, grid, labels, num_train_timesteps)
     return {"accuracy": float(correct.mean()),
-            "accuracy_standard_error": float(correct.std(ddof=1) / np.sqrt(len(correct))),
+            "accuracy_standard_error": standard_error(correct),
             "nfe_mean": float(nfe.mean()), "nfe_p95": float(np.percentile(nfe, 95)), "images": len(correct)}
 
 
@@ -108,10 +120,6 @@ def replayed_decisions(strategy, errors: list[np.ndarray], grid: list[int], labe
     return np.array([t.ranking()[0] for t in tables]) == labels, np.array([t.nfe for t in tables])
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Mean of a - b over the same items, and its standard error (paired, so per-item difficulty cancels)."""
-    d = np.asarray(a, float) - np.asarray(b, float)
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
 class SmallCNN(torch.nn.Module):
@@ -127,38 +135,92 @@ class SmallCNN(torch.nn.Module):
         return self.head(self.features(x))
 
 
+def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Random horizontal flips and integer shifts of up to max_shift pixels, drawn per image (on x's device,
+    from a generator on that device)."""
+    n, device = len(x), x.device
+    flip = torch.rand(n, generator=generator, device=device) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    dy, dx = (torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator, device=device))
+    size = x.shape[-1]
+    steps = torch.arange(size, device=device)
+    rows = (dy.view(-1, 1) + steps).view(n, 1, size, 1).expand(n, 1, size, padded.shape[-1])
+    x = padded.gather(2, rows)
+    cols = (dx.view(-1, 1) + steps).view(n, 1, 1, size).expand(n, 1, size, size)
+    return x.gather(3, cols)
+
+
+class CNNTrainer:
+    """The benchmarks' one CNN reference trainer: SmallCNN, Adam at 1e-3, batches of 128 drawn by a seeded
+    generator, optionally flips+shifts; trained for time budgets in slices (train_for), resumable through
+    state_dict, on any device."""
+
+    BATCH = 128
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, augmentation: bool = False, device="cpu", seed: int = 0):
+        torch.manual_seed(seed)  # the initialisation
+        self.x, self.y, self.augmentation = x.to(device), y.to(device), augmentation
+        self.model = SmallCNN().to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.steps, self.seconds = 0, 0.0
+
+    def train_for(self, seconds: float) -> None:
+        self.model.train()
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            index = torch.randint(0, len(self.x), (self.BATCH,), generator=self.generator, device=self.x.device)
+            batch = augment(self.x[index], self.generator) if self.augmentation else self.x[index]
+            loss = F.cross_entropy(self.model(batch), self.y[index])
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            self.steps += 1
+        self.seconds += time.perf_counter() - started
+        self.model.eval()
+
+    @property
+    def epochs(self) -> float:
+        return self.steps * self.BATCH / len(self.x)
+
+    def correct(self, pixels: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+        return cnn_correct(self.model, pixels.to(self.x.device), labels)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "steps": self.steps, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.steps, self.seconds = state["steps"], state["seconds"]
+
+
 def cnn_reference(minutes: float, seed: int = 0) -> tuple[SmallCNN, dict]:
     """Train (or load the cached) CNN on the full training set for a fixed CPU time budget."""
     path = RESULTS / "cnn_reference.pt"
-    model = SmallCNN()
     if path.exists():
         state = torch.load(path, weights_only=True)
         if state["minutes"] == minutes:
+            model = SmallCNN()
             model.load_state_dict(state["model"])
             return model.eval(), state["info"]
     images, labels = fashion_mnist_arrays("train")
-    x, y = to_pixels(images), torch.from_numpy(labels)
-    torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    deadline, step, seen = time.monotonic() + minutes * 60, 0, 0
-    while time.monotonic() < deadline:
-        index = torch.randint(0, len(x), (128,))
-        loss = F.cross_entropy(model(x[index]), y[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        step, seen = step + 1, seen + 128
-    info = {"minutes": minutes, "steps": step, "images_seen": seen, "epochs": seen / len(x),
-            "augmentation": "none"}
+    trainer = CNNTrainer(to_pixels(images), torch.from_numpy(labels), seed=seed)
+    trainer.train_for(minutes * 60)
+    info = {"minutes": minutes, "steps": trainer.steps, "images_seen": trainer.steps * CNNTrainer.BATCH,
+            "epochs": trainer.epochs, "augmentation": "none"}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "minutes": minutes, "info": info}, path)
-    return model.eval(), info
+    torch.save({"model": trainer.model.state_dict(), "minutes": minutes, "info": info}, path)
+    return trainer.model, info
 
 
 @torch.inference_mode()
 def cnn_correct(model: SmallCNN, pixels: torch.Tensor, labels: np.ndarray) -> np.ndarray:
-    predictions = torch.cat([model(pixels[i:i + 500]).argmax(1) for i in range(0, len(pixels), 500)])
-    return predictions.numpy() == labels
+    predictions = torch.cat([model(pixels[i:i + 2000]).argmax(1) for i in range(0, len(pixels), 2000)])
+    return predictions.cpu().numpy() == labels
 
 
 def cnn_accuracy(model: SmallCNN, pixels: torch.Tensor, labels: np.ndarray) -> float:

@@ -1,14 +1,13 @@
 """Does every model family compile? `--compile` on a tiny random-weight pipeline of each family (the test
-suite's builders, tests/conftest.py), against eager scoring of the same image.
+suite's builders, tiny_pipelines.py), against eager scoring of the same image.
 
-    python benchmarks/compile_check.py            # about 2 minutes on 2 CPU cores
+    python -m benchmarks.compile_check            # about 2 minutes on 2 CPU cores
 
 Prints and writes benchmarks/results/compile_check.json: per family whether the network stayed compiled
 (no fallback), the compile time, and the largest relative difference of an error from eager.
 """
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,22 +15,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from common import RESULTS  # noqa: E402
+from diffusion_classifier import DiffusionClassifier, Exhaustive, load_denoiser
+from diffusion_classifier.runtime import atomic_write_text
 
-from diffusion_classifier import DiffusionClassifier, Exhaustive, load_denoiser  # noqa: E402
-from diffusion_classifier.runtime import atomic_write_text  # noqa: E402
-from tests import conftest  # noqa: E402  (the tiny pipeline builders)
+from . import tiny_pipelines
+from .common import RESULTS
 
 FAMILIES = {
-    "stable diffusion": (conftest.build_stable_diffusion, "RGB"),
-    "sdxl": (conftest.build_sdxl, "RGB"),
-    "sd3": (conftest.build_sd3, "RGB"),
-    "flux": (conftest.build_flux, "RGB"),
-    "dit": (lambda d: conftest.build_dit(d, conftest.CLASSES), "RGB"),
-    "pixel class unet (ours)": (lambda d: conftest.build_pixel_class(d, conftest.CLASSES), "L"),
-    "pixel text unet (ours)": (conftest.build_pixel_text, "L"),
+    "stable diffusion": (tiny_pipelines.build_stable_diffusion, "RGB"),
+    "sdxl": (tiny_pipelines.build_sdxl, "RGB"),
+    "sd3": (tiny_pipelines.build_sd3, "RGB"),
+    "flux": (tiny_pipelines.build_flux, "RGB"),
+    "dit": (lambda d: tiny_pipelines.build_dit(d, tiny_pipelines.CLASSES), "RGB"),
+    "pixel class unet (ours)": (lambda d: tiny_pipelines.build_pixel_class(d, tiny_pipelines.CLASSES), "L"),
+    "pixel text unet (ours)": (tiny_pipelines.build_pixel_text, "L"),
 }
 
 
@@ -42,7 +39,7 @@ def main() -> None:
         directory = build(root / name.replace(" ", "-"))
         denoiser = load_denoiser(directory)
         labels = ["a cat", "a dog"] if denoiser.conditioning == "text" else None
-        image = conftest.random_images(1, size=denoiser.image_size[0], mode=mode)
+        image = tiny_pipelines.random_images(1, size=denoiser.image_size[0], mode=mode)
         eager = DiffusionClassifier(denoiser, labels=labels, strategy=Exhaustive(3), batch_size=8).classify(image)[0]
         compiled = load_denoiser(directory)
         clf = DiffusionClassifier(compiled, labels=labels, strategy=Exhaustive(3), batch_size=8, compile=True)

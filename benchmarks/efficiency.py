@@ -1,8 +1,8 @@
 """Accuracy vs cost of the strategies, and engine throughput, on the shipped Fashion-MNIST models.
 
-    python benchmarks/efficiency.py --images 500
-    python benchmarks/efficiency.py --images 200 --sections throughput
-    python benchmarks/efficiency.py --sections calibration --calibration-images 2000
+    python -m benchmarks.efficiency --images 500
+    python -m benchmarks.efficiency --images 200 --sections throughput
+    python -m benchmarks.efficiency --sections calibration --calibration-images 2000
 
 Same test images (the fixed seeded subset of common.py) and seeds for every row. One exhaustive pass
 over an even grid of --grid timesteps is stored; every strategy on that grid is then replayed on the
@@ -27,15 +27,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, model_fingerprint, replayed_accuracy, stored_test_errors, test_subset, to_pixels
 
 from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, Staged, load_denoiser, preset
+from diffusion_classifier.adapters.schedules import even_timesteps
 from diffusion_classifier.data import fashion_mnist_arrays
-from diffusion_classifier.replay import replay
+from diffusion_classifier.engine.replay import replay
+from diffusion_classifier.engine.scoring import image_seed, noise_for
+from diffusion_classifier.engine.strategies import FixedTimesteps
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
-from diffusion_classifier.schedules import even_timesteps
-from diffusion_classifier.scoring import image_seed, noise_for
-from diffusion_classifier.strategies import FixedTimesteps
+
+from .common import RESULTS, model_fingerprint, replayed_accuracy, stored_test_errors, test_subset, to_pixels
 
 GRID_CACHE = RESULTS / "efficiency_grid.npz"  # the exhaustive pass's errors (not committed: a cache)
 CLASS_TREE = Path(__file__).resolve().parents[1] / "examples" / "fashion-mnist" / "class_tree.json"
@@ -165,8 +166,7 @@ def section_calibration(pixels, labels, args, out):
     Uses its own, larger image set (--calibration-images) scored exhaustively at
     --calibration-timesteps: ECE over a few hundred images is too noisy to judge a 0.03 target.
     """
-    from diffusion_classifier.calibration import fit_temperature, fit_timestep_weights
-    from diffusion_classifier.probabilities import (
+    from diffusion_classifier.engine.probabilities import (
         expected_calibration_error,
         negative_log_likelihood,
         relative_scores,
@@ -174,6 +174,7 @@ def section_calibration(pixels, labels, args, out):
         timestep_gaps,
         weighted_probabilities,
     )
+    from diffusion_classifier.tasks.calibration import fit_temperature, fit_timestep_weights
 
     pixels, labels = test_images(args.calibration_images)
     strategy = Exhaustive(args.calibration_timesteps)

@@ -1,7 +1,7 @@
 """Which GPU runs which family: `estimate` on every family at its published size, and a check of the
 estimate's method against the peaks measured on an H200.
 
-    python benchmarks/estimate_families.py          # about 2 minutes on the CPU; nothing is downloaded
+    python -m benchmarks.estimate_families          # about 2 minutes on the CPU; nothing is downloaded
 
 Part 1 (check): each network alone (gpu_throughput's published configs), one forward traced under fake tensors
 with estimate.LiveBytes, against benchmarks/results/gpu_throughput.json's measured peaks (same batch sizes).
@@ -15,19 +15,17 @@ Prints both tables and writes benchmarks/results/estimate_families.json.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
-from gpu_throughput import DIT_XL_2_256, SD2_UNET, SD3_MEDIUM, SDXL_UNET  # noqa: E402
+from diffusion_classifier.adapters.estimate import GIB, LiveBytes, estimate
+from diffusion_classifier.runtime import atomic_write_text
 
-from diffusion_classifier.estimate import GIB, LiveBytes, estimate  # noqa: E402
-from diffusion_classifier.runtime import atomic_write_text  # noqa: E402
+from .common import RESULTS
+from .gpu_throughput import DIT_XL_2_256, SD2_UNET, SD3_MEDIUM, SDXL_UNET
 
 MEMORIES = (24, 48, 80)
 

@@ -1,9 +1,9 @@
 """Fashion-MNIST benchmark of the shipped models: accuracy vs NFE, zero-shot wordings, a CNN
 reference, a timestep ablation, and the cold-start time of `classify`.
 
-    python benchmarks/fashion_mnist.py --images 2000            # everything
-    python benchmarks/fashion_mnist.py --images 500 --sections accuracy cnn
-    python benchmarks/fashion_mnist.py --images 1000 --sections accuracy --models fashion-mnist-text
+    python -m benchmarks.fashion_mnist --images 2000            # everything
+    python -m benchmarks.fashion_mnist --images 500 --sections accuracy cnn
+    python -m benchmarks.fashion_mnist --images 1000 --sections accuracy --models fashion-mnist-text
 
 The accuracy section replaces only the rows of the models it ran (each row states its image count).
 
@@ -30,7 +30,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import (  # benchmarks/
+
+from diffusion_classifier import (
+    DiffusionClassifier,
+    Elimination,
+    EvaluationRun,
+    Exhaustive,
+    Staged,
+    load_denoiser,
+    run_evaluation,
+)
+from diffusion_classifier.adapters.text_unet import sentence_embedding
+from diffusion_classifier.data import FASHION_MNIST_CLASSES, fashion_mnist_arrays
+from diffusion_classifier.engine.strategies import FixedTimesteps
+from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
+from diffusion_classifier.stats import standard_error
+from diffusion_classifier.store import ResultsStore
+from diffusion_classifier.training.trainer import CaptionBank, load_captions
+
+from .common import (
     RESULTS,
     RUNS,
     accuracy_of,
@@ -44,22 +62,6 @@ from common import (  # benchmarks/
     test_subset,
     to_pixels,
 )
-
-from diffusion_classifier import (
-    DiffusionClassifier,
-    Elimination,
-    EvaluationRun,
-    Exhaustive,
-    Staged,
-    load_denoiser,
-    run_evaluation,
-)
-from diffusion_classifier.adapters.text_unet import sentence_embedding
-from diffusion_classifier.data import FASHION_MNIST_CLASSES, fashion_mnist_arrays
-from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
-from diffusion_classifier.store import ResultsStore
-from diffusion_classifier.strategies import FixedTimesteps
-from diffusion_classifier.training import CaptionBank, load_captions
 
 ROOT = Path(__file__).resolve().parent
 RESOURCES = ROOT.parent / "src" / "diffusion_classifier" / "resources" / "fashion_mnist.json"
@@ -200,7 +202,7 @@ def paired_rows(baseline, variant, grid, truth, counts, name) -> list[dict]:
         difference = other.astype(float) - base
         rows.append({"timesteps": k, "nfe": k * int(baseline[0].shape[0]), "baseline": float(base.mean()),
                      "variant": float(other.mean()), "paired_difference": float(difference.mean()),
-                     "paired_standard_error": float(difference.std(ddof=1) / np.sqrt(len(truth)))})
+                     "paired_standard_error": standard_error(difference)})
         print(f"{k} timesteps, {len(truth)} images: baseline {rows[-1]['baseline']:.4f}  {name} "
               f"{rows[-1]['variant']:.4f}  paired {100 * rows[-1]['paired_difference']:+.2f} +- "
               f"{100 * rows[-1]['paired_standard_error']:.2f} points", flush=True)
@@ -269,8 +271,8 @@ def section_ablation(pixels, labels, args, out):
 def fitted_weighting(errors, grid, truth) -> dict:
     """Accuracy of argmin over classes of sum_t w_t error[c, t] with w fitted (calibration.fit_timestep_weights,
     NLL on one half of the images) against equal weights, both judged on the other half; mean of both folds."""
-    from diffusion_classifier.calibration import fit_timestep_weights
-    from diffusion_classifier.probabilities import timestep_gaps
+    from diffusion_classifier.engine.probabilities import timestep_gaps
+    from diffusion_classifier.tasks.calibration import fit_timestep_weights
 
     gaps = np.stack([timestep_gaps(e, grid, int(e.min(axis=1).mean(axis=1).argmin())) for e in errors])
     order = np.random.default_rng(0).permutation(len(truth))

@@ -2,7 +2,7 @@
 model and a DDPM control, the same network (class-tiny by default), data and CPU budget, scored on the same
 test images.
 
-    python benchmarks/flow.py --train-minutes 50 --images 2000      # trains both side by side, then scores
+    python -m benchmarks.flow --train-minutes 50 --images 2000      # trains both side by side, then scores
 
 Training: what `diffusion-classifier train --conditioning class --objective {ddpm,flow}` runs, into
 train-runs/flow-bench/fashion-mnist-{ddpm,flow}, the two in parallel on one torch thread each; re-running trains
@@ -29,14 +29,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, paired_difference, test_subset  # benchmarks/
-from fashion_mnist import grid_run  # benchmarks/
 
 from diffusion_classifier import load_denoiser
+from diffusion_classifier.adapters.schedules import even_subset
 from diffusion_classifier.data import load_dataset
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
-from diffusion_classifier.schedules import even_subset
-from diffusion_classifier.training import TrainConfig, train
+from diffusion_classifier.stats import paired_difference, standard_error
+from diffusion_classifier.training.trainer import TrainConfig, train
+
+from .common import RESULTS, test_subset
+from .fashion_mnist import grid_run
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("ddpm", "flow")
@@ -132,7 +134,7 @@ def main() -> None:
                 rows.append({"model": objective, "variant": name, "timesteps": k, "nfe": 10 * k,
                              "images": len(correct),
                              "accuracy": float(correct.mean()),
-                             "accuracy_standard_error": float(correct.std(ddof=1) / np.sqrt(len(correct))),
+                             "accuracy_standard_error": standard_error(correct),
                              "paired_vs_default": diff, "paired_standard_error": se})
     for r in rows:
         if r["model"] == "flow" and r["variant"] == "eps, even grid":

@@ -1,7 +1,7 @@
 """Does each family fit the GPU at default settings, and how close is `estimate`? (For a GPU lease.)
 
-    python benchmarks/gpu_fit.py                 # SDXL base and SD3.5 medium at full size: about 6 minutes on an H100
-    python benchmarks/gpu_fit.py --tiny          # small configs, on the CPU: checks the script runs
+    python -m benchmarks.gpu_fit                 # SDXL base and SD3.5 medium at full size: about 6 minutes on an H100
+    python -m benchmarks.gpu_fit --tiny          # small configs, on the CPU: checks the script runs
 
 For each family a pipeline with random weights is written at its published sizes (estimate_families' configs,
 every component; stand-in tokenizers with the real lengths) to local disk on the machine itself. Then 8 random
@@ -16,19 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
-from estimate_families import FAMILIES, write_pipeline  # noqa: E402
-from gpu_throughput import TINY_UNET  # noqa: E402
+from diffusion_classifier.runtime import atomic_write_text
 
-from diffusion_classifier.runtime import atomic_write_text  # noqa: E402
+from .common import RESULTS, child_process
+from .estimate_families import FAMILIES, write_pipeline
+from .gpu_throughput import TINY_UNET
 
 CHOSEN = ("SDXL base (1024 px)", "SD3.5 medium (1024 px)")
 LABELS = ["cat", "dog", "bird", "car", "tree", "house", "boat", "horse", "chair", "flower"]
@@ -37,7 +35,7 @@ CAP_GB = 24
 
 def tiny_families() -> dict:
     """Small stand-ins with the same structure (CPU smoke run)."""
-    from estimate_families import SD_SCHEDULER, clip, vae
+    from .estimate_families import SD_SCHEDULER, clip, vae
 
     small_vae = dict(vae(), block_out_channels=[16, 32], down_block_types=["DownEncoderBlock2D"] * 2,
                      up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=8, sample_size=32)
@@ -49,7 +47,7 @@ def tiny_families() -> dict:
 
 def write_weights(folder: Path, device: torch.device) -> None:
     """Random weights for every model component of a configs-only pipeline, saved in bf16 (as the hub's fp16)."""
-    from diffusion_classifier.loading import _from_config, component_names, read_index
+    from diffusion_classifier.adapters.loading import _from_config, component_names, read_index
 
     index = read_index(folder)
     for name in component_names(index):
@@ -101,7 +99,7 @@ def main() -> None:
     if args.child:
         return classify_once(args.child, args.cap, device)
 
-    from diffusion_classifier.estimate import estimate
+    from diffusion_classifier.adapters.estimate import estimate
 
     families = tiny_families() if args.tiny else {name: FAMILIES[name] for name in CHOSEN}
     total = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None
@@ -114,8 +112,9 @@ def main() -> None:
             print(f"{name}: wrote random weights in {time.perf_counter() - started:.0f} s", flush=True)
             caps = [None] + ([CAP_GB * 2**30 / total] if total and total > CAP_GB * 2**30 else [])
             for cap in caps:
-                done = subprocess.run([sys.executable, __file__, "--child", str(folder)]
-                                      + (["--cap", str(cap)] if cap else []), capture_output=True, text=True)
+                done = subprocess.run(**child_process(__spec__.name, "--child", str(folder),
+                                                      *(["--cap", str(cap)] if cap else [])),
+                                      capture_output=True, text=True)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
                 if done.returncode != 0 or not lines:
                     rows.append({"family": name, "cap_gb": CAP_GB if cap else None, "error":

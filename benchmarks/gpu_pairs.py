@@ -10,9 +10,9 @@ and scores from them without the encoder. bfloat16 costs the GPU run nothing: un
 states enter the network only through the cross-attention's key and value projections, which read them
 rounded to bfloat16 anyway, and padding positions are masked out of attention (their values never count).
 
-    python benchmarks/gpu_pairs.py pack --states .states                  # here: about 2 minutes
-    python benchmarks/gpu_pairs.py run --states .states --out-dir $OUT    # the GPU machine (tools/gpu_run_pairs.sh)
-    python benchmarks/gpu_pairs.py pack --tiny --states S && python benchmarks/gpu_pairs.py run --tiny \\
+    python -m benchmarks.gpu_pairs pack --states .states                  # here: about 2 minutes
+    python -m benchmarks.gpu_pairs run --states .states --out-dir $OUT    # the GPU machine (tools/gpu_run_pairs.sh)
+    python -m benchmarks.gpu_pairs pack --tiny --states S && python -m benchmarks.gpu_pairs run --tiny \\
         --states S --out-dir O                                            # CPU smoke test (the tests run it)
 
 `run` trains the stage-1 recipe of models/fashion-mnist-pairs (`train --layout pairs --conditioning text
@@ -39,19 +39,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
-from compositional import manifest_for, score_diffusion  # noqa: E402
-from gpu_training import pack  # noqa: E402
+from diffusion_classifier.adapters.denoiser import ModelInfo
+from diffusion_classifier.adapters.loading import ComponentLoader, _is_component_spec, load_denoiser, read_index
+from diffusion_classifier.adapters.text_unet import TextUNetDenoiser
+from diffusion_classifier.data import fashion_mnist_arrays, load_dataset
+from diffusion_classifier.errors import UserError
+from diffusion_classifier.runtime import atomic_torch_save, atomic_write_bytes, atomic_write_text
+from diffusion_classifier.training.pairs import load_spec, winoground_examples
+from diffusion_classifier.training.trainer import CAPTION_STATES, TrainConfig, Trainer
 
-from diffusion_classifier.adapters.text_unet import TextUNetDenoiser  # noqa: E402
-from diffusion_classifier.data import fashion_mnist_arrays, load_dataset  # noqa: E402
-from diffusion_classifier.denoisers import ModelInfo  # noqa: E402
-from diffusion_classifier.errors import UserError  # noqa: E402
-from diffusion_classifier.loading import ComponentLoader, _is_component_spec, load_denoiser, read_index  # noqa: E402
-from diffusion_classifier.pairs import load_spec, winoground_examples  # noqa: E402
-from diffusion_classifier.runtime import atomic_torch_save, atomic_write_bytes, atomic_write_text  # noqa: E402
-from diffusion_classifier.training import CAPTION_STATES, TrainConfig, Trainer  # noqa: E402
+from .common import RESULTS
+from .compositional import manifest_for, score_diffusion
+from .gpu_training import pack
 
 TRAIN_PACK, EVAL_PACK, SPEC = "train-captions.npz", "eval-captions.npz", "pairs-spec.json"
 
@@ -267,7 +266,7 @@ def main() -> None:
     parser.add_argument("--out-dir", default="gpu-out")
     args = parser.parse_args()
     if args.tiny:
-        args.minutes, args.curve_minutes, args.curve_examples, args.examples = 0.1, [0.05], 4, 8
+        args.minutes, args.curve_minutes, args.curve_examples, args.examples = 0.04, [0.02], 4, 8
         args.grid, args.batch_size, args.warmup_steps, args.score_batch = 4, 32, 5, 64
     try:
         pack_states(args) if args.command == "pack" else run(args)

@@ -2,8 +2,8 @@
 from the original method's description, on real-size random-weight networks built from the published
 configs (no downloads).
 
-    python benchmarks/gpu_throughput.py                      # an H200: about 5 minutes
-    python benchmarks/gpu_throughput.py --tiny               # small configs on the CPU (the test suite runs it)
+    python -m benchmarks.gpu_throughput                      # an H200: about 5 minutes
+    python -m benchmarks.gpu_throughput --tiny               # small configs on the CPU (the test suite runs it)
 
 Rows, for SD 2 base's UNet (865.9M parameters, 64 x 64 latents, 10 classes, the CIFAR-10 preset's staged
 schedule: 50 timesteps for all classes, keep 5, 500 for those: 2,750 NFE per image):
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -30,14 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
+from diffusion_classifier.adapters.dit import DiTDenoiser
+from diffusion_classifier.adapters.text_unet import TextUNetDenoiser
+from diffusion_classifier.engine.scoring import Job, ScoringEngine
+from diffusion_classifier.engine.strategies import Exhaustive, Staged
+from diffusion_classifier.runtime import atomic_write_text
 
-from diffusion_classifier.adapters.dit import DiTDenoiser  # noqa: E402
-from diffusion_classifier.adapters.text_unet import TextUNetDenoiser  # noqa: E402
-from diffusion_classifier.runtime import atomic_write_text  # noqa: E402
-from diffusion_classifier.scoring import Job, ScoringEngine  # noqa: E402
-from diffusion_classifier.strategies import Exhaustive, Staged  # noqa: E402
+from .common import RESULTS
 
 # Published configs (the hub repos' unet/ and transformer/ config.json), trimmed to the keys diffusers needs.
 SD2_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,

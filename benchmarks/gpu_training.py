@@ -1,7 +1,7 @@
 """Equal GPU-minutes training and scoring on all 10,000 Fashion-MNIST test images (#24's science questions).
 
-    python benchmarks/gpu_training.py --minutes 2.5 --out-dir $OUT     # a GPU machine
-    python benchmarks/gpu_training.py --tiny --out-dir /tmp/smoke       # a CPU smoke test (the tests run it)
+    python -m benchmarks.gpu_training --minutes 2.5 --out-dir $OUT     # a GPU machine
+    python -m benchmarks.gpu_training --tiny --out-dir /tmp/smoke       # a CPU smoke test (the tests run it)
 
 Sections, in order; one that would pass --budget-seconds is skipped and named in the JSON:
   ddpm   class-small trained with `train --device cuda --precision bf16` for --minutes (scoring the first
@@ -20,26 +20,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cnn_budget import augment  # noqa: E402
-from common import SmallCNN, paired_difference, to_pixels  # noqa: E402
+from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, load_denoiser
+from diffusion_classifier.adapters.loading import weights_fingerprint
+from diffusion_classifier.adapters.schedules import even_subset
+from diffusion_classifier.data import LabelledImages, fashion_mnist_arrays, load_dataset
+from diffusion_classifier.engine.replay import replay
+from diffusion_classifier.runtime import atomic_write_text
+from diffusion_classifier.stats import paired_difference, standard_error
+from diffusion_classifier.training.trainer import CAPTION_STATES, TrainConfig, Trainer
 
-from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, load_denoiser  # noqa: E402
-from diffusion_classifier.data import LabelledImages, fashion_mnist_arrays, load_dataset  # noqa: E402
-from diffusion_classifier.loading import weights_fingerprint  # noqa: E402
-from diffusion_classifier.replay import replay  # noqa: E402
-from diffusion_classifier.runtime import atomic_write_text  # noqa: E402
-from diffusion_classifier.schedules import even_subset  # noqa: E402
-from diffusion_classifier.training import CAPTION_STATES, TrainConfig, Trainer  # noqa: E402
+from .common import CNNTrainer, to_pixels
 
 
 def sync(device: torch.device) -> None:
@@ -48,7 +45,7 @@ def sync(device: torch.device) -> None:
 
 
 def rate(correct: np.ndarray) -> dict:
-    return {"accuracy": float(correct.mean()), "standard_error": float(correct.std(ddof=1) / np.sqrt(len(correct)))}
+    return {"accuracy": float(correct.mean()), "standard_error": standard_error(correct)}
 
 
 def train_diffusion(objective: str, args, device, out: Path, train_set: LabelledImages, minutes: float) -> dict:
@@ -114,33 +111,16 @@ def elimination_row(errors: np.ndarray, labels: np.ndarray, grid: list[int], sam
 
 def train_cnn(augmentation: bool, seconds: float, x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor,
               test_y: np.ndarray, device, seed: int = 0) -> dict:
-    torch.manual_seed(seed)  # this script's process: the CNN's initialisation
-    model = SmallCNN().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    generator = torch.Generator(device).manual_seed(seed)
-    curve, steps, started, next_check = [], 0, time.perf_counter(), 0.0
-
-    def accuracy() -> np.ndarray:
-        model.eval()
-        with torch.inference_mode():
-            predictions = torch.cat([model(test_x[i:i + 2000]).argmax(1) for i in range(0, len(test_x), 2000)])
-        model.train()
-        return predictions.cpu().numpy() == test_y
-
-    while (elapsed := time.perf_counter() - started) < seconds:
-        index = torch.randint(0, len(x), (128,), generator=generator, device=device)
-        batch = augment(x[index], generator) if augmentation else x[index]
-        loss = F.cross_entropy(model(batch), y[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        steps += 1
-        if elapsed >= next_check:
-            curve.append({"seconds": round(elapsed, 1), "steps": steps, "accuracy": float(accuracy().mean())})
-            next_check += seconds / 10
-    correct = accuracy()
-    return {"augmentation": "flips+shifts" if augmentation else "none", "seconds": seconds, "steps": steps,
-            "epochs": steps * 128 / len(x), **rate(correct), "curve": curve, "correct": correct}
+    """The CNN reference for `seconds`, with its test accuracy at every tenth of the budget."""
+    trainer = CNNTrainer(x, y, augmentation, device, seed)
+    curve = []
+    for _ in range(10):
+        trainer.train_for(seconds / 10)
+        curve.append({"seconds": round(trainer.seconds, 1), "steps": trainer.steps,
+                      "accuracy": float(trainer.correct(test_x, test_y).mean())})
+    correct = trainer.correct(test_x, test_y)
+    return {"augmentation": "flips+shifts" if augmentation else "none", "seconds": seconds, "steps": trainer.steps,
+            "epochs": trainer.epochs, **rate(correct), "curve": curve, "correct": correct}
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> dict:
@@ -181,9 +161,9 @@ def main() -> None:
     parser.add_argument("--out-dir", required=True)
     args = parser.parse_args()
     if args.tiny:
-        args.minutes, args.cnn_minutes, args.architecture = 0.05, 0.05, "class-tiny"
+        args.minutes, args.cnn_minutes, args.architecture = 0.02, 0.01, "class-tiny"
         args.batch_size, args.warmup_steps, args.grid = 64, 5, 10
-        args.score_batch, args.images_per_chunk, args.test_images, args.elimination_sample = 256, 20, 40, 10
+        args.score_batch, args.images_per_chunk, args.test_images, args.elimination_sample = 256, 20, 20, 10
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     out = Path(args.out_dir)
@@ -242,7 +222,7 @@ def main() -> None:
             rows = exhaustive_rows(errors, scored)
             entry["scoring"] = timing
             if section == "flow":
-                from diffusion_classifier.schedules import RectifiedFlowSchedule
+                from diffusion_classifier.adapters.schedules import RectifiedFlowSchedule
 
                 schedule = RectifiedFlowSchedule(1000)
                 grid = torch.tensor(timing["grid"])
@@ -275,7 +255,7 @@ def main() -> None:
         save()
     save()
     for name, c in correct.items():
-        print(f"{name:34s} {100 * c.mean():6.2f}% +- {100 * c.std(ddof=1) / np.sqrt(len(c)):.2f}")
+        print(f"{name:34s} {100 * c.mean():6.2f}% +- {100 * standard_error(c):.2f}")
     print(f"{result['seconds']:.0f} s; skipped: {', '.join(result['skipped']) or 'nothing'}")
 
 

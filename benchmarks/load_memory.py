@@ -1,7 +1,7 @@
 """Peak host memory while loading a real-size checkpoint, against its weights in the scoring dtype.
 
-    python benchmarks/load_memory.py                  # SDXL's UNet (2.57B parameters): about 5 minutes, 16 GB of disk
-    python benchmarks/load_memory.py --tiny           # a small UNet (the test suite runs it)
+    python -m benchmarks.load_memory                  # SDXL's UNet (2.57B parameters): about 5 minutes, 16 GB of disk
+    python -m benchmarks.load_memory --tiny           # a small UNet (the test suite runs it)
 
 Writes SDXL base's UNet with random weights (the published config, gpu_throughput.SDXL_UNET) as the hub has it:
 diffusion_pytorch_model.safetensors in float32 and the fp16 variant, into --workdir. Then, each in a fresh
@@ -22,18 +22,16 @@ import json
 import platform
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
-from gpu_throughput import SDXL_UNET, TINY_UNET  # noqa: E402
+from diffusion_classifier.runtime import atomic_write_text
 
-from diffusion_classifier.runtime import atomic_write_text  # noqa: E402
+from .common import RESULTS, child_process
+from .gpu_throughput import SDXL_UNET, TINY_UNET
 
 CASES = [  # (name, file variant, scoring dtype, how)
     ("bf16 from the fp16 variant (default on CUDA)", "fp16", "bfloat16", "library"),
@@ -64,8 +62,8 @@ def load_once(folder: Path, variant: str | None, dtype_name: str, how: str) -> N
     """The measured child: report RSS before loading (every library imported), then load."""
     from diffusers import UNet2DConditionModel  # noqa: F401  (imported before the baseline is read)
 
-    from diffusion_classifier.denoisers import cast_module
-    from diffusion_classifier.loading import load_component
+    from diffusion_classifier.adapters.denoiser import cast_module
+    from diffusion_classifier.adapters.loading import load_component
 
     dtype = getattr(torch, dtype_name)
     before = psutil.Process().memory_info().rss
@@ -95,10 +93,10 @@ def _rss(pid: int) -> tuple[int, int]:
 
 
 def measure(folder: Path, variant: str | None, dtype_name: str, how: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(folder), "--child-variant", variant or "none",
-           "--child-dtype", dtype_name, "--child-how", how]
+    child = child_process(__spec__.name, "--child", str(folder), "--child-variant", variant or "none",
+                          "--child-dtype", dtype_name, "--child-how", how)
     started = time.perf_counter()
-    proc = psutil.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    proc = psutil.Popen(child["args"], env=child["env"], stdout=subprocess.PIPE, text=True)
     json.loads(proc.stdout.readline())  # the child has imported everything and starts loading
     anon_before, file_before = _rss(proc.pid)
     peak_total = peak_anon = 0
@@ -112,7 +110,7 @@ def measure(folder: Path, variant: str | None, dtype_name: str, how: str) -> dic
     rest = [json.loads(line) for line in proc.stdout.read().splitlines() if line.startswith("{")]
     proc.wait()
     if proc.returncode != 0 or not rest:
-        raise SystemExit(f"loading failed ({proc.returncode}): {' '.join(cmd)}")
+        raise SystemExit(f"loading failed ({proc.returncode}): {' '.join(child['args'])}")
     params = rest[-1]["params"]
     weights = params * torch.tensor([], dtype=getattr(torch, dtype_name)).element_size()
     private = peak_anon - anon_before

@@ -1,7 +1,7 @@
 """Many candidates: strategies for 90-way classification, replayed on one stored exhaustive pass.
 
-    python benchmarks/many_classes.py --sections pass --images 500 --minutes 150   # resumable
-    python benchmarks/many_classes.py --sections strategies ten-way simulation
+    python -m benchmarks.many_classes --sections pass --images 500 --minutes 150   # resumable
+    python -m benchmarks.many_classes --sections strategies ten-way simulation
 
 The task: Fashion-MNIST pair composites [a | b] (a != b, items from the test split, each item used once)
 classified by the shipped fashion-mnist-pairs model among the 90 ordered-pair captions
@@ -29,18 +29,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, RUNS, model_fingerprint, paired_difference  # benchmarks/
 
 from diffusion_classifier import EvaluationRun, run_evaluation
+from diffusion_classifier.adapters.schedules import even_subset
 from diffusion_classifier.data import fashion_mnist_arrays
-from diffusion_classifier.pairs import compose, load_spec, pair_caption
-from diffusion_classifier.replay import replay
+from diffusion_classifier.engine.replay import replay
+from diffusion_classifier.engine.shortlists import fit_first_look
+from diffusion_classifier.engine.simulation import dropped_winner_rate
+from diffusion_classifier.engine.strategies import CoarseToFine, Elimination, Exhaustive, FixedTimesteps, Staged
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
-from diffusion_classifier.schedules import even_subset
-from diffusion_classifier.shortlists import fit_first_look
-from diffusion_classifier.simulation import dropped_winner_rate
+from diffusion_classifier.stats import paired_difference, standard_error
 from diffusion_classifier.store import ResultsStore
-from diffusion_classifier.strategies import CoarseToFine, Elimination, Exhaustive, FixedTimesteps, Staged
+from diffusion_classifier.training.pairs import compose, load_spec, pair_caption
+
+from .common import RESULTS, RUNS, model_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "fashion-mnist-pairs"
@@ -142,7 +144,7 @@ def pass_run(n: int, batch_size: int = 64) -> EvaluationRun:
 
 
 def section_pass(args) -> None:
-    from diffusion_classifier.loading import load_denoiser
+    from diffusion_classifier.adapters.loading import load_denoiser
 
     run = pass_run(args.images, args.batch_size)
     denoiser = load_denoiser(MODEL)
@@ -163,14 +165,19 @@ def stored_pass(n: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
     run = pass_run(n)
     if not (ROOT / run.out / "results.sqlite").is_file():
         raise SystemExit(f"no stored pass in {run.out}: run --sections pass first")
-    with ResultsStore(run.out) as store:
-        rows = store.db.execute("SELECT idx, label FROM results WHERE status = 'ok' ORDER BY idx").fetchall()
-        by_id = store.error_matrices_by_id()
-        ids = dict(store.db.execute("SELECT idx, id FROM results WHERE status = 'ok'").fetchall())
-    if not rows:
+    errors, labels, grid = stored_grid(run.out)
+    if not len(labels):
         raise SystemExit(f"the pass in {run.out} holds no images yet")
-    errors = np.stack([by_id[ids[idx]][0] for idx, _ in rows])
-    return errors, np.array([label for _, label in rows]), by_id[ids[rows[0][0]]][1]
+    return errors, labels, grid
+
+
+def stored_grid(run_dir) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """An exhaustive run's errors [images, classes, prompts, grid] in item order, true classes, and the grid."""
+    with ResultsStore(run_dir) as store:
+        rows = store.rows(ok_only=True)
+    if not rows:
+        return np.zeros((0,)), np.zeros(0, dtype=int), []
+    return np.stack([r.error_matrix() for r in rows]), np.array([r.label for r in rows]), rows[0].timestep_list()
 
 
 def replayed(strategy, errors: np.ndarray, grid: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -180,7 +187,7 @@ def replayed(strategy, errors: np.ndarray, grid: list[int]) -> tuple[np.ndarray,
 
 
 def as_grid(points: int) -> list[int]:
-    from diffusion_classifier.schedules import as_schedule
+    from diffusion_classifier.adapters.schedules import as_schedule
 
     return as_schedule(1000).grid(points, 0)
 
@@ -230,9 +237,9 @@ def compare(errors: np.ndarray, labels: np.ndarray, grid: list[int], strategies:
         correct, agree = predictions == labels, predictions == exhaustive
         difference, stderr = paired_difference(correct, exhaustive == labels)
         row = {"strategy": name, "config": config, "images": n, "accuracy": float(correct.mean()),
-               "accuracy_standard_error": float(correct.std(ddof=1) / np.sqrt(n)),
+               "accuracy_standard_error": standard_error(correct),
                "accuracy_minus_exhaustive": difference, "difference_standard_error": stderr,
-               "agreement": float(agree.mean()), "agreement_standard_error": float(agree.std(ddof=1) / np.sqrt(n)),
+               "agreement": float(agree.mean()), "agreement_standard_error": standard_error(agree),
                "nfe_mean": float(nfe.mean()), "nfe_p95": float(np.percentile(nfe, 95))}
         if fits:
             row["fits"] = fits
@@ -299,11 +306,7 @@ def section_ten_way(args, out: dict) -> None:
     if not runs:
         print("10-way: no stored fashion-mnist-class grid run in benchmarks/runs; skipped")
         return
-    with ResultsStore(runs[-1]) as store:
-        rows = store.db.execute("SELECT id, label FROM results WHERE status = 'ok' ORDER BY idx").fetchall()
-        by_id = store.error_matrices_by_id()
-    errors, grid = np.stack([by_id[i][0] for i, _ in rows]), by_id[rows[0][0]][1]
-    labels = np.array([y for _, y in rows])
+    errors, labels, grid = stored_grid(runs[-1])
     exhaustive = errors[:, :, 0].mean(axis=2).argmin(axis=1)
     table = []
     for rate in (0.01, 0.05, 0.2):
@@ -311,8 +314,7 @@ def section_ten_way(args, out: dict) -> None:
             predictions, nfe = replayed(Elimination(rate, max_timesteps=GRID, bound=bound), errors, grid)
             correct = predictions == labels
             row = {"strategy": f"elimination {rate}, {bound} bound", "images": len(errors), "run": runs[-1].name,
-                   "accuracy": float(correct.mean()), "accuracy_standard_error": float(correct.std(ddof=1) /
-                                                                                       np.sqrt(len(errors))),
+                   "accuracy": float(correct.mean()), "accuracy_standard_error": standard_error(correct),
                    "agreement": float(np.mean(predictions == exhaustive)), "nfe_mean": float(nfe.mean()),
                    "nfe_p95": float(np.percentile(nfe, 95))}
             table.append(row)
@@ -347,7 +349,7 @@ def triples_manifest(n: int, names: list[str]) -> str:
     names."""
     from PIL import Image
 
-    from diffusion_classifier import triples
+    from diffusion_classifier.training import triples
 
     relative = Path("runs") / "many_classes" / f"triples-test{n}" / "manifest.jsonl"
     path = ROOT / relative
@@ -367,7 +369,8 @@ def section_thousand(args, out: dict) -> None:
     """The 1,000-way task: a triples model (train --layout triples) on three-item test composites, an exhaustive
     pass on an even grid of --thousand-grid timesteps stored by `evaluate` (resumable, within --minutes), the
     110 coarse classes at 10 timesteps (cached), and the strategies replayed."""
-    from diffusion_classifier import load_denoiser, triples
+    from diffusion_classifier import load_denoiser
+    from diffusion_classifier.training import triples
 
     if not args.triples_model:
         print("1,000-way: no --triples-model given; skipped")
@@ -387,11 +390,7 @@ def section_thousand(args, out: dict) -> None:
         print(f"1,000-way pass: {metrics['images']} images stored, accuracy {metrics['accuracy']:.3f}", flush=True)
         if metrics.get("complete"):
             break
-    with ResultsStore(run.out) as store:
-        rows = store.db.execute("SELECT id, label FROM results WHERE status = 'ok' ORDER BY idx").fetchall()
-        by_id = store.error_matrices_by_id()
-    errors, grid = np.stack([by_id[i][0] for i, _ in rows]), by_id[rows[0][0]][1]
-    labels = np.array([y for _, y in rows])
+    errors, labels, grid = stored_grid(run.out)
     coarse_labels = names[triples.FINE:]
     coarse_points = min(COARSE_GRID, grid_size)
     coarse_grid = as_grid(coarse_points)

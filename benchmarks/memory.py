@@ -1,7 +1,7 @@
 """Peak memory of an `evaluate` run at 1k vs 10k images: the runner must not grow with the run.
 
-    python benchmarks/memory.py                # 1,000 and 10,000 Fashion-MNIST test images
-    python benchmarks/memory.py --sizes 200 2000
+    python -m benchmarks.memory                # 1,000 and 10,000 Fashion-MNIST test images
+    python -m benchmarks.memory --sizes 200 2000
 
 Each size runs one evaluation run (`run_evaluation`, what `diffusion-classifier evaluate` calls) in a
 fresh process (built-in class-conditional model, one timestep per class so the run is cheap) and samples

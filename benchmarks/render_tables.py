@@ -1,8 +1,8 @@
 """Render the results tables (markdown) of docs/results.md from the benchmarks' JSON files.
 
-    python benchmarks/render_tables.py            # rewrite the generated block of docs/results.md
-    python benchmarks/render_tables.py --check    # exit 1 when that block is not what the JSON gives
-    python benchmarks/render_tables.py --print    # print the tables only
+    python -m benchmarks.render_tables            # rewrite the generated block of docs/results.md
+    python -m benchmarks.render_tables --check    # exit 1 when that block is not what the JSON gives
+    python -m benchmarks.render_tables --print    # print the tables only
 
 The block lies between the BEGIN and END marker lines; the prose around it is written by hand.
 """
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import model_fingerprint
+from .common import model_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -152,7 +152,7 @@ def main():
         updated = with_tables(current, text, begin)
         if args.check:
             if updated != current:
-                sys.exit(f"{path} is stale: run python benchmarks/render_tables.py")
+                sys.exit(f"{path} is stale: run python -m benchmarks.render_tables")
             continue
         path.write_text(updated)
 
@@ -250,7 +250,7 @@ def render_load_memory(result):
     if not result:
         return
     print(f"**Loading: host memory** ({result['model']}, {result['params'] / 1e9:.2f}B parameters; torch "
-          f"{result['torch']}, {result['cpus']} CPUs; `python benchmarks/load_memory.py`): the peak above what a "
+          f"{result['torch']}, {result['cpus']} CPUs; `python -m benchmarks.load_memory`): the peak above what a "
           "fresh process held before loading, over the weights' size in the scoring dtype; private memory is what "
           "must be free, all resident memory also counts the checkpoint's memory-mapped pages (page cache)\n")
     print("| loading | weights in the scoring dtype | peak private | ratio | peak resident | ratio | seconds |")
@@ -265,7 +265,7 @@ def render_estimates(result):
     if not result:
         return
     print("**`estimate` against measured peaks** (each network alone, bf16, traced on fake tensors; measured: the "
-          "H200 rows of the GPU throughput table; `python benchmarks/estimate_families.py`)\n")
+          "H200 rows of the GPU throughput table; `python -m benchmarks.estimate_families`)\n")
     print("| network | batch | estimated | measured | relative |\n|---|---|---|---|---|")
     for r in result["check"]:
         measured = f"{r['measured_gib']:.1f} GiB" if r["measured_gib"] else "-"
@@ -506,7 +506,7 @@ def render_many_classes(many):
                   f"{r['nfe_mean']:.0f} NFE (p95 {r['nfe_p95']:.0f})" for r in rows) + "\n")
     if "simulation" in many:
         print("**Elimination's promise by simulation** (error rate 0.05; share of simulated images whose exhaustive "
-              "winner is dropped, +- standard error; diffusion_classifier.simulation)\n")
+              "winner is dropped, +- standard error; diffusion_classifier.engine.simulation)\n")
         print("| candidates (tied with the best) | first round | normal bound (before) | t bound | NFE share, "
               "normal / t |")
         print("|---|---|---|---|---|")

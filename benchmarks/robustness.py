@@ -1,8 +1,8 @@
 """Effective robustness on Fashion-MNIST: plain vs robust diffusion classifier vs a CNN reference.
 
-    python benchmarks/robustness.py --images 1000
-    python benchmarks/robustness.py --images 200 --families "gaussian noise" contrast brightness
-    python benchmarks/robustness.py --images 1000 --timesteps 10 --families "gaussian noise" \
+    python -m benchmarks.robustness --images 1000
+    python -m benchmarks.robustness --images 200 --families "gaussian noise" contrast brightness
+    python -m benchmarks.robustness --images 1000 --timesteps 10 --families "gaussian noise" \
         --variants plain "robust (both)" --out robustness_noise_n1000
 
 Same test images (the fixed seeded subset of benchmarks/common.py) for every row. Rows are saved as
@@ -19,9 +19,14 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
-from common import (
+
+from diffusion_classifier import DiffusionClassifier, Exhaustive, load_denoiser
+from diffusion_classifier.data import fashion_mnist_arrays
+from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
+from diffusion_classifier.stats import standard_error
+
+from .common import (
     RESULTS,
     accuracy_of,
     cnn_correct,
@@ -32,11 +37,7 @@ from common import (
     test_subset,
     to_pixels,
 )
-from shifts import FAMILIES
-
-from diffusion_classifier import DiffusionClassifier, Exhaustive, load_denoiser
-from diffusion_classifier.data import fashion_mnist_arrays
-from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
+from .shifts import FAMILIES
 
 VARIANTS = {"plain": {}, "noise-aware": {"noise_aware": True}, "normalized": {"normalize_intensity": True},
             "robust (both)": {"noise_aware": True, "normalize_intensity": True}}
@@ -131,7 +132,7 @@ def paired_vs_cnn(rows: list[dict], variant: str) -> dict:
     for r in rows[1:]:
         d = change(r, variant) - change(r, "cnn")
         out[f"{r['family']} {r['severity']}"] = {"mean": float(d.mean()),
-                                                 "standard_error": float(d.std(ddof=1) / np.sqrt(len(d)))}
+                                                 "standard_error": standard_error(d)}
     return out
 
 

@@ -1,8 +1,8 @@
 """Training throughput of `train` (images/s) on this machine's CPU or GPU, for the class-small network on
 Fashion-MNIST, at a few batch sizes.
 
-    python benchmarks/train_throughput.py --device cpu --threads 2                # our 2-core machines
-    python benchmarks/train_throughput.py --device cuda --precision bf16 --batch-sizes 1024 4096
+    python -m benchmarks.train_throughput --device cpu --threads 2                # our 2-core machines
+    python -m benchmarks.train_throughput --device cuda --precision bf16 --batch-sizes 1024 4096
 
 Each batch size trains a fresh run for --seconds (time budget; the first steps, which warm up kernels and
 allocators, are included) and reports images seen per second of training. Writes
@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS
 
 from diffusion_classifier.data import load_dataset
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
-from diffusion_classifier.training import TrainConfig, Trainer
+from diffusion_classifier.training.trainer import TrainConfig, Trainer
+
+from .common import RESULTS
 
 
 def main() -> None:

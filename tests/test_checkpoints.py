@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from diffusion_classifier import DiffusionClassifier, ImageTextMatcher, load_denoiser
 from diffusion_classifier.cli import build_parser, main
+from diffusion_classifier.engine.strategies import Exhaustive
 from diffusion_classifier.errors import UserError
 from diffusion_classifier.runs import EvaluationRun, run_evaluation
-from diffusion_classifier.strategies import Exhaustive
 
 from .conftest import image_folder, random_images
 from .test_hub import make_sd_lora

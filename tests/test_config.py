@@ -8,7 +8,7 @@ import pytest
 
 from diffusion_classifier import DiffusionClassifier, Exhaustive, ScoringConfig, UserError
 from diffusion_classifier.cli import build_parser, main
-from diffusion_classifier.config import flag
+from diffusion_classifier.engine.config import flag
 
 from .conftest import image_folder
 

@@ -5,7 +5,7 @@ from PIL import Image
 
 from diffusion_classifier import UserError
 from diffusion_classifier.data import image_folder, load_image, preprocess, read_subset
-from diffusion_classifier.labels import parse_label_list, validate_templates
+from diffusion_classifier.tasks.labels import parse_label_list, validate_templates
 
 
 def test_resize_short_side_then_center_crop():

@@ -5,9 +5,9 @@ import torch
 
 from diffusion_classifier import UserError, load_denoiser
 from diffusion_classifier.adapters.class_unet import ClassUNetDenoiser
+from diffusion_classifier.adapters.denoiser import Denoiser, per_sample_error
 from diffusion_classifier.adapters.dit import DiTDenoiser
 from diffusion_classifier.adapters.text_unet import TextUNetDenoiser
-from diffusion_classifier.denoisers import Denoiser, per_sample_error
 
 from .conftest import CLASSES
 
@@ -149,7 +149,7 @@ def test_denoiser_save_pretrained_round_trips(models, tmp_path):
 def test_schedulers_load_like_diffusers_from_pretrained(tmp_path, cls_name, settings):
     import diffusers
 
-    from diffusion_classifier.loading import load_scheduler as _load_scheduler
+    from diffusion_classifier.adapters.loading import load_scheduler as _load_scheduler
 
     cls = getattr(diffusers, cls_name)
     cls(**settings).save_pretrained(tmp_path)

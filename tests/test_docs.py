@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_results_tables_are_current():
-    done = subprocess.run([sys.executable, "render_tables.py", "--check"], cwd=ROOT / "benchmarks",
+    done = subprocess.run([sys.executable, "-m", "benchmarks.render_tables", "--check"], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 

@@ -7,20 +7,20 @@ import numpy as np
 import pytest
 
 from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, UserError
-from diffusion_classifier.calibration import fit_temperature, fit_timestep_weights
+from diffusion_classifier.adapters.schedules import NoiseSchedule
 from diffusion_classifier.cli import main
-from diffusion_classifier.probabilities import (
+from diffusion_classifier.engine.probabilities import (
     expected_calibration_error,
     relative_scores,
     softmax_of_errors,
     weighted_probabilities,
 )
-from diffusion_classifier.schedules import NoiseSchedule
-from diffusion_classifier.strategies import (
+from diffusion_classifier.engine.strategies import (
     ScoreTable,
     class_tree_indices,
     low_discrepancy_order,
 )
+from diffusion_classifier.tasks.calibration import fit_temperature, fit_timestep_weights
 
 from .conftest import image_folder, random_images
 

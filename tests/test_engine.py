@@ -26,7 +26,7 @@ def _errors(results):
 def test_padding_batches_to_one_shape_changes_nothing(models, strategy, monkeypatch):
     """--compile pads every batch to --batch-size. With a stand-in for compiling (the network stays eager but
     counts as compiled) the padded batches must give the same errors (NaN where unevaluated) as unpadded ones."""
-    from diffusion_classifier.denoisers import Denoiser
+    from diffusion_classifier.adapters.denoiser import Denoiser
 
     denoiser = load_denoiser(models["pixel_class"])
     images = random_images(3, size=8, mode="L")
@@ -48,7 +48,7 @@ def test_padding_batches_to_one_shape_changes_nothing(models, strategy, monkeypa
 def test_a_compiled_network_is_checked_against_eager_once(models, monkeypatch):
     """The eager check costs one batch: a second classifier on the same compiled network does not repeat it,
     so its timings are steady-state ones (benchmarks' second passes), and reports no compile time."""
-    from diffusion_classifier.denoisers import Denoiser
+    from diffusion_classifier.adapters.denoiser import Denoiser
 
     denoiser = load_denoiser(models["pixel_class"])
     checks = []
@@ -72,7 +72,8 @@ def test_a_compiled_network_is_checked_against_eager_once(models, monkeypatch):
 
 
 def test_compile_unavailable_is_a_one_line_warning_and_eager(models, monkeypatch, capsys):
-    from diffusion_classifier import denoisers, errors
+    from diffusion_classifier import errors
+    from diffusion_classifier.adapters import denoiser as denoisers
 
     monkeypatch.setattr(errors, "_WARNED", set())
     monkeypatch.setattr(denoisers, "compile_unavailable", lambda device: "compiling for the CPU needs a C++ "
@@ -100,7 +101,7 @@ def test_a_compile_that_fails_at_its_first_call_falls_back_to_eager(models, monk
         denoiser.network._compiled_call_impl = fail
 
     monkeypatch.setattr(denoiser.network, "compile", broken_compile)
-    monkeypatch.setattr("diffusion_classifier.denoisers.compile_unavailable", lambda device: None)
+    monkeypatch.setattr("diffusion_classifier.adapters.denoiser.compile_unavailable", lambda device: None)
     clf = DiffusionClassifier(denoiser, strategy=Exhaustive(4), compile=True)
     results = clf.classify(images)
     assert not denoiser.compiled and clf.engine.stats.compile_seconds == 0 and not clf.engine.compile  # no retry
@@ -129,7 +130,7 @@ def test_a_compiled_network_that_computes_wrong_errors_is_dropped(models, monkey
         network._compiled_call_impl = call
 
     monkeypatch.setattr(network, "compile", wrong_compile)
-    monkeypatch.setattr("diffusion_classifier.denoisers.compile_unavailable", lambda device: None)
+    monkeypatch.setattr("diffusion_classifier.adapters.denoiser.compile_unavailable", lambda device: None)
     clf = DiffusionClassifier(denoiser, strategy=Exhaustive(4), compile=True)
     results = clf.classify(images)
     assert not denoiser.compiled and not clf.engine.compile
@@ -140,7 +141,7 @@ def test_a_compiled_network_that_computes_wrong_errors_is_dropped(models, monkey
 
 
 def test_compile_is_not_a_result_setting():
-    from diffusion_classifier.config import ScoringConfig
+    from diffusion_classifier.engine.config import ScoringConfig
 
     assert "compile" not in ScoringConfig(compile=True).describe()
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from diffusion_classifier import DiffusionClassifier, Exhaustive, load_denoiser
+from diffusion_classifier.adapters.schedules import RectifiedFlowSchedule
 from diffusion_classifier.adapters.sd3 import SD3Denoiser
 from diffusion_classifier.cli import main
-from diffusion_classifier.matching import ImageTextMatcher
-from diffusion_classifier.schedules import RectifiedFlowSchedule
+from diffusion_classifier.tasks.matching.matcher import ImageTextMatcher
 
 from .conftest import image_folder, random_images
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from diffusion_classifier import DiffusionClassifier, load_denoiser
+from diffusion_classifier.adapters.estimate import estimate
 from diffusion_classifier.cli import main
+from diffusion_classifier.engine.strategies import Exhaustive, Staged
 from diffusion_classifier.errors import UserError
-from diffusion_classifier.estimate import estimate
 from diffusion_classifier.runs import EvaluationRun, run_evaluation
-from diffusion_classifier.strategies import Exhaustive, Staged
 
 from .conftest import image_folder, random_images
 

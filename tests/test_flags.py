@@ -11,8 +11,8 @@ import pytest
 
 from diffusion_classifier import DiffusionClassifier, Elimination
 from diffusion_classifier.cli import build_parser, main
+from diffusion_classifier.engine.strategies import Exhaustive
 from diffusion_classifier.errors import UserError
-from diffusion_classifier.strategies import Exhaustive
 
 from .conftest import random_images
 
@@ -187,7 +187,7 @@ def test_evaluate_says_nothing_about_probabilities_it_does_not_show(tmp_path, ca
 def test_candidates_a_class_model_lacks_are_refused_before_it_loads(models, tmp_path, capsys, monkeypatch, command):
     """Finding 4: --labels cat,dog on a class model loaded it first (about 6 s), then failed; evaluate on a folder
     of other class names likewise."""
-    from diffusion_classifier import loading
+    from diffusion_classifier.adapters import loading
 
     from .conftest import image_folder
 
@@ -234,7 +234,7 @@ def test_evaluate_takes_more_candidates_than_the_data_has_classes(models, tmp_pa
 
     with ResultsStore(out) as store:
         config = store.config()
-        stored = sorted(store.db.execute("SELECT id, label FROM results").fetchall())
+        stored = sorted((row.id, row.label) for row in store.rows())
     assert config["labels"] == ["bird", "cat", "dog", "fish"]
     assert [label for _, label in stored] == [1, 2]  # cat/0.png is candidate 1, dog/0.png candidate 2
     assert main(["evaluate", "--model", str(models["pixel_class"]), "--data", str(data), "--labels", "bird,cat,fish",

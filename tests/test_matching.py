@@ -9,9 +9,9 @@ import pytest
 
 from diffusion_classifier import UserError
 from diffusion_classifier.cli import main
-from diffusion_classifier.matching import ImageTextMatcher
-from diffusion_classifier.matching_metrics import pairs_accuracy, winoground_scores
-from diffusion_classifier.strategies import Elimination, Exhaustive
+from diffusion_classifier.engine.strategies import Elimination, Exhaustive
+from diffusion_classifier.tasks.matching.matcher import ImageTextMatcher
+from diffusion_classifier.tasks.matching.metrics import pairs_accuracy, winoground_scores
 
 from .conftest import random_images
 
@@ -155,6 +155,52 @@ def test_pairs_task(models, tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"accuracy", "examples", "nfe_per_example"} <= set(metrics)
     assert metrics["examples"] == 2 and metrics["nfe_per_example"] == 2 * 3  # no null needed for one image
+    assert main(["report", str(tmp_path / "run"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accuracy"] == metrics["accuracy"] and report["task"] == "pairs"
+    assert [h["margin"] > 0 for h in report["hardest"]].count(True) == round(metrics["accuracy"] * 2)
+
+
+def test_report_and_calibrate_read_a_winoground_run(models, tmp_path, capsys):
+    """`report` and `calibrate` take an image-text run as they take a classification run: the report's scores are
+    the run's metrics (re-scored from the stored errors over a timestep range), its hardest examples are the
+    ones furthest from passing, and the temperature is fitted on each image's choice among its captions."""
+    root = tmp_path / "wino"
+    (root / "img").mkdir(parents=True)
+    for k, img in enumerate(random_images(40, size=8, mode="L", seed=9)):
+        img.save(root / "img" / f"{k}.png")
+    (root / "manifest.jsonl").write_text("".join(json.dumps(
+        {"image_0": f"img/{2 * e}.png", "image_1": f"img/{2 * e + 1}.png", "caption_0": f"a cat left of a dog {e}",
+         "caption_1": f"a dog left of a cat {e}", "tag": "even" if e % 2 == 0 else "odd"}) + "\n" for e in range(20)))
+    out = tmp_path / "run"
+    assert main(_wino(models, root / "manifest.jsonl", out)) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["report", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("text_score", "image_score", "group_score", "text_score_stderr", "group_score_stderr"):
+        assert report[key] == pytest.approx(metrics[key]), key
+    assert report["by_tag"] == metrics["by_tag"] and (out / "report" / "report.json").is_file()
+    db = sqlite3.connect(out / "results.sqlite")
+    group_passes = dict(db.execute("SELECT id, correct FROM results"))
+    db.close()
+    margins = [h["margin"] for h in report["hardest"]]
+    assert len(margins) == 10 and margins == sorted(margins)
+    assert all((h["margin"] > 0) == bool(group_passes[h["id"]]) for h in report["hardest"])
+    # every stored timestep in range: the re-scored report is the stored one
+    assert main(["report", str(out), "--json", "--t-max", "999"]) == 0
+    rescored = json.loads(capsys.readouterr().out)
+    for key in ("text_score", "image_score", "group_score"):
+        assert rescored[key] == pytest.approx(report[key]), key
+    assert main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"text {report['text_score']:.4f} +- {report['text_score_stderr']:.4f}" in printed
+    assert "hardest examples" in printed
+    assert main(["calibrate", str(out), "--json"]) == 0
+    fitted = json.loads(capsys.readouterr().out)
+    assert fitted["fit_images"] + fitted["held_out_images"] == 40 and fitted["temperature"] > 0  # 2 images each
+    assert main(["calibrate", str(out), "--per-timestep"]) == 2
+    assert "applies to classification runs" in capsys.readouterr().err
+    assert main(["report", str(out), "--aggregate", "mean"]) == 2
 
 
 def test_manifest_mistakes_are_one_line_errors(models, winoground_set, tmp_path, capsys):

@@ -98,7 +98,7 @@ def test_a_stored_temperature_is_used_only_for_its_scoring_settings(capsys):
 
 
 def test_every_shipped_classifier_carries_a_temperature_with_its_settings():
-    from diffusion_classifier.loading import load_denoiser
+    from diffusion_classifier.adapters.loading import load_denoiser
 
     for name in ("fashion-mnist-class", "fashion-mnist-text", "fashion-mnist-flow"):
         calibration = load_denoiser(name).info.calibration
@@ -143,24 +143,6 @@ def test_match_takes_no_preset(models, pngs, capsys):
 
 
 # ----- 5. tracebacks -------------------------------------------------------------------------------
-
-@pytest.fixture
-def winoground_run(models, tmp_path, pngs):
-    manifest = tmp_path / "wino.jsonl"
-    manifest.write_text(json.dumps({"image_0": str(pngs[0]), "image_1": str(pngs[1]),
-                                    "caption_0": "a cat left of a dog", "caption_1": "a dog left of a cat"}) + "\n")
-    out = tmp_path / "wino-run"
-    assert main(["evaluate", "--task", "winoground", "--data", str(manifest), "--model", str(models["pixel_text"]),
-                 "--out", str(out), "--timesteps", "2", "--quiet"]) == 0
-    return out
-
-
-@pytest.mark.parametrize("command", ["report", "calibrate"])
-def test_report_and_calibrate_say_a_matching_run_is_not_a_classification_run(winoground_run, capsys, command):
-    capsys.readouterr()
-    assert main([command, str(winoground_run)]) == 2
-    _one_line_error(capsys, f"{command} reads classification runs", "winoground run")
-
 
 @pytest.mark.parametrize("extra, phrase", [
     (["--batch-size", "0"], "--batch-size must be at least 1"),
@@ -278,8 +260,8 @@ def test_scores_mean_the_same_thing_in_classify_and_match(models, pngs, capsys):
 
 
 def test_help_texts_fit_their_command():
+    from diffusion_classifier.adapters.loading import BUILTIN_MODELS
     from diffusion_classifier.cli import build_parser
-    from diffusion_classifier.loading import BUILTIN_MODELS
 
     sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices and "match" in a.choices)
     match_help = sub.choices["match"].format_help()

@@ -8,7 +8,14 @@ import numpy as np
 import torch
 
 from diffusion_classifier.data import preprocess
-from diffusion_classifier.pairs import ITEM, PairSampler, compose, load_spec, winoground_examples, write_winoground
+from diffusion_classifier.training.pairs import (
+    ITEM,
+    PairSampler,
+    compose,
+    load_spec,
+    winoground_examples,
+    write_winoground,
+)
 
 
 def _items(n_per_class=4, classes=10, seed=0):

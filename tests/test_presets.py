@@ -7,8 +7,8 @@ import pytest
 from diffusion_classifier import DiffusionClassifier, UserError, preset
 from diffusion_classifier.cli import main
 from diffusion_classifier.data import image_folder as load_image_folder
-from diffusion_classifier.presets import PRESET_NAMES
 from diffusion_classifier.store import ResultsStore
+from diffusion_classifier.tasks.presets import PRESET_NAMES
 
 from .conftest import image_folder
 

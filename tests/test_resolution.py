@@ -1,6 +1,8 @@
 """--resolution: latent models whose networks take any size score at another image side; fixed-size
 networks refuse in one line."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -31,6 +33,21 @@ def test_flux_shift_follows_the_scored_resolution(models):
     before = denoiser.schedule.shift
     denoiser.set_resolution(4 * denoiser.image_size[0])
     assert denoiser.schedule.shift > before  # more tokens, more shift (diffusers' calculate_shift)
+
+
+def test_a_run_at_another_resolution_leaves_the_callers_model_alone(models, tmp_path):
+    from diffusion_classifier import EvaluationRun, run_evaluation
+
+    from .conftest import CLASSES, image_folder
+
+    denoiser = load_denoiser(models["flux_schnell"])
+    native, schedule = denoiser.image_size, denoiser.schedule
+    metrics = run_evaluation(EvaluationRun(model=models["flux_schnell"], data=image_folder(tmp_path / "d", CLASSES, 1),
+                                           out=tmp_path / "run", resolution=2 * native[0],
+                                           scoring={"strategy": Exhaustive(2)}), denoiser, progress=False)
+    assert metrics["images"] == len(CLASSES)
+    assert denoiser.image_size == native and denoiser.schedule is schedule and denoiser.scoring_resolution is None
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["resolution"] == 2 * native[0]
 
 
 @pytest.mark.parametrize("family", ["dit", "pixel_class", "pixel_text"])

@@ -6,13 +6,13 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffusion_classifier import DiffusionClassifier, Exhaustive, Staged, UserError, load_denoiser
-from diffusion_classifier.robust import (
+from diffusion_classifier.adapters.schedules import VPSchedule, even_timesteps
+from diffusion_classifier.engine.robust import (
     estimate_noise_sigma,
     intensity_stats,
     min_timestep_for,
     normalize_intensity,
 )
-from diffusion_classifier.schedules import VPSchedule, even_timesteps
 
 from .conftest import random_images
 
@@ -103,7 +103,7 @@ def test_normalisation_is_the_identity_on_in_distribution_images():
 
 
 def test_normalised_inputs_share_the_noise_of_the_image_they_recover(models, tmp_path):
-    from diffusion_classifier.loading import load_denoiser as load
+    from diffusion_classifier.adapters.loading import load_denoiser as load
 
     denoiser = load(models["pixel_class"])
     x = torch.round(torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 255)

@@ -8,8 +8,8 @@ import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffusion_classifier import UserError, load_denoiser
-from diffusion_classifier.denoisers import Denoiser
-from diffusion_classifier.schedules import (
+from diffusion_classifier.adapters.denoiser import Denoiser
+from diffusion_classifier.adapters.schedules import (
     NoiseSchedule,
     RectifiedFlowSchedule,
     VPSchedule,

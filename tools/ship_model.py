@@ -38,7 +38,7 @@ def add_intensity_stats(index_path: Path) -> None:
     if {"low", "high", "low_band", "high_band"} <= index.get("intensity_stats", {}).keys():
         return
     from diffusion_classifier.data import fashion_mnist_arrays
-    from diffusion_classifier.robust import intensity_stats
+    from diffusion_classifier.engine.robust import intensity_stats
 
     images, _ = fashion_mnist_arrays("train")
     index["intensity_stats"] = intensity_stats(torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1))

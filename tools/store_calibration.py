@@ -15,9 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from diffusion_classifier.calibration import CALIBRATION_FILE
-from diffusion_classifier.loading import builtin_model_dir
+from diffusion_classifier.adapters.loading import builtin_model_dir
 from diffusion_classifier.store import ResultsStore
+from diffusion_classifier.tasks.calibration import CALIBRATION_FILE
 
 
 def store(name: str, run_dir: Path) -> dict:

@@ -1,15 +1,15 @@
 """diffusion-classifier: zero-shot image classification with conditional diffusion models."""
 
 from ._version import __version__
-from .classifier import Classification, DiffusionClassifier
-from .config import ScoringConfig
-from .denoisers import Denoiser
+from .adapters.denoiser import Denoiser
+from .adapters.loading import load_denoiser
+from .engine.config import ScoringConfig
+from .engine.strategies import CoarseToFine, Elimination, Exhaustive, FixedTimesteps, Staged
 from .errors import UserError
-from .loading import load_denoiser
-from .matching import ImageTextMatcher
-from .presets import DatasetPreset, preset
 from .runs import EvaluationRun, run_evaluation
-from .strategies import CoarseToFine, Elimination, Exhaustive, FixedTimesteps, Staged
+from .tasks.classifier import Classification, DiffusionClassifier
+from .tasks.matching.matcher import ImageTextMatcher
+from .tasks.presets import DatasetPreset, preset
 
 __all__ = ["__version__", "Classification", "CoarseToFine", "DatasetPreset", "Denoiser", "DiffusionClassifier",
            "Elimination", "EvaluationRun", "Exhaustive", "FixedTimesteps", "ImageTextMatcher", "ScoringConfig",

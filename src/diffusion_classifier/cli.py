@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import config
+from .engine import config
 from .errors import UserError
-from .presets import PRESET_NAMES
+from .tasks import TASKS
+from .tasks.presets import PRESET_NAMES
 
 
 def _add_train(sub) -> None:
-    from .training import TrainConfig
+    from .training.trainer import TrainConfig
 
     p = sub.add_parser("train", help="train a small pixel-space conditional diffusion model",
                        description="Train a class-conditional (UNet2DModel) or text-conditioned "
@@ -34,8 +35,8 @@ def cmd_train(args) -> int:
     import torch
 
     from .data import load_dataset, read_subset
-    from .labels import parse_label_list
-    from .training import TrainConfig, train
+    from .tasks.labels import parse_label_list
+    from .training.trainer import TrainConfig, train
 
     training = config.from_arguments(args, TrainConfig)  # validate before loading data
     if args.threads:
@@ -63,16 +64,16 @@ def _at_least_one(text: str) -> int:
 
 
 def _model_help() -> str:
-    from .loading import BUILTIN_MODELS
+    from .adapters.loading import BUILTIN_MODELS
 
     return (f"built-in name ({', '.join(BUILTIN_MODELS)}), a local diffusers pipeline directory, or a Hugging Face "
             "hub id")
 
 
-def _add_model_options(p, labels: bool = True) -> None:
+def _add_model_options(p, labels: bool = True, model_required: bool = True) -> None:
     """labels=False: texts instead of classes (match), so no label, preset or probability options."""
     g = p.add_argument_group("model and labels" if labels else "model")
-    g.add_argument("--model", required=True, help=_model_help())
+    g.add_argument("--model", required=model_required, help=_model_help())
     if labels:
         _add_label_options(g)
     _add_scoring_options(p, labels)
@@ -138,7 +139,7 @@ def _add_scoring_options(p, classes: bool = True) -> None:
 
 
 def _add_fine_tune_options(g) -> None:
-    from .hub import VARIANTS_HELP
+    from .adapters.hub import VARIANTS_HELP
 
     g.add_argument("--variant", default="auto", help=f"which weight files of the model to load: {VARIANTS_HELP}")
     g.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID",
@@ -163,8 +164,8 @@ def _load_options(args) -> dict:
 def _first_look(path: str):
     from pathlib import Path
 
-    from .calibration import FIRST_LOOK_FILE
-    from .shortlists import FirstLook
+    from .engine.shortlists import FirstLook
+    from .tasks.calibration import FIRST_LOOK_FILE
 
     return FirstLook.load(Path(path) / FIRST_LOOK_FILE if Path(path).is_dir() else path)
 
@@ -181,7 +182,7 @@ def _strategy(args):
     One rule: an option the chosen strategy does not use is an error naming the strategy that uses it. Without
     --strategy, --n-samples/--to-keep choose staged and --timesteps exhaustive (as a preset's schedule would
     be replaced); elimination is only ever chosen by name."""
-    from .strategies import Elimination, Exhaustive, Staged
+    from .engine.strategies import Elimination, Exhaustive, Staged
 
     def given(options: dict) -> list[str]:
         return [flag for name, flag in options.items() if getattr(args, name, None) not in (None, [])]
@@ -232,7 +233,7 @@ def _read_json(path: str, what: str):
 
 
 def _labels(args) -> list[str] | None:
-    from .labels import parse_label_list, read_labels_file
+    from .tasks.labels import parse_label_list, read_labels_file
 
     if args.labels is not None and args.labels_file is not None:
         raise UserError("give --labels or --labels-file, not both")
@@ -244,7 +245,7 @@ def _labels(args) -> list[str] | None:
 
 
 def _templates(args) -> list[str] | None:
-    from .labels import read_lines, validate_templates
+    from .tasks.labels import read_lines, validate_templates
 
     templates = list(args.templates or []) + (read_lines(args.templates_file, "templates")
                                               if args.templates_file else [])
@@ -278,10 +279,10 @@ def _add_classify(sub) -> None:
 def cmd_classify(args) -> int:
     import json
 
-    from .calibration import read_calibration
     from .data import load_image
-    from .presets import scoring_config
-    from .runs import check_candidates, make_classifier
+    from .tasks.calibration import read_calibration
+    from .tasks.classification import check_candidates, make_classifier
+    from .tasks.presets import scoring_config
 
     images = [load_image(path) for path in args.images]  # fail fast, naming the bad file
     labels, templates = _labels(args), _templates(args)
@@ -333,7 +334,7 @@ def _add_match(sub) -> None:
 
 
 def _texts(args) -> list[str]:
-    from .labels import read_lines
+    from .tasks.labels import read_lines
 
     texts = list(args.texts) + (read_lines(args.texts_file, "texts") if args.texts_file else [])
     if not texts:
@@ -345,8 +346,8 @@ def cmd_match(args) -> int:
     import json
 
     from .data import load_image
-    from .matching import DEFAULT_NORMALIZE, ImageTextMatcher
-    from .presets import scoring_config
+    from .tasks.matching.matcher import DEFAULT_NORMALIZE, ImageTextMatcher
+    from .tasks.presets import scoring_config
 
     images = [load_image(path) for path in args.images]
     texts = _texts(args)
@@ -387,11 +388,14 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="measure accuracy on a labelled dataset",
                        description="Classify a labelled dataset, storing per-image results (with full error "
                                    "matrices) in RUN_DIR/results.sqlite. Re-running on the same --out resumes.")
-    p.add_argument("--task", choices=["classification", "winoground", "pairs"], default="classification",
+    p.add_argument("--run-file", metavar="FILE",
+                   help="start or resume the run a run.json describes (every evaluate writes RUN_DIR/run.json); "
+                        "it holds every setting, so no other option but --quiet and --json goes with it")
+    p.add_argument("--task", choices=list(TASKS), default="classification",
                    help="classification (labelled images); winoground: a Winoground-layout manifest or saved "
                         "Hugging Face dataset (text, image and group scores); pairs: a true/false-caption "
                         "manifest (accuracy)")
-    p.add_argument("--data", required=True,
+    p.add_argument("--data",
                    help="'fashion-mnist', an ImageFolder directory (ROOT/CLASS/IMAGE), a manifest, or a saved "
                         "Hugging Face dataset")
     p.add_argument("--normalize", choices=["none", "unconditional"], default=None,
@@ -399,57 +403,57 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--split", default="test", choices=["train", "test"], help="split of a built-in dataset")
     p.add_argument("--subset", help="file of dataset indices (sorted order), one per line")
     p.add_argument("--limit", type=int, help="use only the first N images (after --subset)")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created, or resumed)")
-    _add_model_options(p)
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (created, or resumed)")
+    _add_model_options(p, model_required=False)
     p.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
                    help="take over the results of an earlier run with the same settings for the images it "
                         "shares with this one (e.g. a smaller subset); repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of metrics")
+    p.set_defaults(evaluate_parser=p)
 
 
 def cmd_evaluate(args) -> int:
     import json
     import time
 
-    from .data import read_subset
     from .runs import EvaluationRun, run_evaluation
+    from .tasks import get_task
 
-    run = EvaluationRun(model=args.model, data=args.data, out=args.out, task=args.task, split=args.split,
-                        subset=read_subset(args.subset) if args.subset else None, limit=args.limit,
-                        labels=_labels(args), templates=_templates(args), preset=args.preset,
-                        scoring=_scoring_fields(args), device=args.device, dtype=args.dtype,
-                        resolution=args.resolution, temperature=args.temperature, calibration=args.calibration,
-                        normalize=args.normalize, reuse=tuple(args.reuse), **_load_options(args))
+    if args.run_file:
+        parser = args.evaluate_parser
+        given = [a.option_strings[-1] for a in parser._actions if a.option_strings and a.dest not in (
+            "run_file", "quiet", "json", "help", "verbose") and getattr(args, a.dest, None) != a.default]
+        if given:
+            raise UserError(f"--run-file holds every setting of the run; leave out {', '.join(given)}")
+        run = EvaluationRun.load(args.run_file)
+    else:
+        missing = [flag for flag in ("--model", "--data", "--out") if getattr(args, flag[2:]) is None]
+        if missing:
+            raise UserError(f"evaluate needs {', '.join(missing)} (or --run-file FILE)")
+        run = _evaluation_run(args)
     started = time.perf_counter()
     metrics = run_evaluation(run, progress=not args.quiet)
     elapsed = time.perf_counter() - started
     if metrics is None:  # not rank 0: rank 0 reports for everyone
         return 0
-    if args.task == "winoground":
-        print(f"text {metrics['text_score']:.4f}  image {metrics['image_score']:.4f}  group "
-              f"{metrics['group_score']:.4f}  (image score normalised: {metrics['image_normalize']})  "
-              f"examples {metrics['examples']}  NFE/example {metrics['nfe_per_example']:.0f}")
-        for tag, row in metrics.get("by_tag", {}).items():
-            print(f"  {tag or '(no tag)'}: text {row['text_score']:.4f}  image {row['image_score']:.4f}  "
-                  f"group {row['group_score']:.4f}  ({row['examples']} examples)")
-    elif args.task == "pairs":
-        print(f"accuracy {metrics['accuracy']:.4f}  examples {metrics['examples']}  "
-              f"NFE/example {metrics['nfe_per_example']:.0f}" + _ties(metrics))
-    elif metrics["accuracy"] is None:
-        print(f"no image could be classified ({metrics['failed']} failed)")
-    else:
-        print(f"accuracy {metrics['accuracy']:.4f}  mean per-class accuracy {metrics['mean_per_class_accuracy']:.4f}  "
-              f"images {metrics['images']} (failed {metrics['failed']})  NFE/image {metrics['nfe_per_image']:.0f}  "
-              f"{metrics['images_this_run'] / max(elapsed, 1e-9):.2f} images/s in this run" + _ties(metrics))
+    for line in get_task(run.task).summary(metrics, elapsed):
+        print(line)
     if args.json:
         print(json.dumps(metrics))
     return 0
 
 
-def _ties(metrics: dict) -> str:
-    ties = metrics.get("ties") or 0
-    return f"  ({ties} ties, counted as misses: candidates the model cannot tell apart)" if ties else ""
+def _evaluation_run(args):
+    from .data import read_subset
+    from .runs import EvaluationRun
+
+    return EvaluationRun(model=args.model, data=args.data, out=args.out, task=args.task, split=args.split,
+                         subset=read_subset(args.subset) if args.subset else None, limit=args.limit,
+                         labels=_labels(args), templates=_templates(args), preset=args.preset,
+                         scoring=_scoring_fields(args), device=args.device, dtype=args.dtype,
+                         resolution=args.resolution, temperature=args.temperature, calibration=args.calibration,
+                         normalize=args.normalize, reuse=tuple(args.reuse), **_load_options(args))
 
 
 def _add_report(sub) -> None:
@@ -468,22 +472,14 @@ def _add_report(sub) -> None:
 def cmd_report(args) -> int:
     import json
 
-    from .report import build_report
+    from .tasks.report import build_report, report_lines
 
     report = build_report(args.run_dir, args.aggregate, args.t_min, args.t_max, plots=not args.no_plots)
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{report['run']}: {report['images']} images ({report['failed']} failed)")
-    print(f"  accuracy {report['accuracy']:.4f}   mean per-class {report['mean_per_class_accuracy']:.4f}   "
-          f"(as stored: {report['stored_accuracy']:.4f})")
-    print(f"  NFE per image mean {report['nfe']['mean']:.0f}, p95 {report['nfe']['p95']:.0f};   "
-          f"seconds per image mean {report['seconds_per_image']['mean']:.3f}")
-    if args.t_min or args.t_max is not None:
-        print(f"  accuracies above and below use only the stored timesteps in [{args.t_min}, "
-              f"{'the largest' if args.t_max is None else args.t_max}]")
-    for row in report["accuracy_vs_timesteps"]:
-        print(f"  {row['timesteps']:>4} timesteps: accuracy {row['accuracy']:.4f}")
+    for line in report_lines(report):
+        print(line)
     print(f"  written to {args.run_dir}/report/")
     return 0
 
@@ -531,7 +527,7 @@ def _add_calibrate(sub) -> None:
 def cmd_calibrate(args) -> int:
     import json
 
-    from .calibration import calibrate_run, first_look_of_run
+    from .tasks.calibration import calibrate_run, first_look_of_run
 
     if args.first_look is not None:
         first = first_look_of_run(args.run_dir, args.first_look, args.miss_rate)
@@ -601,7 +597,7 @@ def _add_estimate(sub) -> None:
 def cmd_estimate(args) -> int:
     import json
 
-    from .estimate import describe, estimate
+    from .adapters.estimate import describe, estimate
 
     if not str(args.batch_size).isdigit() or int(args.batch_size) < 1:  # before any config is read
         raise UserError(f"--batch-size must be a whole number of at least 1, got {args.batch_size!r}")

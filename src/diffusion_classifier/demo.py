@@ -14,7 +14,7 @@ import numpy as np
 
 from .data import RESOURCES
 from .errors import UserError
-from .presets import preset
+from .tasks.presets import preset
 
 EXAMPLES = RESOURCES / "examples"
 DEFAULT_TEMPLATE = preset("fashion-mnist").templates[0]  # the examples are Fashion-MNIST test images
@@ -43,8 +43,8 @@ def _user_error(gr, message: str):
 class DemoModel:
     """One loaded model and the classifiers built for it, keyed by (labels, template, timesteps)."""
 
-    def __init__(self, model: str, device: str = "cpu"):
-        from .loading import load_denoiser
+    def __init__(self, model: str, device: str = "auto"):
+        from .adapters.loading import load_denoiser
 
         self.model = model
         self.denoiser = load_denoiser(model, device=device)
@@ -55,8 +55,8 @@ class DemoModel:
         self._classifier = lru_cache(maxsize=8)(self._build)
 
     def _build(self, labels: tuple[str, ...] | None, template: str, timesteps: int):
-        from .classifier import DiffusionClassifier
-        from .strategies import Exhaustive
+        from .engine.strategies import Exhaustive
+        from .tasks.classifier import DiffusionClassifier
 
         return DiffusionClassifier(self.denoiser, labels=list(labels) if labels else None,
                                    templates=[template] if self.text else None, strategy=Exhaustive(timesteps))
@@ -73,7 +73,7 @@ class DemoModel:
 
     def classify(self, image, labels_text: str, template: str, timesteps: int) -> tuple[dict, str, dict]:
         """({label: probability}, a line of cost, per-timestep errors of the top classes)."""
-        from .labels import parse_label_list
+        from .tasks.labels import parse_label_list
 
         if image is None:
             raise UserError("drop or pick an image first")
@@ -92,8 +92,8 @@ class DemoModel:
 
     def match(self, image, captions: list[str], timesteps: int) -> tuple[None, str, dict]:
         """Rank captions for the image: a table of mean errors (lower is better) in place of probabilities."""
-        from .matching import ImageTextMatcher
-        from .strategies import Exhaustive
+        from .engine.strategies import Exhaustive
+        from .tasks.matching.matcher import ImageTextMatcher
 
         matcher = ImageTextMatcher(self.denoiser, strategy=Exhaustive(int(timesteps)), with_null=False)
         matching = matcher.match([image], captions)
@@ -129,7 +129,7 @@ def _css_where(method) -> dict:
     return {"css": PAGE_CSS} if "css" in inspect.signature(method).parameters else {}
 
 
-def build_app(model: str = "fashion-mnist-text", device: str = "cpu", timesteps: int = 10):
+def build_app(model: str = "fashion-mnist-text", device: str = "auto", timesteps: int = 10):
     gr = _gradio()
     import pandas as pd
 
@@ -184,7 +184,7 @@ def check_port(host: str, port: int) -> None:
                         "choose another with --port") from None
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 7860, device: str = "cpu", timesteps: int = 10) -> None:
+def serve(model: str, host: str = "127.0.0.1", port: int = 7860, device: str = "auto", timesteps: int = 10) -> None:
     check_port(host, port)
     app = build_app(model, device, timesteps)
     try:

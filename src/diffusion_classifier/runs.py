@@ -14,26 +14,25 @@ differ between sessions of one run. `evaluate` in the CLI is this call; so are t
 
 from __future__ import annotations
 
-import hashlib
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .config import ScoringConfig
-from .data import LabelledImages, load_dataset
-from .denoisers import Denoiser
+from .adapters.denoiser import Denoiser
+from .engine.config import ScoringConfig
 from .errors import UserError
-from .labels import validate_labels, validate_templates
-from .presets import DatasetPreset, preset, preset_class_ids, scoring_config
+from .runtime import atomic_write_text
+from .tasks import TASKS, get_task
+from .tasks.labels import validate_labels, validate_templates
+from .tasks.presets import DatasetPreset, preset, scoring_config
 
-TASKS = ("classification", "winoground", "pairs")
-IMAGES_PER_EXAMPLE = {"winoground": 2, "pairs": 1}
-CLASSIFICATION_ONLY = {"labels": "--labels / --labels-file", "templates": "--template / --templates-file",
-                       "preset": "--preset", "subset": "--subset", "calibration": "--calibration",
-                       "temperature": "--temperature"}  # field: the options that set it
+RUN_FILE = "run.json"
+# fields that only some tasks take (Task.options): the options that set them
+TASK_OPTIONS = {"labels": "--labels / --labels-file", "templates": "--template / --templates-file",
+                "preset": "--preset", "subset": "--subset", "calibration": "--calibration",
+                "temperature": "--temperature", "normalize": "--normalize"}
 
 
 @dataclass(frozen=True)
@@ -81,19 +80,14 @@ class EvaluationRun:
     text_encoders: str = "auto"  # where they live on a GPU; not part of the run's identity (float rounding only)
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise UserError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
+        task = get_task(self.task)
         if self.limit is not None and self.limit < 1:
             raise UserError("--limit must be at least 1")
-        if self.task != "classification":
-            for name, flags in CLASSIFICATION_ONLY.items():
-                if getattr(self, name) is not None:
-                    raise UserError(f"{flags} applies to classification, not --task {self.task}")
-        elif self.normalize is not None:
-            raise UserError("--normalize applies to --task winoground, not classification")
-        if self.task == "pairs" and self.normalize is not None:
-            raise UserError("--normalize applies to --task winoground: a pairs example compares two captions of "
-                            "one image, which the empty prompt's error cannot change")
+        for name, flags in TASK_OPTIONS.items():
+            if getattr(self, name) is not None and name not in task.options:
+                owners = [other for other in TASKS if name in get_task(other).options]
+                raise UserError(f"{flags} applies to {' and '.join(get_task(o).phrase for o in owners)}, not "
+                                f"{task.phrase}")
         if self.normalize not in (None, "none", "unconditional"):
             raise UserError(f"unknown normalisation {self.normalize!r}; choose none or unconditional")
         if self.labels is not None:
@@ -106,6 +100,48 @@ class EvaluationRun:
     @property
     def dataset_preset(self) -> DatasetPreset | None:
         return preset(self.preset) if self.preset else None
+
+    def to_dict(self) -> dict:
+        """The run as plain JSON values, its scoring settings resolved (a preset's schedule included)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "scoring":
+                value = self.scoring_config().to_dict()
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, (tuple, list)):
+                value = [str(v) if isinstance(v, Path) else v for v in value]
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> EvaluationRun:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown run setting(s): {', '.join(unknown)}")
+        values = dict(values)
+        if isinstance(values.get("scoring"), Mapping):
+            values["scoring"] = ScoringConfig.from_dict(values["scoring"])
+        for name in ("subset", "labels", "templates", "reuse", "lora", "lora_scale"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(json.dumps(self.to_dict(), indent=2) + "\n", path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvaluationRun:
+        """A run saved by save() (every evaluate writes RUN_DIR/run.json), to start or resume it again."""
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read a run from {path}: {exc}") from None
+        if not isinstance(values, dict):
+            raise UserError(f"{path} does not hold a run (a JSON object of its settings)")
+        return cls.from_dict(values)
 
     def scoring_config(self) -> ScoringConfig:
         """The scoring settings: as given, with the preset's schedule and loss where no strategy is."""
@@ -127,62 +163,80 @@ def run_evaluation(run: EvaluationRun, denoiser: Denoiser | None = None, progres
 
     if max_new is not None and max_new < 0:
         raise UserError("max_new must be at least 0")
-    items = _load_items(run)
+    task = get_task(run.task)
+    items = task.load_items(run)
     scoring = run.scoring_config()  # validate the settings before loading a model
-    if run.task == "classification":
-        from .calibration import read_calibration
-
-        labels = run.labels if run.labels is not None or run.preset else items.class_names
-        check_candidates(run.model, labels, run.templates)
-        if run.calibration:
-            read_calibration(run.calibration)
+    task.check(run, items)
     with process_group() as group:
         if denoiser is None:
             denoiser = load_model(run.model, run.device, run.dtype, group, variant=run.variant, lora=run.lora,
                                   lora_scale=run.lora_scale, base_config=run.base_config,
                                   text_encoders=run.text_encoders)
         if run.resolution is not None:
-            denoiser.set_resolution(run.resolution)
-        identity = _identity(run, items, denoiser)
-        if run.task == "classification":
-            from .evaluation import evaluate
+            denoiser = denoiser.at_resolution(run.resolution)  # the caller's model stays as it was
+        scorer = task.scorer(run, items, denoiser, scoring)
+        config = {**_identity(run, task, items, denoiser), **scorer.describe()}
+        return _score_into_store(task, scorer, items, run, config, task.batch_size(scoring), group, progress,
+                                 max_new)
 
-            classifier = make_classifier(denoiser, scoring, _candidate_labels(run, items, denoiser), run.templates,
-                                         run.preset, run.temperature, run.calibration)
-            metrics = evaluate(classifier, items, run.out, identity, progress=progress, group=group,
-                               reuse=run.reuse, max_new=max_new)
-        else:
-            from .matching import ImageTextMatcher
-            from .matching_runs import evaluate_matching
 
-            with_null = run.task == "winoground" and run.normalize != "none"
-            matcher = ImageTextMatcher(denoiser, config=scoring, with_null=with_null)
-            per_batch = max(1, scoring.images_per_batch // IMAGES_PER_EXAMPLE[run.task])
-            metrics = evaluate_matching(matcher, run.task, items, run.out, identity, examples_per_batch=per_batch,
-                                        progress=progress, group=group, normalize=run.normalize, max_new=max_new)
+def _score_into_store(task, scorer, items, run: EvaluationRun, config: dict, batch_size: int, group,
+                      progress: bool, max_new: int | None) -> dict | None:
+    """The one loop of every task: create (or check) the store, take over reused rows, score what is not stored
+    yet in batches (each committed at once; the next batch prepared in a background thread), then compute the
+    metrics of every stored row and write metrics.json (rank 0). RUN_DIR/run.json records the run's settings
+    (EvaluationRun.load starts it again)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from .store import ResultsStore
+
+    out, ids = run.out, task.item_ids(items)
+    if group.is_main:
+        with ResultsStore(out, config) as store:  # creates the store and records the configuration once
+            run.save(Path(out) / RUN_FILE)
+            for other in run.reuse:
+                copied = store.reuse_from(other, ids)
+                print(f"reused {copied} {task.unit}(s) from {other}", flush=True)
+    group.barrier()
+    with ResultsStore(out, config) as store:
+        done = store.done_indices()
+        todo = group.shard(store.pending(len(items), max_new))
+        name = task.name
+        bar = tqdm(total=len(todo), disable=not progress or not group.is_main, unit=task.unit[:3],
+                   dynamic_ncols=True,
+                   desc=name if group.world_size == 1 else f"{name} (rank 0 of {group.world_size})")
+        correct = seen = 0
+        batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
+            upcoming = pool.submit(task.prepare, scorer, items, batches[0]) if batches else None
+            for k, batch in enumerate(batches):
+                prepared = upcoming.result()
+                if k + 1 < len(batches):
+                    upcoming = pool.submit(task.prepare, scorer, items, batches[k + 1])
+                rows = task.score(scorer, items, batch, prepared)
+                store.add(rows)
+                scored = [row for row in rows if row.ok]
+                correct, seen = correct + sum(row.correct for row in scored), seen + len(scored)
+                bar.update(len(batch))
+                bar.set_postfix(acc=f"{correct / max(seen, 1):.3f}")
+        bar.close()
+        group.barrier()
+        if not group.is_main:
+            return None
+        rows = store.rows()
+    metrics = task.metrics(rows, config)
+    metrics[f"{task.unit}s_this_run"] = len(rows) - len(done)
+    metrics["complete"] = len(rows) == len(items)
+    atomic_write_text(json.dumps(metrics, indent=2) + "\n", Path(out) / "metrics.json")
     return metrics
-
-
-def check_candidates(model: str | Path, labels: Sequence | None, templates: Sequence[str] | None) -> None:
-    """What can be checked about the candidates before the model loads (built-in models and local directories:
-    their model_index.json says whether they take text and names their classes); the classifier checks again."""
-    from .labels import TEMPLATES_NEED_TEXT, class_ids
-    from .loading import peek_conditioning
-
-    peeked = peek_conditioning(model)
-    if peeked is None or peeked[0] == "text":
-        return
-    if templates:
-        raise UserError(TEMPLATES_NEED_TEXT)
-    names = peeked[1]
-    if labels is not None and names:
-        class_ids(names, labels, len(names))
 
 
 def load_model(model: str | Path, device: str = "auto", dtype: str = "auto", group=None, **options) -> Denoiser:
     """A model on a device by name ("auto": CUDA when present), one GPU per process under torchrun; options:
     load_denoiser's (variant, lora, lora_scale, base_config, text_encoders)."""
-    from .loading import load_denoiser
+    from .adapters.loading import load_denoiser
     from .runtime import parse_device, parse_dtype
 
     where = parse_device(device)
@@ -191,73 +245,14 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto", gro
     return load_denoiser(model, device=where, dtype=parse_dtype(dtype, where), **options)
 
 
-def make_classifier(denoiser: Denoiser, scoring: ScoringConfig, labels: Sequence | None = None,
-                    templates: Sequence[str] | None = None, preset: str | DatasetPreset | None = None,
-                    temperature: float | None = None, calibration: str | Path | None = None):
-    """A classifier from a run's (or `classify`'s) settings. Class-conditional models take no templates (the
-    classifier refuses them); a preset gives them its scoring settings (resolved into `scoring` already) and
-    is refused by the classifier when its classes are not the model's; probabilities come from the
-    calibration file when given, else the temperature (None: the model's stored one)."""
-    from .calibration import read_calibration
-    from .classifier import DiffusionClassifier
+def _identity(run: EvaluationRun, task, items, denoiser: Denoiser) -> dict:
+    """What names a run besides its scoring settings: model, data, weights and the exact item list."""
+    from .adapters.loading import weights_fingerprint
 
-    fitted = read_calibration(calibration) if calibration else None
-    return DiffusionClassifier(denoiser, labels=labels, templates=templates, config=scoring, temperature=temperature,
-                               calibration=fitted, preset=preset)
-
-
-def _candidate_labels(run: EvaluationRun, dataset: LabelledImages, denoiser: Denoiser) -> list | None:
-    """The classifier's labels for a dataset: the given ones, the dataset's classes, or (None) the preset's own
-    names and prompts; a class-conditional model under a preset takes class ids in the preset's order."""
-    if run.labels is not None:
-        return list(run.labels)
-    if not run.preset:
-        return dataset.class_names
-    return preset_class_ids(run.dataset_preset, denoiser) if denoiser.conditioning != "text" else None
-
-
-def _load_items(run: EvaluationRun):
-    if run.task != "classification":
-        from .matching_data import load_caption_pairs, load_winoground
-
-        examples = load_winoground(run.data) if run.task == "winoground" else load_caption_pairs(run.data)
-        return examples[:run.limit] if run.limit is not None else examples
-    dataset = load_dataset(str(run.data), run.split)
-    if run.subset is not None:
-        dataset = dataset.subset(run.subset)
-    if run.limit is not None:
-        dataset = dataset.subset(range(min(run.limit, len(dataset))))
-    if run.labels is not None:
-        labels = validate_labels(run.labels)
-        if len(labels) != len(dataset.class_names) and set(dataset.class_names) <= set(labels):
-            # more candidates than the data has classes (a test subset of many classes): matched by name
-            position = {name: i for i, name in enumerate(labels)}
-            dataset.labels = np.array([position[dataset.class_names[k]] for k in dataset.labels])
-        elif len(labels) != len(dataset.class_names):
-            raise UserError(f"expected {len(dataset.class_names)} labels (one per class of the data, in class-index "
-                            f"order), or labels that include every class name of the data; got {len(labels)}")
-        dataset.class_names = labels
-    elif run.preset:
-        dataset = run.dataset_preset.relabel(dataset)
-    return dataset
-
-
-def _digest(items) -> str:
-    return hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()
-
-
-def _identity(run: EvaluationRun, items, denoiser: Denoiser) -> dict:
-    """What names a run besides its scoring settings: model, data and the exact image (example) list."""
-    from .loading import weights_fingerprint
-
-    weights = weights_fingerprint(denoiser.source_dir, denoiser.weight_files)
-    model = {"model": str(run.model), "data": str(run.data)}
+    model = {"model": str(run.model), "data": str(run.data),
+             "model_weights_sha256": weights_fingerprint(denoiser.source_dir, denoiser.weight_files)}
     if denoiser.fine_tunes:  # LoRAs (source, scale, sha256) and single files; absent before there were any
         model["fine_tunes"] = denoiser.fine_tunes
     if denoiser.weights_variant:  # fp16 files (the weights' fingerprint differs too; this says why)
         model["weights_variant"] = denoiser.weights_variant
-    if run.task == "classification":
-        return {**model, "split": run.split, "images": len(items), "image_ids_sha256": _digest(items.ids),
-                "model_weights_sha256": weights}
-    return {**model, "examples": len(items), "example_ids_sha256": _digest([ex.id for ex in items]),
-            "model_weights_sha256": weights}
+    return {**model, **task.identity(run, items)}

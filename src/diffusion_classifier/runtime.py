@@ -1,10 +1,14 @@
-"""Process-level plumbing: allocator tuning, atomic file writes, dtype/device parsing."""
+"""Process-level plumbing: allocator tuning, atomic file writes, dtype/device parsing, checking a compiled
+network against eager."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -96,3 +100,39 @@ def parse_device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested but CUDA is not available here")
     return device
+
+
+@dataclass
+class CompileCheck:
+    """What the first call of a compiled network gave, beside the eager network's answer to the same inputs."""
+
+    compiled: torch.Tensor | None  # None when compiling failed
+    eager: torch.Tensor
+    seconds: float  # the compiling call
+    failure: str | None  # why the compiled network is not to be used (None: it matches eager)
+
+
+def check_compiled(compiled: Callable[[], torch.Tensor], eager: Callable[[], torch.Tensor], name: str, what: str,
+                   tolerance: float) -> CompileCheck:
+    """Run the call that compiles, then the eager one on the same inputs, and compare (relative norm of the
+    difference). Compiling fails in many ways (no C compiler, an unsupported operation) and compilers have bugs
+    (torch 2.13's CPU inductor drops the gradient through UNet2DModel's middle block), so the engine and the
+    trainer both use a compiled network only after it has matched eager once; the caller warns and falls back
+    on `failure`."""
+    started = time.perf_counter()
+    result, failure = None, None
+    try:
+        result = compiled()
+        if result.device.type == "cuda":
+            torch.cuda.synchronize(result.device)
+    except Exception as exc:  # torch._dynamo / inductor raise many kinds
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        failure = f"compiling {name} failed ({reason})"
+    seconds = time.perf_counter() - started
+    reference = eager()
+    if result is not None:
+        difference = float((result - reference).norm() / reference.norm().clamp_min(1e-30))
+        if not difference <= tolerance:
+            failure = (f"the compiled {name}'s {what} differ from eager ones by {difference:.2g} (relative; at most "
+                       f"{tolerance:g} expected)")
+    return CompileCheck(result, reference, seconds, failure)

@@ -20,6 +20,7 @@ import io
 import json
 import sqlite3
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -57,6 +58,40 @@ def package_versions() -> dict:
 
     return {"diffusion_classifier": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "numpy": np.__version__}
+
+
+class Row(NamedTuple):
+    """One stored item: an image (classification) or an example (image-text tasks). Classification fills
+    every field; other tasks leave label, prediction and correct as they define them and keep their outcome in
+    `ranking` (JSON)."""
+
+    idx: int
+    id: str
+    label: int | None
+    prediction: int | None
+    correct: int | None
+    nfe: int
+    seconds: float
+    ranking: str | None  # JSON: classification [[class, score], ...] best first; other tasks their outcome
+    mean_errors: bytes | None  # .npy bytes
+    errors: bytes | None  # .npy bytes of the full error matrix
+    timesteps: str | None  # JSON: the timestep of each error column
+    status: str  # "ok", or "failed" (an unreadable image)
+    error: str | None  # why it failed
+
+    @classmethod
+    def failed(cls, idx: int, item_id: str, label: int | None, reason: str) -> Row:
+        return cls(idx, item_id, label, None, None, 0, 0.0, None, None, None, None, "failed", reason)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def error_matrix(self) -> np.ndarray:
+        return array_from_bytes(self.errors)
+
+    def timestep_list(self) -> list:
+        return json.loads(self.timesteps)
 
 
 class ResultsStore:
@@ -115,26 +150,21 @@ class ResultsStore:
         todo = [i for i in range(n_items) if i not in done]
         return todo if max_new is None else todo[:max_new]
 
-    def add(self, rows: list[tuple]) -> None:
+    def add(self, rows: list[Row]) -> None:
         with self.db:  # one transaction per batch
-            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            self.db.executemany(f"INSERT OR REPLACE INTO results ({', '.join(Row._fields)}) VALUES "
+                                f"({', '.join('?' * len(Row._fields))})", rows)
 
-    @staticmethod
-    def row(idx: int, image_id: str, label: int, result) -> tuple:
-        ranking = json.dumps([[name, score] for name, score in result.ranking])
-        return (idx, image_id, int(label), result.prediction_index, int(result.prediction_index == label),
-                result.nfe, result.seconds, ranking, array_bytes(result.mean_errors), errors_bytes(result.errors),
-                json.dumps(result.timesteps), "ok", None)
-
-    @staticmethod
-    def failed_row(idx: int, image_id: str, label: int, reason: str) -> tuple:
-        return (idx, image_id, int(label), None, None, 0, 0.0, None, None, None, None, "failed", reason)
+    def rows(self, ok_only: bool = False) -> list[Row]:
+        """Every stored row (or only the scored ones), in item order."""
+        where = " WHERE status = 'ok'" if ok_only else ""
+        return [Row(*row) for row in self.db.execute(f"SELECT {', '.join(Row._fields)} FROM results{where} "
+                                                     "ORDER BY idx")]
 
     def records(self) -> list[dict]:
-        cursor = self.db.execute("SELECT idx, id, label, prediction, correct, nfe, seconds, status, error, ranking "
-                                 "FROM results ORDER BY idx")
-        keys = [d[0] for d in cursor.description]
-        return [dict(zip(keys, row)) for row in cursor]
+        """The rows without their error blobs, as dicts."""
+        keep = ("idx", "id", "label", "prediction", "correct", "nfe", "seconds", "status", "error", "ranking")
+        return [{k: getattr(row, k) for k in keep} for row in self.rows()]
 
     def error_matrices(self) -> list[tuple[int, np.ndarray, list[int]]]:
         return [(idx, array_from_bytes(blob), json.loads(ts)) for idx, blob, ts in
@@ -157,10 +187,22 @@ class ResultsStore:
                                 f"{', '.join(differing)})")
             position = {image_id: i for i, image_id in enumerate(ids)}
             done = self.done_indices()
-            rows = [(position[row[1]], *row[1:]) for row in other.db.execute("SELECT * FROM results")
-                    if row[1] in position and position[row[1]] not in done]
+            rows = [row._replace(idx=position[row.id]) for row in other.rows()
+                    if row.id in position and position[row.id] not in done]
         self.add(rows)
         return len(rows)
+
+    def compact(self) -> None:
+        """Error matrices as float32 where that is lossless (older runs stored float64), the WAL folded in (one
+        file to commit) and small pages (rows of about 3 KB waste most of 4 KB ones): the same results in about
+        half the bytes."""
+        with self.db:
+            rows = self.db.execute("SELECT idx, errors FROM results WHERE errors IS NOT NULL").fetchall()
+            self.db.executemany("UPDATE results SET errors = ? WHERE idx = ?",
+                                [(errors_bytes(array_from_bytes(blob)), idx) for idx, blob in rows])
+        self.db.execute("PRAGMA journal_mode=DELETE")
+        self.db.execute("PRAGMA page_size=1024")
+        self.db.execute("VACUUM")
 
     def close(self) -> None:
         self.db.close()
@@ -178,16 +220,10 @@ def differing_keys(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def read_classification_run(run_dir: str | Path, command: str) -> tuple[dict, list[dict], list]:
-    """(config, records, error matrices) of a stored classification run, for commands that read runs without a
-    model (report, calibrate); anything else is a one-line error naming what the directory holds."""
+def read_run(run_dir: str | Path) -> tuple[dict, list[Row]]:
+    """(configuration, rows) of a stored run, for commands that read runs without a model (report, calibrate)."""
     run_dir = Path(run_dir)
     if not (run_dir / STORE_NAME).is_file():
         raise UserError(f"{run_dir} holds no {STORE_NAME} (not an evaluate run directory)")
     with ResultsStore(run_dir) as store:
-        config = store.config()
-        task = config.get("task", "classification")
-        if task != "classification":
-            raise UserError(f"{command} reads classification runs; {run_dir} is a {task} run (its metrics are in "
-                            f"{run_dir / 'metrics.json'}, recomputed by evaluate on every resume)")
-        return config, store.records(), store.error_matrices()
+        return store.config(), store.rows()

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..denoisers import Conditions, Denoiser
 from ..errors import UserError
+from .denoiser import Conditions, Denoiser
 
 
 class ClassConditionalDenoiser(Denoiser):

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..denoisers import Conditions, Denoiser, ModelInfo
-from ..schedules import RectifiedFlowSchedule
+from .denoiser import Conditions, Denoiser, ModelInfo
+from .schedules import RectifiedFlowSchedule
 
 DEFAULT_RESOLUTION = 1024
 T5_DEFAULT_LENGTH = 512

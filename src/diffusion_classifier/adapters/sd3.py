@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..denoisers import Conditions, Denoiser
+from .denoiser import Conditions, Denoiser
 from .text_unet import clip_states
 
 T5_DEFAULT_LENGTH = 256

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..denoisers import Conditions, Denoiser
+from .denoiser import Conditions, Denoiser
 from .text_unet import clip_states
 
 

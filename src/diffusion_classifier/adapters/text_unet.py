@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..denoisers import Conditions, Denoiser
 from ..errors import UserError
+from .denoiser import Conditions, Denoiser
 
 
 def clip_states(tokenizer, encoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,157 @@
+"""A first look for many candidates: a few informative timesteps for every candidate, then a shortlist.
+
+With hundreds of candidates most of the cost of elimination is its first round (every candidate at
+min_timesteps timesteps of an even grid), although a couple of well-chosen timesteps already put the
+exhaustive winner among a handful of candidates. `fit_first_look` learns both choices from held-out
+images scored exhaustively on the grid:
+
+* the timesteps: chosen greedily on half of the images to make the shortlist smallest (where the class
+  information is, rather than the middle of an even grid);
+* the shortlist: candidates whose mean error over those timesteps is within a relative gap `max_gap` of
+  the best one. `max_gap` is the conformal quantile of the exhaustive winner's gap on the other half,
+  so on new images exchangeable with them the winner is kept with probability at least 1 - miss_rate
+  (split conformal prediction), and an easy image gets a short list, a hard one a longer one.
+
+Elimination(first_look=...) runs it as its first round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from . import probabilities
+
+
+@dataclass(frozen=True)
+class FirstLook:
+    timesteps: tuple[int, ...]
+    max_gap: float  # keep candidates with (score - best) / best <= max_gap
+    miss_rate: float  # the chance, promised on exchangeable images, of leaving out the exhaustive winner
+    grid: int  # points of the even grid the winner was defined on (and the timesteps lie on)
+    fitted_on: int  # held-out images
+    held_out_shortlist: float  # mean shortlist size on those images
+
+    def __post_init__(self):
+        if not self.timesteps or not 0 < self.miss_rate < 1 or not self.max_gap >= 0:
+            raise UserError("a first look needs timesteps, a miss rate in (0, 1) and a non-negative max_gap")
+
+    def timesteps_on(self, grid: Sequence[int]) -> list[int]:
+        """Its timesteps, each moved to the nearest point of `grid` (they lie on it when the grids agree)."""
+        points = np.asarray(grid)
+        snapped = [int(points[np.abs(points - t).argmin()]) for t in self.timesteps]
+        return list(dict.fromkeys(snapped))
+
+    def shortlist(self, table, alive: list[int], aggregate: str = "min") -> list[int]:
+        """The candidates of `alive` within max_gap of the best, scored on what `table` holds so far."""
+        scores = table.class_scores(aggregate)[alive]
+        best = scores.min()
+        gaps = (scores - best) / max(abs(best), 1e-30)
+        for c, gap in zip(alive, gaps):
+            if gap > self.max_gap:
+                table.evidence[int(c)] = {"eliminated": True, "by": "first look", "relative_gap": float(gap)}
+        return [c for c, gap in zip(alive, gaps) if gap <= self.max_gap]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "timesteps": list(self.timesteps)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FirstLook:
+        try:
+            return cls(**{**data, "timesteps": tuple(int(t) for t in data["timesteps"])})
+        except (TypeError, KeyError) as exc:
+            raise UserError(f"not a first look: {exc}") from None
+
+    def save(self, path: str | Path) -> None:
+        from ..runtime import atomic_write_text
+
+        atomic_write_text(json.dumps(self.to_dict(), indent=2) + "\n", path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FirstLook:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read the first look {path}: {exc}") from None
+
+
+def conformal_quantile(scores: np.ndarray, miss_rate: float) -> float:
+    """The split-conformal threshold: a new exchangeable score is at most it with probability >= 1 - miss_rate."""
+    n = len(scores)
+    rank = math.ceil((n + 1) * (1 - miss_rate))
+    return float("inf") if rank > n else float(np.sort(scores)[rank - 1])
+
+
+def per_timestep(errors: np.ndarray, aggregate: str = "min") -> np.ndarray:
+    """[images, candidates, prompts, grid] or [images, candidates, grid] -> [images, candidates, grid]."""
+    errors = np.asarray(errors, dtype=float)
+    if errors.ndim == 3:
+        return errors
+    return np.stack([probabilities.per_timestep_errors(e, aggregate) for e in errors])
+
+
+def relative_gaps(errors: np.ndarray, columns: Sequence[int]) -> np.ndarray:
+    """[images, candidates]: each candidate's mean error over `columns` relative to the image's best one."""
+    scores = errors[:, :, list(columns)].mean(axis=2)
+    best = scores.min(axis=1, keepdims=True)
+    return (scores - best) / np.maximum(np.abs(best), 1e-30)
+
+
+def fit_first_look(errors: np.ndarray, timesteps: Sequence[int], n_timesteps: int = 2, miss_rate: float = 0.02,
+                   aggregate: str = "min") -> FirstLook:
+    """Fit a first look on held-out images scored exhaustively at `timesteps` (an even grid).
+
+    errors: [images, candidates, grid] (or with a prompts axis before the grid). The exhaustive winner of each
+    image is its lowest mean error over the grid. The images are split in two: on every other image timesteps
+    are added greedily, each time the one that makes the mean shortlist smallest at the conformal threshold;
+    the threshold itself is then set on the other half, which took no part in choosing, so the conformal
+    promise holds (choosing and calibrating on the same images makes the threshold optimistic). Only gaps
+    within an image are compared.
+    """
+    errors = per_timestep(errors, aggregate)
+    images, candidates, grid = errors.shape
+    if not np.isfinite(errors).all():
+        raise UserError("a first look is fitted on exhaustive errors: every candidate at every grid timestep (these "
+                        "have unmeasured cells, as a pruned run's do)")
+    if grid != len(timesteps):
+        raise UserError(f"errors have {grid} timesteps but {len(timesteps)} are named")
+    if not 1 <= n_timesteps <= grid:
+        raise UserError(f"a first look takes 1 to {grid} timesteps")
+    if not 0 < miss_rate < 1:
+        raise UserError("the first look's miss rate must lie in (0, 1)")
+    choose, calibrate = errors[0::2], errors[1::2]
+    if math.ceil((len(calibrate) + 1) * (1 - miss_rate)) > len(calibrate):
+        need = 2 * (math.ceil(1 / miss_rate) - 1)
+        raise UserError(f"{images} held-out images cannot bound a miss rate of {miss_rate}: it takes at least {need} "
+                        "(half of them choose the timesteps, half set the threshold)")
+    chosen = _choose_timesteps(choose, n_timesteps, miss_rate)
+    winners = calibrate.mean(axis=2).argmin(axis=1)
+    gaps = relative_gaps(calibrate, chosen)
+    threshold = conformal_quantile(gaps[np.arange(len(calibrate)), winners], miss_rate)
+    size = float((gaps <= threshold).sum(axis=1).mean())
+    return FirstLook(tuple(int(timesteps[c]) for c in sorted(chosen)), threshold, miss_rate, grid, images, size)
+
+
+def _choose_timesteps(errors: np.ndarray, n_timesteps: int, miss_rate: float) -> list[int]:
+    """Grid columns added greedily, each the one that makes the mean conformal shortlist smallest on `errors`."""
+    images, _, grid = errors.shape
+    winners = errors.mean(axis=2).argmin(axis=1)
+    chosen: list[int] = []
+    for _ in range(n_timesteps):
+        best = None
+        for column in range(grid):
+            if column in chosen:
+                continue
+            gaps = relative_gaps(errors, chosen + [column])
+            threshold = conformal_quantile(gaps[np.arange(images), winners], miss_rate)
+            size = float((gaps <= threshold).sum(axis=1).mean())
+            if best is None or size < best[0]:
+                best = (size, column)
+        chosen.append(best[1])
+    return chosen

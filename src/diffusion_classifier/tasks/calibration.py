@@ -1,0 +1,166 @@
+"""Temperature calibration of predict_proba, fitted on stored runs (no model needed).
+
+probabilities = softmax(-relative_error / T), relative_error being each class's mean error minus the
+leader's on the same timesteps. T is fitted by minimising the negative log-likelihood of the true
+labels (a 1-D golden-section search on log T), on one part of a labelled run, and judged on the rest.
+Any task's run serves: its Task says what the decisions are (classification: each image among the classes;
+image-text tasks: each image among its example's captions, the right one being its own).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..engine.probabilities import (
+    expected_calibration_error,
+    negative_log_likelihood,
+    softmax_of_errors,
+    weighted_probabilities,
+)
+from ..errors import UserError
+from ..runtime import atomic_write_text
+from ..store import STORE_NAME, ResultsStore, read_run
+
+CALIBRATION_FILE = "calibration.json"
+MIN_FIT_IMAGES = 20
+
+
+def fit_temperature(relative: np.ndarray, labels: np.ndarray, low: float = 1e-6, high: float = 1e2) -> float:
+    """The temperature minimising NLL (golden-section search over log T; NLL is unimodal in log T here)."""
+    a, b = math.log(low), math.log(high)
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    f = lambda log_t: negative_log_likelihood(softmax_of_errors(relative, math.exp(log_t)), labels)  # noqa: E731
+    fc, fd = f(c), f(d)
+    for _ in range(100):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = f(d)
+    return math.exp((a + b) / 2)
+
+
+def fit_timestep_weights(gaps: np.ndarray, labels: np.ndarray, steps: int = 200) -> np.ndarray:
+    """Per-timestep weights w for probabilities softmax(-sum_t w_t gap[c, t]), fitted by NLL.
+
+    gaps: [images, classes, timesteps], each class's error minus the leader's at each shared timestep
+    (exhaustive runs: every class at the same timesteps). A temperature is the special case of equal
+    weights 1/(T n); free weights let informative timesteps count more and noisy ones less.
+    """
+    import torch
+
+    x = torch.as_tensor(gaps, dtype=torch.float64)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    scale = float(x.abs().mean()) or 1.0  # start from a sensible temperature, in the data's units
+    w = torch.full((x.shape[2],), 1.0 / (scale * x.shape[2]), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(-(x * w).sum(dim=2), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return w.detach().numpy()
+
+
+def relative_errors_of_run(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A stored run's decisions: ([decisions, options] each option's error minus the best one's, right options)."""
+    from . import task_of
+
+    config, rows = read_run(run_dir)
+    relative, labels = task_of(config).choices(config, rows)
+    if len(labels) < 4:
+        raise UserError(f"{run_dir} has {len(labels)} scored decisions; calibration needs a labelled run of more")
+    return relative, labels
+
+
+def calibrate_run(run_dir: str | Path, fit_fraction: float = 0.5, seed: int = 0, per_timestep: bool = False) -> dict:
+    """Fit T (and optionally per-timestep weights) on a seeded random part of the run; report NLL and ECE
+    before (T=1) and after on the rest."""
+    if not 0 < fit_fraction < 1:
+        raise UserError("--fit-fraction must lie in (0, 1)")
+    relative, labels = relative_errors_of_run(run_dir)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_fit = max(2, int(round(fit_fraction * len(labels))))
+    if n_fit < MIN_FIT_IMAGES or len(labels) - n_fit < 1:
+        raise UserError(f"{run_dir} has {len(labels)} scored decisions, so the fit would rest on {n_fit}; calibrate "
+                        f"fits on at least {MIN_FIT_IMAGES} (and judges on the rest): with fewer, the temperature "
+                        "says more about which images were drawn than about the model. Evaluate more images")
+    fit, held = order[:n_fit], order[n_fit:]
+    temperature = fit_temperature(relative[fit], labels[fit])
+
+    def judge(probs: np.ndarray) -> dict:
+        return {"nll": negative_log_likelihood(probs, labels[held]),
+                "ece": expected_calibration_error(probs, labels[held])}
+
+    result = {"temperature": temperature, "fit_images": int(len(fit)), "held_out_images": int(len(held)),
+              "fitted_on": fitted_on(run_dir),
+              "before": judge(softmax_of_errors(relative[held], 1.0)),
+              "after": judge(softmax_of_errors(relative[held], temperature)), "seed": seed}
+    if per_timestep:
+        from . import task_of
+
+        config, rows = read_run(run_dir)
+        gaps, _, timesteps = task_of(config).timestep_gaps(config, rows)
+        weights = fit_timestep_weights(gaps[fit], labels[fit])
+        result.update(timesteps=timesteps, timestep_weights=weights.tolist(),
+                      after_per_timestep=judge(weighted_probabilities(gaps[held], weights)))
+    atomic_write_text(json.dumps(result, indent=2) + "\n", Path(run_dir) / CALIBRATION_FILE)
+    return result
+
+
+FIRST_LOOK_FILE = "first_look.json"
+
+
+def first_look_of_run(run_dir: str | Path, n_timesteps: int = 2, miss_rate: float = 0.02):
+    """Fit a first look (shortlists.fit_first_look) on an exhaustive run's errors; write RUN_DIR/first_look.json.
+
+    The run's labels are not used: the first look learns where exhaustive scoring's winner sits, so any
+    images like the ones to be classified serve, labelled or not."""
+    from ..engine.shortlists import fit_first_look
+    from . import task_of
+
+    config, rows = read_run(run_dir)
+    errors, grid = task_of(config).error_grids(config, rows)
+    first = fit_first_look(errors, grid, n_timesteps, miss_rate, config.get("aggregate", "min"))
+    first.save(Path(run_dir) / FIRST_LOOK_FILE)
+    return first
+
+
+def fitted_on(run_dir: str | Path) -> dict:
+    """The settings of a run a temperature fitted on it holds for (classifier.stored_temperature_applies)."""
+    with ResultsStore(run_dir) as store:
+        config = store.config()
+    return {"strategy": config.get("strategy"),
+            "scoring": {k: config.get(k) for k in ("loss", "target", "grid", "weighting", "aggregate")}}
+
+
+def read_calibration(path: str | Path) -> dict:
+    """calibration.json (or a run directory holding one): temperature, per-timestep weights if fitted, and the
+    settings it was fitted at (`fitted_on`; files written before it was recorded take it from the run beside
+    them, when there is one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CALIBRATION_FILE
+    try:
+        data = json.loads(path.read_text())
+        out = {"temperature": float(data["temperature"])}
+        if "fitted_on" in data:
+            out["fitted_on"] = data["fitted_on"]
+        elif (path.parent / STORE_NAME).is_file():
+            out["fitted_on"] = fitted_on(path.parent)
+        if "timestep_weights" in data:
+            out["timestep_weights"] = dict(zip(map(int, data["timesteps"]), map(float, data["timestep_weights"])))
+        return out
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"cannot read a calibration from {path}: {exc}") from None
