@@ -46,7 +46,7 @@ from diffusion_classifier.engine.strategies import FixedTimesteps
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
 from diffusion_classifier.stats import standard_error
 from diffusion_classifier.store import ResultsStore
-from diffusion_classifier.training.trainer import CaptionBank, load_captions
+from diffusion_classifier.training.captions import CaptionBank, load_captions
 
 from .common import (
     RESULTS,

@@ -35,7 +35,8 @@ from diffusion_classifier.adapters.schedules import even_subset
 from diffusion_classifier.data import load_dataset
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
 from diffusion_classifier.stats import paired_difference, standard_error
-from diffusion_classifier.training.trainer import TrainConfig, train
+from diffusion_classifier.training.config import TrainConfig
+from diffusion_classifier.training.trainer import train
 
 from .common import RESULTS, test_subset
 from .fashion_mnist import grid_run

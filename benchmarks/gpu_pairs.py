@@ -45,8 +45,9 @@ from diffusion_classifier.adapters.text_unet import TextUNetDenoiser
 from diffusion_classifier.data import fashion_mnist_arrays, load_dataset
 from diffusion_classifier.errors import UserError
 from diffusion_classifier.runtime import atomic_torch_save, atomic_write_bytes, atomic_write_text
+from diffusion_classifier.training.config import CAPTION_STATES, TrainConfig
 from diffusion_classifier.training.pairs import load_spec, winoground_examples
-from diffusion_classifier.training.trainer import CAPTION_STATES, TrainConfig, Trainer
+from diffusion_classifier.training.trainer import Trainer
 
 from .common import RESULTS
 from .compositional import manifest_for, score_diffusion

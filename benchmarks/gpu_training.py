@@ -34,7 +34,8 @@ from diffusion_classifier.data import LabelledImages, fashion_mnist_arrays, load
 from diffusion_classifier.engine.replay import replay
 from diffusion_classifier.runtime import atomic_write_text
 from diffusion_classifier.stats import paired_difference, standard_error
-from diffusion_classifier.training.trainer import CAPTION_STATES, TrainConfig, Trainer
+from diffusion_classifier.training.config import CAPTION_STATES, TrainConfig
+from diffusion_classifier.training.trainer import Trainer
 
 from .common import CNNTrainer, to_pixels
 

@@ -20,7 +20,8 @@ import torch
 
 from diffusion_classifier.data import load_dataset
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
-from diffusion_classifier.training.trainer import TrainConfig, Trainer
+from diffusion_classifier.training.config import TrainConfig
+from diffusion_classifier.training.trainer import Trainer
 
 from .common import RESULTS
 

@@ -28,8 +28,14 @@ def test_gpu_throughput_tiny(tmp_path):
     result = json.loads(out.read_text())
     rows = {row["what"]: row for row in result["rows"]}
     assert {"per-image loop float32", "engine default (float32)"} <= set(rows)
-    engine = rows["engine default (float32)"]
-    assert engine["forwards_per_s"] > 0 and engine["vs_loop"] > 0 and engine["vs_ceiling"] > 0
+    engine, loop = rows["engine default (float32)"], rows["per-image loop float32"]
+    # the derived columns are the ratios they name, and each rate is the NFE over the seconds it took
+    assert engine["vs_loop"] == pytest.approx(engine["forwards_per_s"] / loop["forwards_per_s"])
+    ceiling = max(r["forwards_per_s"] for r in result["rows"] if r["model"] == engine["model"]
+                  and r["what"].startswith("forward eager"))
+    assert engine["vs_ceiling"] == pytest.approx(engine["forwards_per_s"] / ceiling)
+    for row in (engine, loop):
+        assert row["forwards_per_s"] * row["seconds_per_image"] == pytest.approx(result["nfe_per_image"], rel=1e-6)
     assert result["nfe_per_image"] == 10 * 4 + 2 * 6  # Staged([4, 10], [2, 1]) over 10 classes
 
 

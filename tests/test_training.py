@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from diffusion_classifier import DiffusionClassifier, Exhaustive, UserError, load_denoiser
 from diffusion_classifier.cli import main
 from diffusion_classifier.data import LabelledImages, fashion_mnist_dir
-from diffusion_classifier.training.trainer import ARCHITECTURES, TrainConfig, train
+from diffusion_classifier.training.config import ARCHITECTURES, TrainConfig
+from diffusion_classifier.training.trainer import train
 
 from .conftest import random_images
 

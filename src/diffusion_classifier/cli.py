@@ -12,7 +12,7 @@ from .tasks.presets import PRESET_NAMES
 
 
 def _add_train(sub) -> None:
-    from .training.trainer import TrainConfig
+    from .training.config import TrainConfig
 
     p = sub.add_parser("train", help="train a small pixel-space conditional diffusion model",
                        description="Train a class-conditional (UNet2DModel) or text-conditioned "
@@ -36,7 +36,8 @@ def cmd_train(args) -> int:
 
     from .data import load_dataset, read_subset
     from .tasks.labels import parse_label_list
-    from .training.trainer import TrainConfig, train
+    from .training.config import TrainConfig
+    from .training.trainer import train
 
     training = config.from_arguments(args, TrainConfig)  # validate before loading data
     if args.threads:
