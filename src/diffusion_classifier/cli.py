@@ -260,12 +260,9 @@ def _scoring_fields(args) -> dict:
 
 
 def _model(args):
-    from .runs import load_model
+    from .adapters.loading import Placement
 
-    denoiser = load_model(args.model, args.device, args.dtype, **_load_options(args))
-    if args.resolution is not None:
-        denoiser.set_resolution(args.resolution)
-    return denoiser
+    return Placement(args.device, args.dtype, args.resolution).load(args.model, **_load_options(args))
 
 
 def _add_classify(sub) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapters.denoiser import Denoiser
+from .adapters.loading import Placement
 from .engine.config import ScoringConfig
 from .errors import UserError
 from .runtime import atomic_write_text
@@ -98,6 +99,10 @@ class EvaluationRun:
             preset(self.preset)  # an unknown name fails before anything loads
 
     @property
+    def placement(self) -> Placement:
+        return Placement(self.device, self.dtype, self.resolution)
+
+    @property
     def dataset_preset(self) -> DatasetPreset | None:
         return preset(self.preset) if self.preset else None
 
@@ -168,12 +173,13 @@ def run_evaluation(run: EvaluationRun, denoiser: Denoiser | None = None, progres
     scoring = run.scoring_config()  # validate the settings before loading a model
     task.check(run, items)
     with process_group() as group:
+        placement = run.placement
         if denoiser is None:
-            denoiser = load_model(run.model, run.device, run.dtype, group, variant=run.variant, lora=run.lora,
-                                  lora_scale=run.lora_scale, base_config=run.base_config,
-                                  text_encoders=run.text_encoders)
-        if run.resolution is not None:
-            denoiser = denoiser.at_resolution(run.resolution)  # the caller's model stays as it was
+            denoiser = placement.load(run.model, group, variant=run.variant, lora=run.lora,
+                                      lora_scale=run.lora_scale, base_config=run.base_config,
+                                      text_encoders=run.text_encoders)
+        else:
+            denoiser = placement.apply(denoiser)  # the caller's model stays as it was
         scorer = task.scorer(run, items, denoiser, scoring)
         config = {**_identity(run, task, items, denoiser), **scorer.describe()}
         return _score_into_store(task, scorer, items, run, config, task.batch_size(scoring), group, progress,
@@ -231,18 +237,6 @@ def _score_into_store(task, scorer, items, run: EvaluationRun, config: dict, bat
     metrics["complete"] = len(rows) == len(items)
     atomic_write_text(json.dumps(metrics, indent=2) + "\n", Path(out) / "metrics.json")
     return metrics
-
-
-def load_model(model: str | Path, device: str = "auto", dtype: str = "auto", group=None, **options) -> Denoiser:
-    """A model on a device by name ("auto": CUDA when present), one GPU per process under torchrun; options:
-    load_denoiser's (variant, lora, lora_scale, base_config, text_encoders)."""
-    from .adapters.loading import load_denoiser
-    from .runtime import parse_device, parse_dtype
-
-    where = parse_device(device)
-    if group is not None:
-        where = group.device(where)
-    return load_denoiser(model, device=where, dtype=parse_dtype(dtype, where), **options)
 
 
 def _identity(run: EvaluationRun, task, items, denoiser: Denoiser) -> dict:

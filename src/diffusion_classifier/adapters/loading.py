@@ -16,6 +16,7 @@ import json
 import pickle
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -349,12 +350,38 @@ def load_denoiser(model: str | Path, device: str | torch.device = "auto", dtype:
 LOAD_OPTIONS = ("variant", "lora", "lora_scale", "base_config", "text_encoders")
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a model runs, one setting for the CLI, runs, the classifier, the matcher and the demo:
+    device and dtype ("auto": CUDA and bfloat16 where CUDA is, else the CPU and float32) and the image side it
+    scores at (None: its native one). Compiling is a scoring setting (ScoringConfig.compile): the engine
+    compiles, checks and falls back, whoever loaded the model."""
+
+    device: str | torch.device = "auto"
+    dtype: str | torch.dtype = "auto"
+    resolution: int | None = None
+
+    def load(self, model: str | Path, group=None, **options) -> Denoiser:
+        """The model placed so (one GPU per process under torchrun: `group`); options: load_denoiser's."""
+        from ..runtime import parse_device, parse_dtype
+
+        where = parse_device(self.device)
+        if group is not None:
+            where = group.device(where)
+        return self.apply(load_denoiser(model, device=where, dtype=parse_dtype(self.dtype, where), **options))
+
+    def apply(self, denoiser: Denoiser) -> Denoiser:
+        """A loaded model at this placement's resolution: a twin when it differs, never the caller's model
+        changed."""
+        return denoiser.at_resolution(self.resolution) if self.resolution is not None else denoiser
+
+
 def load_with_options(model: str | Path, device: str | torch.device, dtype: str | torch.dtype,
                       options: dict) -> tuple[Denoiser, dict]:
-    """(load_denoiser with the loading keywords among `options`, the other keywords): what from_pretrained does."""
+    """(the model loaded with the loading keywords among `options`, the other keywords): what from_pretrained
+    does."""
     load = {k: v for k, v in options.items() if k in LOAD_OPTIONS}
-    return load_denoiser(model, device=device, dtype=dtype, **load), {k: v for k, v in options.items()
-                                                                        if k not in LOAD_OPTIONS}
+    return Placement(device, dtype).load(model, **load), {k: v for k, v in options.items() if k not in LOAD_OPTIONS}
 
 
 def load_pipeline(directory: Path, dtype: torch.dtype | None = None, variant: str | None = None,
