@@ -1,6 +1,7 @@
 """Elimination's promise with many candidates and few samples, and the first look's shortlist."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +162,42 @@ def test_coarse_to_fine_scores_coarse_candidates_then_only_the_classes_they_keep
     with pytest.raises(UserError, match="is not a candidate label"):
         DiffusionClassifier.from_pretrained(models["pixel_text"], labels=classes[:2], templates=["{}"],
                                             strategy=CoarseToFine([colour]))
+
+
+def test_the_imagenet_preset_carries_its_wordnet_class_tree_and_elimination_descends_it(capsys):
+    """Each of the 1,000 classes once, related classes together (tools/imagenet_class_tree.py), and elimination
+    with `--class-tree preset` keeps the right class while scoring far fewer than exhaustive on clear errors."""
+    from diffusion_classifier import Elimination, preset
+    from diffusion_classifier.engine.replay import replay
+    from diffusion_classifier.engine.strategies import class_tree_indices
+
+    imagenet = preset("imagenet")
+    groups = class_tree_indices(imagenet.class_tree, imagenet.classes)
+    top_level_of = {}
+    for k, group in enumerate(groups):
+        for leaf in (_leaves(group) if isinstance(group, list) else [group]):
+            assert leaf not in top_level_of
+            top_level_of[leaf] = k
+    assert sorted(top_level_of) == list(range(1000)) and 20 <= len(groups) <= 100
+    names = list(imagenet.classes)
+    assert top_level_of[names.index("Beagle")] == top_level_of[names.index("Basset Hound")]
+    assert top_level_of[names.index("Beagle")] != top_level_of[names.index("tench")]
+
+    rng = np.random.default_rng(0)
+    grid = list(as_schedule(1000).grid(20, 0))
+    truth = names.index("goldfinch")
+    errors = 1.0 + 0.02 * rng.standard_normal((1000, 1, len(grid)))
+    errors[truth] -= 0.2
+    strategy = Elimination(0.05, max_timesteps=20, min_timesteps=2, round_size=2, class_tree=imagenet.class_tree,
+                           keep_groups=3).resolve(names)
+    table = replay(strategy, errors, grid)
+    assert table.ranking()[0] == truth and table.nfe < 1000 * len(grid) / 4
+    from diffusion_classifier.cli import main
+
+    image = str(next((Path(__file__).resolve().parents[1] / "examples" / "fashion-mnist").glob("*.png")))
+    assert main(["classify", image, "--model", "m", "--strategy", "elimination", "--class-tree", "preset"]) == 2
+    assert "--class-tree preset takes the tree of a --preset" in capsys.readouterr().err
+
+
+def _leaves(node):
+    return [x for child in node for x in _leaves(child)] if isinstance(node, list) else [node]

@@ -120,8 +120,9 @@ def _add_scoring_options(p, classes: bool = True) -> None:
                    f"directory holding it): every {what} at its few fitted timesteps first, then only those within "
                    "its fitted gap of the best go on (its miss rate adds to --error-rate)")
     if classes:
-        g.add_argument("--class-tree", help="elimination: JSON file grouping the class names (nested); after round "
-                       "r only the --keep-groups best groups at depth r go on")
+        g.add_argument("--class-tree", help="elimination: JSON file grouping the class names (nested), or 'preset' "
+                       "for the --preset's own tree (imagenet: its WordNet hierarchy); after round r only the "
+                       "--keep-groups best groups at depth r go on")
         g.add_argument("--keep-groups", type=int, default=None,
                        help="elimination with --class-tree: groups kept per level (default 2)")
     if classes:
@@ -205,7 +206,7 @@ def _strategy(args):
     if chosen == "elimination":
         if getattr(args, "keep_groups", None) is not None and not getattr(args, "class_tree", None):
             raise UserError("--keep-groups is used with --class-tree only")
-        tree = _read_json(args.class_tree, "class tree") if getattr(args, "class_tree", None) else None
+        tree = _class_tree(args) if getattr(args, "class_tree", None) else None
         first_look = _first_look(args.first_look) if args.first_look else None
         max_timesteps = args.max_timesteps if args.max_timesteps is not None else (
             first_look.grid if first_look else 100)
@@ -219,6 +220,17 @@ def _strategy(args):
     if chosen == "exhaustive":
         return Exhaustive(25 if args.timesteps is None else args.timesteps)
     return None
+
+
+def _class_tree(args):
+    if args.class_tree != "preset":
+        return _read_json(args.class_tree, "class tree")
+    from .tasks.presets import preset
+
+    tree = preset(args.preset).class_tree if getattr(args, "preset", None) else None
+    if tree is None:
+        raise UserError("--class-tree preset takes the tree of a --preset that has one (imagenet)")
+    return tree
 
 
 def _read_json(path: str, what: str):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -57,6 +57,7 @@ class DatasetPreset:
     loss: str | None = None
     paper_accuracy: float | None = None
     layout: str = ""
+    class_tree: dict | None = field(default=None, compare=False)  # nested groups of class names (imagenet: WordNet)
 
     def candidates(self, labels: Sequence[str] | None = None,
                    templates: Sequence[str] | None = None) -> tuple[list[str], list[list[str]]]:
@@ -114,7 +115,8 @@ def preset(name: str) -> DatasetPreset:
         prompt_names=tuple(renamed.get(i, c) for i, c in enumerate(d["classes"])) if renamed else None,
         folders=tuple(d["folders"]) if d.get("folders") else None,
         strategy=Staged(staged["n_samples"], staged["to_keep"]) if staged else None,
-        loss=d.get("loss"), paper_accuracy=d.get("paper_accuracy"), layout=d.get("layout", ""))
+        loss=d.get("loss"), paper_accuracy=d.get("paper_accuracy"), layout=d.get("layout", ""),
+        class_tree=d.get("class_tree"))
 
 
 def scoring_config(chosen: str | DatasetPreset | None = None, **options) -> ScoringConfig:
