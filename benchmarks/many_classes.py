@@ -37,6 +37,7 @@ from diffusion_classifier.engine.replay import replay
 from diffusion_classifier.engine.shortlists import fit_first_look
 from diffusion_classifier.engine.simulation import dropped_winner_rate
 from diffusion_classifier.engine.strategies import CoarseToFine, Elimination, Exhaustive, FixedTimesteps, Staged
+from diffusion_classifier.errors import UserError
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
 from diffusion_classifier.stats import paired_difference, standard_error
 from diffusion_classifier.store import ResultsStore
@@ -258,7 +259,11 @@ def compare(errors: np.ndarray, labels: np.ndarray, grid: list[int], strategies:
                 return Elimination(rate - miss, max_timesteps=len(grid), first_look=first, max_nfe=cap)
 
             name = f"first look {k} (miss {miss}) + elimination {rate - miss:g}" + (f", max_nfe {cap}" if cap else "")
-            predictions, nfe, fits = cross_fitted(make, fit, errors, grid)
+            try:
+                predictions, nfe, fits = cross_fitted(make, fit, errors, grid)
+            except UserError as exc:  # too few images to fit a first look on half of them
+                print(f"{name}: skipped ({exc})", flush=True)
+                continue
             add(name, predictions, nfe, {**make(None).describe(), "first_look": "cross-fitted"}, fits)
     if coarse is not None:
         combined, families, labels_all, coarse_points = coarse
@@ -411,8 +416,15 @@ def section_thousand(args, out: dict) -> None:
                               (combined, triples.coarse_families(names), fine + list(coarse_labels), coarse_points))
     exhaustive = errors[:, :, 0].mean(axis=2).argmin(axis=1)
     out["thousand_meta"] = {"images": len(errors), "grid": grid_size, "classes": triples.FINE, "model": str(model),
-                            "weights": model_fingerprint(model),
+                            "weights": model_fingerprint(model), "coarse_grid": coarse_points,
                             "exhaustive_accuracy": float(np.mean(exhaustive == labels))}
+    summary = Path(model) / "training_summary.json"  # a local training run says how it was trained
+    if summary.is_file():
+        trained = json.loads(summary.read_text())
+        config = trained["config"]
+        out["thousand_meta"]["training"] = (
+            f"{config['architecture']} at {config['resolution']} px, {trained['epochs']:.0f} epochs of 60,000 "
+            f"composites in {trained['train_seconds'] / 60:.0f} {trained['device'].upper()}-minutes")
 
 
 def main() -> None:

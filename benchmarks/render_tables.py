@@ -498,6 +498,23 @@ def render_many_classes(many):
                   f"{r['nfe_p95']:.0f} |")
         print()
         print_stale_note(meta["model"], meta.get("weights"))
+    if "thousand" in many:
+        meta = many["thousand_meta"]
+        print(f"**Many candidates: 1,000-way triples** ({meta['images']} Fashion-MNIST triple composites [a | b | c] "
+              f"among the {meta['classes']:,} ordered classes, the triples model trained here "
+              f"({meta.get('training', 'train --layout triples')}); every row replayed on one stored exhaustive pass "
+              f"over a {meta['grid']}-timestep grid ({meta['classes'] * meta['grid']:,} NFE per image; a 20-timestep "
+              "grid was beyond the CPU time at hand); coarse-to-fine rows add the 110 coarse classes at "
+              f"{meta.get('coarse_grid', 10)} timesteps; first-look rows fitted on the other half of the images)\n")
+        print(f"| strategy | accuracy | vs exhaustive-{meta['grid']} (paired) | agrees with exhaustive-{meta['grid']} "
+              "| mean NFE | p95 NFE |")
+        print("|---|---|---|---|---|---|")
+        for r in many["thousand"]:
+            print(f"| {r['strategy']} | {pct(r['accuracy'], r['accuracy_standard_error'])} | "
+                  f"{100 * r['accuracy_minus_exhaustive']:+.1f} +- {100 * r['difference_standard_error']:.1f} | "
+                  f"{pct(r['agreement'], r['agreement_standard_error'])} | {r['nfe_mean']:.0f} | "
+                  f"{r['nfe_p95']:.0f} |")
+        print()
     if "ten_way" in many:
         rows = many["ten_way"]
         print(f"**Elimination's bound, 10-way** (fashion-mnist-class, earlier weights, {rows[0]['images']} test "

@@ -148,6 +148,7 @@ def test_match_takes_no_preset(models, pngs, capsys):
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--lr", "-1"], "--lr must be positive"),
     (["--resolution", "0"], "--resolution must be at least 8"),
+    (["--resolution", "14", "--architecture", "class-tiny"], "--resolution must be a multiple of 4 for class-tiny"),
     (["--max-minutes", "0"], "--max-minutes must be positive"),
     (["--max-minutes", "-2"], "--max-minutes must be positive"),
     (["--ema-decay", "1.5"], "--ema-decay must lie in [0, 1)"),

@@ -11,12 +11,12 @@ if [ "${TINY:-0}" = 1 ]; then
 else
   tiny=; t1=${THROUGHPUT_SECONDS:-215}; t2=${TRAINING_SECONDS:-345}; minutes=${MINUTES:-2.9}; cnn=${CNN_MINUTES:-0.33}
 fi
-timeout "$t1" $py benchmarks/gpu_throughput.py $tiny --images 2 --budget-seconds $((t1 - 25)) \
+timeout "$t1" $py -m benchmarks.gpu_throughput $tiny --images 2 --budget-seconds $((t1 - 25)) \
   --out "$OUT/gpu_throughput.json" >> "$log" 2>&1
 echo "gpu_throughput exit $?" >> "$log"
 work=$(mktemp -d)
 curve=; [ -z "$tiny" ] && curve="--curve-minutes ${CURVE_MINUTES:-0.7 1.4}"
-timeout "$t2" $py benchmarks/gpu_training.py $tiny --minutes "$minutes" --cnn-minutes "$cnn" $curve \
+timeout "$t2" $py -m benchmarks.gpu_training $tiny --minutes "$minutes" --cnn-minutes "$cnn" $curve \
   --budget-seconds $((t2 - 25)) --out-dir "$work" >> "$log" 2>&1
 echo "gpu_training exit $?" >> "$log"
 cp "$work"/gpu_training.json "$work"/*.tar "$OUT"/ 2>/dev/null

@@ -98,6 +98,10 @@ class TrainConfig:
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise UserError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(self, name)})")
+        stride = 2 ** (len(ARCHITECTURES[self.architecture]["block_out_channels"]) - 1)
+        if self.resolution % stride:
+            raise UserError(f"--resolution must be a multiple of {stride} for {self.architecture} (it halves the "
+                            f"image {stride.bit_length() - 1} times); got {self.resolution}")
         for name in ("lr", "max_minutes"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")

@@ -1,8 +1,9 @@
 """Fashion-MNIST triples: three items side by side, 1,000 ordered classes, and coarse classes above them.
 
 The 1,000-way task of the many-candidates benchmark. A canvas 28 pixels high and 84 wide holds items
-(a, b, c) of the ten Fashion-MNIST classes (repeats allowed) in columns 0-27, 28-55 and 56-83. A
-class-conditional model trained with `train --layout triples` knows 1,110 classes:
+(a, b, c) of the ten Fashion-MNIST classes (repeats allowed) in columns 0-27, 28-55 and 56-83 (a model
+trained at --resolution r sees it at r x 3r: each item resized, then side by side). A class-conditional
+model trained with `train --layout triples` knows 1,110 classes:
 
 * ids 0-999: the ordered triple (a, b, c), id 100 a + 10 b + c, named "Bag, Coat, Shirt";
 * ids 1000-1099: "a, b, *" (the first two items, anything third), id 1000 + 10 a + b;
