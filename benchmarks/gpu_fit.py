@@ -47,7 +47,7 @@ def tiny_families() -> dict:
 
 def write_weights(folder: Path, device: torch.device) -> None:
     """Random weights for every model component of a configs-only pipeline, saved in bf16 (as the hub's fp16)."""
-    from diffusion_classifier.adapters.loading import _from_config, component_names, read_index
+    from diffusion_classifier.adapters.loading import component_names, module_from_config, read_index
 
     index = read_index(folder)
     for name in component_names(index):
@@ -58,7 +58,7 @@ def write_weights(folder: Path, device: torch.device) -> None:
         if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
             continue
         with torch.device(device):  # random initialisation of billions of parameters: on the GPU
-            module = _from_config(cls, folder / name, library).to(torch.bfloat16)
+            module = module_from_config(cls, folder / name, library).to(torch.bfloat16)
         module.save_pretrained(folder / name)
         del module
         if device.type == "cuda":

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from diffusion_classifier.adapters.denoiser import ModelInfo
-from diffusion_classifier.adapters.loading import ComponentLoader, _is_component_spec, load_denoiser, read_index
+from diffusion_classifier.adapters.loading import ComponentLoader, is_component_spec, load_denoiser, read_index
 from diffusion_classifier.adapters.text_unet import TextUNetDenoiser
 from diffusion_classifier.data import fashion_mnist_arrays, load_dataset
 from diffusion_classifier.errors import UserError
@@ -109,7 +109,7 @@ def packed_denoiser(model_dir: Path, packed: tuple, device: torch.device, dtype:
     """An exported text model with the eval pack's states in place of its encoder."""
     header, states, mask = packed
     index = read_index(model_dir)
-    specs = {k: v for k, v in index.items() if _is_component_spec(k, v)}
+    specs = {k: v for k, v in index.items() if is_component_spec(k, v)}
     load = ComponentLoader(model_dir, specs)
     info = ModelInfo.from_index({k: v for k, v in index.items() if k not in specs and not k.startswith("_")})
     denoiser = PackedStatesDenoiser(header["captions"], states, mask, load("unet"), load("scheduler"), info=info)

@@ -126,7 +126,7 @@ def load_component(folder: Path, library: str, class_name: str, what: str = "", 
         options = {}
         if fake_mode is not None and isinstance(cls, type) and issubclass(cls, torch.nn.Module):
             with fake_mode:
-                return _from_config(cls, folder, library)
+                return module_from_config(cls, folder, library)
         if fake_mode is not None and library == "transformers" and not any(
                 p.name != "tokenizer_config.json" for p in folder.iterdir()):
             return TokenCounter.from_folder(folder)  # only configs: the token count is all an estimate needs
@@ -164,7 +164,8 @@ class TokenCounter:
         return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
-def _from_config(cls: type, folder: Path, library: str) -> torch.nn.Module:
+def module_from_config(cls: type, folder: Path, library: str) -> torch.nn.Module:
+    """A module of class `cls` built from the config in `folder`, without weights (diffusers or transformers)."""
     if library == "diffusers":
         return cls.from_config(cls.load_config(folder))
     config_class = getattr(cls, "config_class", None)
@@ -269,7 +270,7 @@ def weights_fingerprint(directory: str | Path, files: Sequence[Path] | None = No
 
 
 def _component_specs(index: dict) -> dict[str, list]:
-    return {k: v for k, v in index.items() if _is_component_spec(k, v) and v[0]}
+    return {k: v for k, v in index.items() if is_component_spec(k, v) and v[0]}
 
 
 def component_names(index: dict) -> list[str]:
@@ -277,7 +278,7 @@ def component_names(index: dict) -> list[str]:
     return list(_component_specs(index))
 
 
-def _is_component_spec(key: str, value: Any) -> bool:
+def is_component_spec(key: str, value: Any) -> bool:
     """model_index.json lists components as [library, class]; other keys are our settings."""
     return (not key.startswith("_") and key not in ("class_names", "id2label") and isinstance(value, list)
             and len(value) == 2 and value[0] in COMPONENT_LIBRARIES)
@@ -392,7 +393,7 @@ def load_pipeline(directory: Path, dtype: torch.dtype | None = None, variant: st
     index = read_index(directory)
     specs = _component_specs(index)
     info = ModelInfo.from_index({k: v for k, v in index.items() if not k.startswith("_")
-                                 and not _is_component_spec(k, v)})
+                                 and not is_component_spec(k, v)})
     adapter = adapter_class(str(index.get("_class_name", "")))
     load = ComponentLoader(directory, specs, dtype, variant, given, fake_mode)
     load("scheduler")  # first: the cheapest check that the directory is whole
