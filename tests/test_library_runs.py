@@ -41,11 +41,11 @@ def test_the_usage_snippet_starts_interrupts_and_resumes_a_run(tmp_path, capsys)
     finally:
         os.chdir(cwd)
     partial, metrics = namespace["partial"], namespace["metrics"]
-    assert (partial["images"], partial["complete"]) == (32, False)
-    assert (metrics["images"], metrics["images_this_run"], metrics["complete"]) == (64, 32, True)
+    assert (partial["images"], partial["complete"]) == (8, False)
+    assert (metrics["images"], metrics["images_this_run"], metrics["complete"]) == (24, 16, True)
     assert metrics["accuracy"] > 0.5  # the shipped class model at 10 timesteps is right far more often than chance
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "32 False" and printed[1].startswith("32 True")
+    assert printed[0] == "8 False" and printed[1].startswith("16 True 0.9")
 
 
 def test_a_python_run_is_the_cli_run_and_resumes_it(models, tmp_path, capsys):
