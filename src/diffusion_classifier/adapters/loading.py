@@ -246,7 +246,7 @@ class ComponentLoader:
 
 def weights_fingerprint(directory: str | Path, files: Sequence[Path] | None = None) -> str:
     """sha256 over a pipeline directory's weight files (names and contents): `files` (those loaded), else every
-    weight file under it.
+    weight file in its component folders.
 
     Runs record it, so resuming a run after the weights changed (a retrained local model) is refused
     instead of mixing two models' results. Hub snapshots link each weight file to a blob named by its
@@ -254,8 +254,10 @@ def weights_fingerprint(directory: str | Path, files: Sequence[Path] | None = No
     """
     directory = Path(directory)
     digest = hashlib.sha256()
-    if files is None:
-        files = [p for p in directory.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()]
+    if files is None:  # a pipeline's weights live in its component folders (a training run's checkpoint.pt does not)
+        pipeline = (directory / "model_index.json").is_file()
+        files = [p for p in directory.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()
+                 and not (pipeline and p.parent == directory)]
     for path in sorted(files):
         name = path.relative_to(directory) if path.is_relative_to(directory) else Path(path.name)
         digest.update(name.as_posix().encode() + b"\x00")
