@@ -35,7 +35,7 @@ serve: venv
 	$(VENV)/bin/diffusion-classifier serve --model fashion-mnist-text
 
 test: venv data browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2  # two workers: each test runs torch on one thread (tests/conftest.py)
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -47,20 +47,24 @@ def comparable(output: str) -> tuple[list[str], list[str]]:
     return re.sub(NUMBER, "#", output).split(), re.findall(NUMBER, output)
 
 
-def test_runnable_usage_commands_print_what_the_docs_show():
+def test_runnable_usage_commands_print_what_the_docs_show(capsys, monkeypatch):
     """Numbers must match to within 1.5 units of their last printed digit (float rounding between machines);
-    counts exactly."""
+    counts exactly. The commands run through the CLI's entry point, from the repository root."""
     import shlex
 
+    from diffusion_classifier.cli import main
+
+    monkeypatch.chdir(ROOT)
     blocks = runnable_blocks((ROOT / "docs" / "usage.md").read_text())
     assert len(blocks) >= 2
     for command, expected in blocks:
         argv = shlex.split(command)
         assert argv[0] == "diffusion-classifier"
-        done = subprocess.run([sys.executable, "-m", "diffusion_classifier", *argv[1:]], cwd=ROOT,
-                              capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        words, numbers = comparable(done.stdout)
+        capsys.readouterr()
+        code = main(argv[1:])
+        printed = capsys.readouterr()
+        assert code == 0, printed.err
+        words, numbers = comparable(printed.out)
         want_words, want_numbers = comparable(expected)
         assert words == want_words, command
         assert len(numbers) == len(want_numbers), command
