@@ -397,7 +397,9 @@ def section_thousand(args, out: dict) -> None:
             break
     errors, labels, grid = stored_grid(run.out)
     coarse_labels = names[triples.FINE:]
-    coarse_points = min(COARSE_GRID, grid_size)
+    # the coarse grid must lie on the fine one: even grids nest when the fine size is an odd multiple of the coarse
+    coarse_points = max(c for c in range(1, min(COARSE_GRID, grid_size) + 1)
+                        if grid_size % c == 0 and (grid_size // c) % 2 == 1)
     coarse_grid = as_grid(coarse_points)
     if not set(coarse_grid) <= set(grid):
         raise SystemExit(f"the coarse timesteps {coarse_grid} are not all on the {grid_size}-point grid")
