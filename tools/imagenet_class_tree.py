@@ -60,7 +60,6 @@ def build_tree(wnids: list[str], classes: list[str], nouns: dict, top: int, leaf
         out = []
         for child in children[node]:
             out += cut(child, limit)
-        # a class that is itself an inner node (its synset also has class descendants) stays with its group
         return out
 
     root = paths[classes[0]][0]

@@ -232,7 +232,7 @@ def _score_into_store(task, scorer, items, run: EvaluationRun, config: dict, bat
         if not group.is_main:
             return None
         rows = store.rows()
-    metrics = task.metrics(rows, config)
+    metrics = task.metrics(rows)
     metrics[f"{task.unit}s_this_run"] = len(rows) - len(done)
     metrics["complete"] = len(rows) == len(items)
     atomic_write_text(json.dumps(metrics, indent=2) + "\n", Path(out) / "metrics.json")

@@ -163,8 +163,10 @@ class ResultsStore:
 
     def records(self) -> list[dict]:
         """The rows without their error blobs, as dicts."""
-        keep = ("idx", "id", "label", "prediction", "correct", "nfe", "seconds", "status", "error", "ranking")
-        return [{k: getattr(row, k) for k in keep} for row in self.rows()]
+        cursor = self.db.execute("SELECT idx, id, label, prediction, correct, nfe, seconds, status, error, ranking "
+                                 "FROM results ORDER BY idx")  # no error blobs: the records of a large run stay small
+        keys = [d[0] for d in cursor.description]
+        return [dict(zip(keys, row)) for row in cursor]
 
     def error_matrices(self) -> list[tuple[int, np.ndarray, list[int]]]:
         return [(idx, array_from_bytes(blob), json.loads(ts)) for idx, blob, ts in

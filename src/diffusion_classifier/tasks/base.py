@@ -59,7 +59,7 @@ class Task:
         raise NotImplementedError
 
     # --- reading stored rows --------------------------------------------------------------------------------
-    def metrics(self, rows: list[Row], config: dict) -> dict:
+    def metrics(self, rows: list[Row]) -> dict:
         raise NotImplementedError
 
     def summary(self, metrics: dict, seconds: float) -> list[str]:

@@ -26,7 +26,7 @@ class CaptionPairsTask(MatchingTask):
         prediction = int(raw[0, 1] >= raw[0, 0] or same_score(float(raw[0, 0]), float(raw[0, 1])))
         return prediction, prediction == 0
 
-    def score_metrics(self, raw: np.ndarray, normalized: np.ndarray | None, tags: list, config: dict) -> dict:
+    def score_metrics(self, raw: np.ndarray, normalized: np.ndarray | None, tags: list) -> dict:
         metrics = pairs_accuracy(raw[:, 0, 0], raw[:, 0, 1])
         if any(tags):
             tags = np.array([tag or "" for tag in tags])

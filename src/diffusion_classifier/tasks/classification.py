@@ -85,7 +85,7 @@ class ClassificationTask(Task):
             rows = rows + [_row(i, items.ids[i], int(items.labels[i]), result) for i, result in zip(good, results)]
         return sorted(rows, key=lambda row: row.idx)
 
-    def metrics(self, rows: list[Row], config: dict) -> dict:
+    def metrics(self, rows: list[Row]) -> dict:
         ok = [r for r in rows if r.ok]
         if not ok:
             return {"accuracy": None, "mean_per_class_accuracy": None, "images": 0, "failed": len(rows), "ties": 0,

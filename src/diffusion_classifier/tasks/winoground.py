@@ -28,11 +28,11 @@ class WinogroundTask(MatchingTask):
         image_scores = normalized if normalized is not None else raw
         return None, bool(winoground_outcomes(raw[None], image_scores[None])["group"][0])
 
-    def score_metrics(self, raw: np.ndarray, normalized: np.ndarray | None, tags: list, config: dict) -> dict:
+    def score_metrics(self, raw: np.ndarray, normalized: np.ndarray | None, tags: list) -> dict:
         """The image score uses the normalised scores where the empty prompt was scored (the run's
-        --normalize); the text score the raw ones."""
-        use = "unconditional" if normalized is not None and config.get("with_null", True) else "none"
-        image = normalized if use == "unconditional" else raw
+        --normalize: none scores no empty prompt); the text score the raw ones."""
+        use = "unconditional" if normalized is not None else "none"
+        image = normalized if normalized is not None else raw
         metrics = {**winoground_scores(raw, image, tags), "image_normalize": use}
         if normalized is not None:  # both image scores, so the effect of normalisation is in every report
             plain = winoground_scores(raw, raw)

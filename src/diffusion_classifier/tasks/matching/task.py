@@ -91,7 +91,7 @@ class MatchingTask(Task):
         for r in rows:
             errors = r.error_matrix()  # [images, captions + 1, columns]
             keep = [within(ts, t_min, t_max) for ts in r.timestep_list()]
-            if not any(k.any() for k in keep):
+            if not all(k.any() for k in keep):  # an image without one would score NaN, silently a failure
                 from ...errors import UserError
 
                 raise UserError(f"no stored timestep of example {r.id} lies in [{t_min}, {t_max}]")
@@ -102,16 +102,16 @@ class MatchingTask(Task):
         normalized_ok = all(np.isfinite(n).any() for n in normalized)
         return np.array(raw), np.array(normalized) if normalized_ok else None
 
-    def metrics(self, rows: list[Row], config: dict) -> dict:
+    def metrics(self, rows: list[Row]) -> dict:
         ok = [r for r in rows if r.ok]
         if not ok:
             return {"examples": 0}
         raw, normalized = self.scores(ok)
-        metrics = self.score_metrics(raw, normalized, [json.loads(r.ranking).get("tag") for r in ok], config)
+        metrics = self.score_metrics(raw, normalized, [json.loads(r.ranking).get("tag") for r in ok])
         metrics["nfe_per_example"] = float(np.mean([r.nfe for r in ok]))
         return metrics
 
-    def score_metrics(self, raw: np.ndarray, normalized: np.ndarray | None, tags: list, config: dict) -> dict:
+    def score_metrics(self, raw: np.ndarray, normalized: np.ndarray | None, tags: list) -> dict:
         raise NotImplementedError
 
     def margins(self, raw: np.ndarray, normalized: np.ndarray | None) -> np.ndarray:
@@ -130,7 +130,7 @@ class MatchingTask(Task):
             raise UserError(f"{run_dir} has no scored examples yet")
         raw, normalized = self.scores(ok, t_min, t_max)
         tags = [json.loads(r.ranking).get("tag") for r in ok]
-        metrics = self.score_metrics(raw, normalized, tags, config)
+        metrics = self.score_metrics(raw, normalized, tags)
         margins = self.margins(raw, normalized)
         hardest = np.argsort(margins, kind="stable")[:HARDEST]
         nfe = np.array([r.nfe for r in ok])
@@ -165,7 +165,9 @@ class MatchingTask(Task):
         raw, _ = self.scores(ok)
         decisions = raw.reshape(-1, raw.shape[-1])
         right = np.tile(self.right_captions(raw.shape[1]), len(ok))
-        return decisions.max(axis=1, keepdims=True) - decisions, right
+        relative = np.nanmax(decisions, axis=1, keepdims=True) - decisions
+        # a caption a strategy dropped has no score: probability 0, as an unshared class's in classification
+        return np.where(np.isnan(relative), np.inf, relative), right
 
     def right_captions(self, n_images: int) -> np.ndarray:
         raise NotImplementedError
