@@ -2,6 +2,7 @@
 
     python -m benchmarks.many_classes --sections pass --images 500 --minutes 150   # resumable
     python -m benchmarks.many_classes --sections strategies ten-way simulation
+    python -m benchmarks.many_classes --sections states && bash tools/gpu_run_many_classes.sh   # on a GPU lease
 
 The task: Fashion-MNIST pair composites [a | b] (a != b, items from the test split, each item used once)
 classified by the shipped fashion-mnist-pairs model among the 90 ordered-pair captions
@@ -16,7 +17,12 @@ Sections:
     agreement with exhaustive-50, mean and 95th-percentile NFE, paired differences with standard errors;
     strategies fitted on held-out images (the first look) are cross-fitted over two halves;
   * ten-way: elimination before and after the t bound on the stored 2,000-image fashion-mnist-class run;
-  * simulation: how often elimination drops the exhaustive winner on simulated errors, 2 to 1,000 candidates.
+  * simulation: how often elimination drops the exhaustive winner on simulated errors, 2 to 1,000 candidates;
+  * states: the text encoder's token states of the 90 captions and the 20 partial ones, written to --states,
+    so that a machine without the encoder (the GPU machine: 88 MB cannot travel) scores the pairs model from
+    them (`--states` with pass, strategies --coarse);
+  * thousand: the 1,000-way task (section_thousand).
+With --store-only the passes and coarse caches are scored and nothing is replayed (a GPU lease's share).
 Writes results/many_classes.json.
 """
 
@@ -107,15 +113,60 @@ def coarse_errors(n_stored: int, args) -> np.ndarray:
 
     labels = [label for family in coarse_captions().values() for label in family]
     dataset = manifest(ROOT / pass_run(args.images).data)
-    return cached_errors("many_classes_coarse.npz", MODEL, labels, ["{}"], dataset, n_stored, as_grid(COARSE_GRID),
-                         args)
+    return cached_errors("many_classes_coarse.npz", MODEL, lambda: pairs_denoiser(args), labels, ["{}"], dataset,
+                         n_stored, as_grid(COARSE_GRID), args)
 
 
-def cached_errors(name: str, model, labels: list[str], templates, dataset, n_stored: int, timesteps: list[int],
-                  args) -> np.ndarray:
+def pairs_denoiser(args):
+    """The shipped pairs model at --device / --dtype; with --states, its captions' token states read from that
+    file (`--sections states`) instead of running the text encoder."""
+    import torch
+
+    from diffusion_classifier.adapters.loading import builtin_model_dir, load_denoiser
+    from diffusion_classifier.runtime import parse_device, parse_dtype
+
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
+    if not args.states:
+        return load_denoiser(MODEL, device=device, dtype=dtype)
+    from .gpu_pairs import packed_denoiser
+
+    with np.load(args.states) as stored:
+        if str(stored["weights"]) != model_fingerprint(MODEL):
+            raise SystemExit(f"{args.states} holds the token states of other weights: write it again "
+                             "(--sections states)")
+        packed = ({"captions": stored["captions"].tolist()}, torch.from_numpy(stored["states"]),
+                  torch.from_numpy(stored["mask"]))
+    return packed_denoiser(builtin_model_dir(MODEL), packed, device, dtype)
+
+
+def section_states(args) -> None:
+    """The token states of every caption the pairs model scores here (the 90 and the 20 partial ones), float32."""
+    import io
+
+    from diffusion_classifier.adapters.loading import load_denoiser
+    from diffusion_classifier.runtime import atomic_write_bytes
+
+    if not args.states:
+        raise SystemExit("--sections states needs --states FILE")
+    texts = captions() + [label for family in coarse_captions().values() for label in family]
+    condition = load_denoiser(MODEL, device="cpu", dtype="float32").embed_conditions(texts)
+    mask = condition["encoder_attention_mask"]
+    # padding positions are masked out of the cross-attention (their values never count): zeros, which compress
+    states = condition["encoder_hidden_states"].float() * mask.bool()[..., None]
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, captions=np.array(texts), states=states.numpy(),
+                        mask=mask.numpy(), weights=np.array(model_fingerprint(MODEL)))
+    atomic_write_bytes(buffer.getvalue(), Path(args.states))
+    print(f"{args.states}: token states of {len(texts)} captions", flush=True)
+
+
+def cached_errors(name: str, model, make_denoiser, labels: list[str], templates, dataset, n_stored: int,
+                  timesteps: list[int], args) -> np.ndarray:
     """[images, labels, prompts, timesteps] errors of `labels` on the first n_stored images of `dataset`, scored at
-    `timesteps`, cached in results/NAME (not committed) and extended chunk by chunk."""
-    from diffusion_classifier import DiffusionClassifier, load_denoiser
+    `timesteps` by make_denoiser() (`model`'s), cached in results/NAME (not committed) and extended chunk by
+    chunk."""
+    from diffusion_classifier import DiffusionClassifier
 
     cache = RESULTS / name
     key = json.dumps({"weights": model_fingerprint(model), "labels": labels, "timesteps": timesteps,
@@ -125,7 +176,7 @@ def cached_errors(name: str, model, labels: list[str], templates, dataset, n_sto
         done = np.load(cache)["errors"]
     if done is not None and len(done) >= n_stored:
         return done[:n_stored]
-    clf = DiffusionClassifier(load_denoiser(model), labels=labels, templates=templates,
+    clf = DiffusionClassifier(make_denoiser(), labels=labels, templates=templates,
                               strategy=FixedTimesteps(timesteps), batch_size=args.batch_size)
     start = 0 if done is None else len(done)
     for first in range(start, n_stored, args.chunk):
@@ -145,10 +196,8 @@ def pass_run(n: int, batch_size: int = 64) -> EvaluationRun:
 
 
 def section_pass(args) -> None:
-    from diffusion_classifier.adapters.loading import load_denoiser
-
     run = pass_run(args.images, args.batch_size)
-    denoiser = load_denoiser(MODEL)
+    denoiser = pairs_denoiser(args)
     deadline = time.monotonic() + 60 * args.minutes
     print(f"evaluate --model {MODEL} --data {run.data} --labels-file <90 captions> --template '{{}}' "
           f"--timesteps {GRID} --out {run.out}", flush=True)
@@ -159,6 +208,9 @@ def section_pass(args) -> None:
               f"{time.perf_counter() - started:.0f} s for the last {args.chunk}", flush=True)
         if metrics.get("complete"):
             break
+    if args.coarse:
+        with ResultsStore(run.out) as store:
+            coarse_errors(len(store.rows(ok_only=True)), args)
 
 
 def stored_pass(n: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -380,8 +432,10 @@ def section_thousand(args, out: dict) -> None:
     if not args.triples_model:
         print("1,000-way: no --triples-model given; skipped")
         return
+    from diffusion_classifier.runtime import parse_device
+
     model, grid_size = args.triples_model, args.thousand_grid
-    denoiser = load_denoiser(model)
+    denoiser = load_denoiser(model, device=parse_device(args.device), dtype=args.dtype)
     names = denoiser.class_names
     fine = names[:triples.FINE]
     data = triples_manifest(args.thousand_images, names)
@@ -405,8 +459,10 @@ def section_thousand(args, out: dict) -> None:
         raise SystemExit(f"the coarse timesteps {coarse_grid} are not all on the {grid_size}-point grid")
     from diffusion_classifier.data import manifest
 
-    coarse = cached_errors("many_classes_triples_coarse.npz", model, coarse_labels, None, manifest(ROOT / data),
-                           len(errors), coarse_grid, args)
+    coarse = cached_errors("many_classes_triples_coarse.npz", model, lambda: denoiser, coarse_labels, None,
+                           manifest(ROOT / data), len(errors), coarse_grid, args)
+    if args.store_only:
+        return
     strategies = {f"exhaustive {k} (even subset)": FixedTimesteps(even_subset(grid, k)) for k in (2, 5)
                   if k < grid_size}
     strategies[f"exhaustive {grid_size}"] = Exhaustive(grid_size)
@@ -432,7 +488,7 @@ def section_thousand(args, out: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["pass", "strategies", "ten-way", "simulation"],
-                        choices=["pass", "strategies", "ten-way", "simulation", "thousand"])
+                        choices=["states", "pass", "strategies", "ten-way", "simulation", "thousand"])
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--minutes", type=float, default=600.0, help="time budget of the pass in this call")
     parser.add_argument("--chunk", type=int, default=30, help="images per commit of the pass")
@@ -444,19 +500,30 @@ def main() -> None:
     parser.add_argument("--thousand-images", type=int, default=300)
     parser.add_argument("--thousand-grid", type=int, default=20, help="thousand: the exhaustive pass's grid")
     parser.add_argument("--coarse", action="store_true", help="strategies: add the coarse-to-fine rows (scores the "
-                        "20 partial captions at 10 timesteps of the stored images first, cached)")
+                        "20 partial captions at 10 timesteps of the stored images first, cached); pass: score them "
+                        "after the pass")
+    parser.add_argument("--device", default="auto", help="where the passes score (auto: CUDA where it is)")
+    parser.add_argument("--dtype", default="auto", help="their dtype (auto: bfloat16 on CUDA, else float32)")
+    parser.add_argument("--states", help="a file of the pairs model's caption token states (--sections states "
+                        "writes it; pass and --coarse read it instead of running the text encoder)")
+    parser.add_argument("--store-only", action="store_true", help="score and store the passes and coarse caches; "
+                        "replay nothing")
     args = parser.parse_args()
     os.chdir(ROOT)  # the stored run names its data relative to the repository root
     tune_cpu_allocator()
     RESULTS.mkdir(exist_ok=True)
+    if "states" in args.sections:
+        section_states(args)
     if "pass" in args.sections:
         section_pass(args)
     path = RESULTS / f"{args.out}.json"
     out = json.loads(path.read_text()) if path.exists() else {}
     for name, section in (("strategies", section_strategies), ("ten-way", section_ten_way),
                           ("simulation", section_simulation), ("thousand", section_thousand)):
-        if name in args.sections:
+        if name in args.sections and not (args.store_only and name != "thousand"):
             section(args, out)
+            if args.store_only:
+                continue
             atomic_write_text(json.dumps(out, indent=2) + "\n", path)
 
 
