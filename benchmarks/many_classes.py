@@ -40,9 +40,16 @@ from diffusion_classifier import EvaluationRun, run_evaluation
 from diffusion_classifier.adapters.schedules import even_subset
 from diffusion_classifier.data import fashion_mnist_arrays
 from diffusion_classifier.engine.replay import replay
-from diffusion_classifier.engine.shortlists import fit_first_look
+from diffusion_classifier.engine.shortlists import fit_cascade, fit_first_look
 from diffusion_classifier.engine.simulation import dropped_winner_rate
-from diffusion_classifier.engine.strategies import CoarseToFine, Elimination, Exhaustive, FixedTimesteps, Staged
+from diffusion_classifier.engine.strategies import (
+    Cascade,
+    CoarseToFine,
+    Elimination,
+    Exhaustive,
+    FixedTimesteps,
+    Staged,
+)
 from diffusion_classifier.errors import UserError
 from diffusion_classifier.runtime import atomic_write_text, tune_cpu_allocator
 from diffusion_classifier.stats import paired_difference, standard_error
@@ -265,7 +272,7 @@ def cross_fitted(make_strategy, fit, errors: np.ndarray, grid: list[int]) -> tup
     for held_out, scored in ((slice(0, None, 2), slice(1, None, 2)), (slice(1, None, 2), slice(0, None, 2))):
         fitted = fit(errors[held_out])
         predictions[scored], nfe[scored] = replayed(make_strategy(fitted), errors[scored], grid)
-        fits.append(fitted.to_dict())
+        fits.append(fitted.describe() if isinstance(fitted, Cascade) else fitted.to_dict())
     return predictions, nfe, fits
 
 
@@ -279,9 +286,10 @@ def with_coarse(errors: np.ndarray, grid: list[int], coarse: np.ndarray, coarse_
 
 
 def compare(errors: np.ndarray, labels: np.ndarray, grid: list[int], strategies: dict, args, nfe_cap: int,
-            coarse: tuple | None = None) -> list[dict]:
-    """Every strategy replayed on the stored errors, the first looks cross-fitted, the coarse-to-fine rows on
-    the combined table (coarse: (combined errors, families, all labels, coarse grid size)); one row each."""
+            coarse: tuple | None = None, cascades: tuple = ((1, 0.05), (2, 0.05), (1, 0.1))) -> list[dict]:
+    """Every strategy replayed on the stored errors, the first looks and cascades ((first, miss rate) each)
+    cross-fitted, the coarse-to-fine rows on the combined table (coarse: (combined errors, families, all labels,
+    coarse grid size)); one row each."""
     exhaustive = errors[:, :, 0].mean(axis=2).argmin(axis=1)
     n, rows = len(errors), []
     rate, miss = args.error_rate, args.miss_rate
@@ -317,6 +325,13 @@ def compare(errors: np.ndarray, labels: np.ndarray, grid: list[int], strategies:
                 print(f"{name}: skipped ({exc})", flush=True)
                 continue
             add(name, predictions, nfe, {**make(None).describe(), "first_look": "cross-fitted"}, fits)
+    for first, miss in cascades:
+        def fit_one(held_out, first=first, miss=miss):
+            return fit_cascade(held_out, grid, miss, first)
+
+        name = f"cascade (fitted, miss {miss}): first {first}, then {doubling(len(grid))} and the grid"
+        add(name, *cross_fitted(lambda fitted: fitted, fit_one, errors, grid),
+            {"name": "cascade", "first": first, "miss_rate": miss, "fitted": "cross-fitted"})
     if coarse is not None:
         combined, families, labels_all, coarse_points = coarse
         for keep in (2, 3, 5):
@@ -327,6 +342,12 @@ def compare(errors: np.ndarray, labels: np.ndarray, grid: list[int], strategies:
                 config = {**strategy.describe(), "families": f"{len(families)} levels of coarse candidates"}
                 add(name, *replayed_fine(strategy, combined, grid, errors.shape[1]), config)
     return rows
+
+
+def doubling(grid: int) -> str:
+    from diffusion_classifier.engine.shortlists import doubling_stages
+
+    return "/".join(str(k) for k in doubling_stages(grid))
 
 
 def section_strategies(args, out: dict) -> None:
@@ -354,6 +375,39 @@ def section_strategies(args, out: dict) -> None:
     out["meta"] = {"images": n, "grid": GRID, "classes": len(PAIRS), "model": MODEL,
                    "weights": model_fingerprint(MODEL), "exhaustive_accuracy": float(np.mean(exhaustive == labels)),
                    "error_rate": rate, "miss_rate": args.miss_rate}
+
+
+def cascade_with_levels(errors, coarse, combined, labels, grid, fine, coarse_labels, families) -> list[dict]:
+    """Cascades whose coarse levels (first item, then first two items: the triples model's partial classes)
+    come before the fine stages, cross-fitted over two halves as the other fitted rows; miss rate 0.1 (with
+    75-image calibration halves, the least six stages can bound)."""
+    column = {label: i for i, label in enumerate(coarse_labels)}
+    exhaustive = errors[:, :, 0].mean(axis=2).argmin(axis=1)
+    rows = []
+    for k_first_item, k_pair, first in ((1, 2, 1), (2, 2, 1)):
+        predictions, nfe, fits = np.zeros(len(errors), int), np.zeros(len(errors)), []
+        for held_out, scored in ((slice(0, None, 2), slice(1, None, 2)), (slice(1, None, 2), slice(0, None, 2))):
+            levels = [(family, coarse[held_out][:, [column[c] for c in family]], k)
+                      for family, k in zip(families, (k_first_item, k_pair))]
+            cascade = fit_cascade(errors[held_out], grid, 0.1, first, labels=fine, levels=levels).resolve(
+                fine + coarse_labels)
+            predictions[scored], nfe[scored] = replayed_fine(cascade, combined[scored], grid, len(fine))
+            fits.append(cascade.describe() | {"families": f"{len(families)} levels of coarse classes"})
+        correct = predictions == labels
+        difference, stderr = paired_difference(correct, exhaustive == labels)
+        name = (f"cascade (fitted, miss 0.1) with coarse levels: first item at {k_first_item}, first two at "
+                f"{k_pair} timesteps, then first {first}, {doubling(len(grid))} and the grid")
+        rows.append({"strategy": name, "config": {"name": "cascade", "levels": [k_first_item, k_pair], "first": first,
+                                                  "miss_rate": 0.1, "fitted": "cross-fitted"},
+                     "images": len(errors), "accuracy": float(correct.mean()),
+                     "accuracy_standard_error": standard_error(correct), "accuracy_minus_exhaustive": difference,
+                     "difference_standard_error": stderr, "agreement": float(np.mean(predictions == exhaustive)),
+                     "agreement_standard_error": standard_error(predictions == exhaustive),
+                     "nfe_mean": float(nfe.mean()), "nfe_p95": float(np.percentile(nfe, 95)), "fits": fits})
+        print(f"{name:<66} acc {correct.mean():.3f} ({difference:+.3f} +- {stderr:.3f})  agree "
+              f"{np.mean(predictions == exhaustive):.3f}  NFE {nfe.mean():7.1f} (p95 {np.percentile(nfe, 95):.0f})",
+              flush=True)
+    return rows
 
 
 def section_ten_way(args, out: dict) -> None:
@@ -459,8 +513,9 @@ def section_thousand(args, out: dict) -> None:
         raise SystemExit(f"the coarse timesteps {coarse_grid} are not all on the {grid_size}-point grid")
     from diffusion_classifier.data import manifest
 
-    coarse = cached_errors("many_classes_triples_coarse.npz", model, lambda: denoiser, coarse_labels, None,
-                           manifest(ROOT / data), len(errors), coarse_grid, args)
+    # the coarse candidates on the whole grid: a cascade's coarse levels choose their timesteps from it
+    coarse = cached_errors("many_classes_triples_coarse_grid.npz", model, lambda: denoiser, coarse_labels, None,
+                           manifest(ROOT / data), len(errors), grid, args)
     if args.store_only:
         return
     strategies = {f"exhaustive {k} (even subset)": FixedTimesteps(even_subset(grid, k)) for k in (2, 5)
@@ -469,9 +524,12 @@ def section_thousand(args, out: dict) -> None:
     strategies["staged (the paper's ImageNet schedule shape: keep 500/50/10/1)"] = Staged(
         [max(1, grid_size // 20), max(1, grid_size // 10), grid_size // 2, grid_size], [500, 50, 10, 1])
     strategies[f"elimination {args.error_rate}, t bound"] = Elimination(args.error_rate, max_timesteps=grid_size)
-    combined = with_coarse(errors, grid, coarse, coarse_grid)
-    out["thousand"] = compare(errors, labels, grid, strategies, args, 400,
-                              (combined, triples.coarse_families(names), fine + list(coarse_labels), coarse_points))
+    combined = with_coarse(errors, grid, coarse, grid)
+    families = triples.coarse_families(names)
+    rows = compare(errors, labels, grid, strategies, args, 400,
+                   (combined, families, fine + list(coarse_labels), coarse_points), cascades=((1, 0.1), (2, 0.1)))
+    out["thousand"] = rows + cascade_with_levels(errors, coarse, combined, labels, grid, fine, list(coarse_labels),
+                                                 families)
     exhaustive = errors[:, :, 0].mean(axis=2).argmin(axis=1)
     out["thousand_meta"] = {"images": len(errors), "grid": grid_size, "classes": triples.FINE, "model": str(model),
                             "weights": model_fingerprint(model), "coarse_grid": coarse_points,

@@ -105,16 +105,24 @@ def test_first_look_round_trips_through_describe_and_json(tmp_path):
         fit_first_look(pruned, GRID, miss_rate=0.05)
 
 
-def test_calibrate_fits_a_first_look_that_classify_and_evaluate_use(models, tmp_path, capsys):
+def exhaustive_run(models, tmp_path, per_class: int) -> tuple[list[str], Path, Path]:
+    """(class names, an image folder of per_class random images each, its exhaustive 8-timestep run)."""
     from diffusion_classifier.cli import main
 
     from .conftest import image_folder
 
     names = ["dog", "cat", "bird", "fish", "frog", "horse"]
-    data = image_folder(tmp_path / "data", names, 2, size=20, mode="RGB")
+    data = image_folder(tmp_path / "data", names, per_class, size=20, mode="RGB")
     run_dir = tmp_path / "run"
     assert main(["evaluate", "--model", str(models["pixel_text"]), "--data", str(data), "--out", str(run_dir),
                  "--timesteps", "8", "--quiet"]) == 0
+    return names, data, run_dir
+
+
+def test_calibrate_fits_a_first_look_that_classify_and_evaluate_use(models, tmp_path, capsys):
+    from diffusion_classifier.cli import main
+
+    names, data, run_dir = exhaustive_run(models, tmp_path, 2)
     code = main(["calibrate", str(run_dir), "--first-look", "2", "--miss-rate", "0.25", "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -201,3 +209,91 @@ def test_the_imagenet_preset_carries_its_wordnet_class_tree_and_elimination_desc
 
 def _leaves(node):
     return [x for child in node for x in _leaves(child)] if isinstance(node, list) else [node]
+
+
+def test_a_cascade_keeps_the_winner_at_its_miss_rate_and_picks_as_exhaustive_among_the_rest():
+    """200 candidates; class information at grid points 20-24 only, where the true class and three near-ties stand
+    out (so exhaustive's pick among those four is down to noise). A cascade fitted on 400 held-out images agrees
+    with exhaustive scoring on at least 1 - miss_rate of 300 fresh ones for a fraction of its cost, and where it
+    keeps the winner it picks it (the survivors see the whole grid)."""
+    from diffusion_classifier.engine.shortlists import fit_cascade
+
+    rng = np.random.default_rng(1)
+
+    def images(n):
+        errors = 1.0 + 0.05 * rng.standard_normal((n, 200, len(GRID)))
+        for errors_of_one in errors:
+            errors_of_one[rng.choice(200, 4, replace=False), 20:25] -= 0.3
+        return errors
+
+    cascade = fit_cascade(images(400), GRID, miss_rate=0.1, first=2)
+    assert len(cascade.stages[0]["timesteps"]) == 2 and set(cascade.stages[0]["timesteps"]) <= set(GRID[20:25])
+    assert cascade.fitted_on == 400 and all(0 <= stage["max_gap"] < float("inf") for stage in cascade.stages)
+    agreed, nfe = 0, []
+    for errors in images(300):
+        winner = errors.mean(axis=1).argmin()
+        table = replay(cascade, errors[:, None, :], GRID)
+        survived = table.evidence.get(int(winner), {}).get("by") != "cascade"
+        assert survived == (table.ranking()[0] == winner)  # survivors are ranked on the whole grid
+        agreed += survived
+        nfe.append(table.nfe)
+    assert agreed / 300 >= 0.9 - 3 * np.sqrt(0.1 * 0.9 / 300)
+    assert np.mean(nfe) < 0.2 * errors.size
+    assert strategy_from_description(cascade.describe()).describe() == cascade.describe()
+
+
+def test_cascade_coarse_levels_and_its_file(models, tmp_path):
+    """A coarse level scores the coarse candidates of the live groups and keeps the classes of those within its gap;
+    the fine stages and the rest of the grid follow; the cascade survives a save and load."""
+    from diffusion_classifier import Cascade, DiffusionClassifier
+
+    from .conftest import random_images
+
+    classes = ["red cat", "red dog", "blue cat", "blue dog", "green cat", "green dog"]
+    colour = {"a red thing": classes[0:2], "a blue thing": classes[2:4], "a green thing": classes[4:6]}
+    stages = [{"timesteps": [450], "max_gap": 0.0, "family": 0}, {"timesteps": [250], "max_gap": 1e9}]
+    cascade = Cascade(stages, grid=5, miss_rate=0.1, families=[colour])
+    clf = DiffusionClassifier.from_pretrained(models["pixel_text"], labels=classes, templates=["a photo of {}."],
+                                              strategy=cascade)
+    result = clf.classify(random_images(1, size=8, mode="L"))[0]
+    assert {label for label, _ in result.ranking} == set(classes)
+    assert result.nfe == 3 * 1 + 2 * 5  # three colours once, then both classes of the best colour on the 5-point grid
+    dropped = {c for c, why in result.extra["evidence"].items() if why["by"] == "cascade"}
+    assert len(dropped) == 4 and result.prediction not in dropped
+    cascade.save(tmp_path / "cascade.json")
+    assert Cascade.load(tmp_path / "cascade.json").describe() == cascade.describe()
+    (tmp_path / "other.json").write_text(json.dumps({"name": "elimination"}))
+    with pytest.raises(UserError, match="does not describe a cascade"):
+        Cascade.load(tmp_path / "other.json")
+    with pytest.raises(UserError, match="names a family it does not hold"):
+        Cascade([{"timesteps": [10], "max_gap": 0.1, "family": 1}], grid=5, miss_rate=0.1, families=[colour])
+    with pytest.raises(UserError, match="is not a candidate label"):
+        DiffusionClassifier.from_pretrained(models["pixel_text"], labels=classes[:2], templates=["{}"],
+                                            strategy=cascade)
+
+
+def test_calibrate_fits_a_cascade_that_evaluate_uses(models, tmp_path, capsys):
+    from diffusion_classifier.cli import main
+
+    names, data, run_dir = exhaustive_run(models, tmp_path, 4)
+    code = main(["calibrate", str(run_dir), "--cascade", "--miss-rate", "0.5", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    description = json.loads(out.strip().splitlines()[-1])
+    assert description["name"] == "cascade" and description["grid"] == 8 and description["fitted_on"] == 24
+    assert (run_dir / "cascade.json").is_file()
+    code = main(["evaluate", "--model", str(models["pixel_text"]), "--data", str(data), "--out",
+                 str(tmp_path / "fast"), "--strategy", "cascade", "--cascade", str(run_dir), "--quiet", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert metrics["images"] == 24 and 6 <= metrics["nfe_per_image"] <= 6 * 8
+    for argv, message in ((["--cascade", str(run_dir)], "does not use --cascade (cascade)"),
+                          (["--strategy", "cascade"], "needs --cascade"),
+                          (["--strategy", "cascade", "--cascade", str(run_dir), "--timesteps", "4"],
+                           "does not use --timesteps (exhaustive)")):
+        code = main(["classify", str(next((data / "dog").iterdir())), "--model", str(models["pixel_text"]),
+                     "--labels", ",".join(names), *argv])
+        assert code != 0 and message in capsys.readouterr().err
+    code = main(["calibrate", str(run_dir), "--cascade", "--miss-rate", "0.05"])
+    assert code != 0 and "cannot bound a miss rate" in capsys.readouterr().err

@@ -96,9 +96,10 @@ def _add_scoring_options(p, classes: bool = True) -> None:
     whats = "classes" if classes else "texts"
     g = p.add_argument_group("scoring")
     groups = {"scoring": g}
-    g.add_argument("--strategy", choices=["exhaustive", "staged", "elimination"], default=None,
+    g.add_argument("--strategy", choices=["exhaustive", "staged", "elimination", "cascade"], default=None,
                    help=f"exhaustive: every {what} at --timesteps; staged: the paper's adaptive schedule; "
-                        f"elimination: drop {whats} once paired statistics rule them out")
+                        f"elimination: drop {whats} once paired statistics rule them out; cascade: the fitted "
+                        f"stages of --cascade (many {whats})")
     g.add_argument("--timesteps", type=int, default=None,
                    help=f"timesteps per {what} (exhaustive; default 25; wins over a preset's schedule)")
     g.add_argument("--n-samples", type=int, nargs="+", help="timesteps per stage (staged), e.g. 50 500")
@@ -119,6 +120,10 @@ def _add_scoring_options(p, classes: bool = True) -> None:
                    help=f"elimination with many {whats}: first_look.json from `calibrate --first-look` (or the run "
                    f"directory holding it): every {what} at its few fitted timesteps first, then only those within "
                    "its fitted gap of the best go on (its miss rate adds to --error-rate)")
+    g.add_argument("--cascade", metavar="FILE_OR_RUN",
+                   help=f"cascade: cascade.json from `calibrate --cascade` (or the run directory holding it): "
+                   f"stages that keep the {whats} within a fitted gap of the best, then the rest of the grid for "
+                   "those left; drops exhaustive scoring's winner with at most its fitted miss rate")
     if classes:
         g.add_argument("--class-tree", help="elimination: JSON file grouping the class names (nested), or 'preset' "
                        "for the --preset's own tree (imagenet: its WordNet hierarchy); after round r only the "
@@ -163,6 +168,15 @@ def _load_options(args) -> dict:
             "base_config": args.base_config, "text_encoders": args.text_encoders}
 
 
+def _cascade(path: str):
+    from pathlib import Path
+
+    from .engine.strategies import Cascade
+    from .tasks.calibration import CASCADE_FILE
+
+    return Cascade.load(Path(path) / CASCADE_FILE if Path(path).is_dir() else path)
+
+
 def _first_look(path: str):
     from pathlib import Path
 
@@ -176,6 +190,7 @@ ELIMINATION_OPTIONS = {"error_rate": "--error-rate", "max_nfe": "--max-nfe", "ma
                        "shortlist": "--shortlist", "class_tree": "--class-tree", "keep_groups": "--keep-groups",
                        "first_look": "--first-look"}
 STAGED_OPTIONS = {"n_samples": "--n-samples", "to_keep": "--to-keep"}
+CASCADE_OPTIONS = {"cascade": "--cascade"}
 
 
 def _strategy(args):
@@ -191,13 +206,16 @@ def _strategy(args):
 
     chosen = args.strategy or ("staged" if given(STAGED_OPTIONS) else "exhaustive" if args.timesteps is not None
                                else None)
-    foreign = {"elimination": given(STAGED_OPTIONS) + (["--timesteps"] if args.timesteps is not None else []),
-               "staged": given(ELIMINATION_OPTIONS) + (["--timesteps"] if args.timesteps is not None else []),
-               "exhaustive": given(ELIMINATION_OPTIONS) + given(STAGED_OPTIONS),
-               None: given(ELIMINATION_OPTIONS)}[chosen]
+    timesteps = ["--timesteps"] if args.timesteps is not None else []
+    foreign = {"elimination": given(STAGED_OPTIONS) + timesteps + given(CASCADE_OPTIONS),
+               "staged": given(ELIMINATION_OPTIONS) + timesteps + given(CASCADE_OPTIONS),
+               "exhaustive": given(ELIMINATION_OPTIONS) + given(STAGED_OPTIONS) + given(CASCADE_OPTIONS),
+               "cascade": given(ELIMINATION_OPTIONS) + given(STAGED_OPTIONS) + timesteps,
+               None: given(ELIMINATION_OPTIONS) + given(CASCADE_OPTIONS)}[chosen]
     if foreign:
         users = {"--timesteps": "exhaustive", **{f: "staged" for f in STAGED_OPTIONS.values()},
-                 **{f: "elimination" for f in ELIMINATION_OPTIONS.values()}}
+                 **{f: "elimination" for f in ELIMINATION_OPTIONS.values()},
+                 **{f: "cascade" for f in CASCADE_OPTIONS.values()}}
         by = ", ".join(f"{flag} ({users[flag]})" for flag in foreign)
         now = f"--strategy {chosen}" if args.strategy else (
             "the default strategy (a preset's schedule, else exhaustive)" if chosen is None
@@ -213,6 +231,10 @@ def _strategy(args):
         return Elimination(0.05 if args.error_rate is None else args.error_rate, args.max_nfe, max_timesteps,
                            shortlist=args.shortlist, class_tree=tree,
                            keep_groups=getattr(args, "keep_groups", None) or 2, first_look=first_look)
+    if chosen == "cascade":
+        if not args.cascade:
+            raise UserError("--strategy cascade needs --cascade FILE_OR_RUN (calibrate --cascade fits one)")
+        return _cascade(args.cascade)
     if chosen == "staged":
         if not args.n_samples or not args.to_keep:
             raise UserError("the staged strategy needs both --n-samples and --to-keep")
@@ -529,18 +551,41 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--first-look", type=int, metavar="K", default=None,
                    help="instead: fit a first look of K timesteps for --strategy elimination --first-look on an "
                    "exhaustive run (many candidates); writes RUN_DIR/first_look.json")
-    p.add_argument("--miss-rate", type=float, default=0.02,
-                   help="with --first-look: chance of leaving out the exhaustive winner (default 0.02)")
+    p.add_argument("--cascade", action="store_true",
+                   help="instead: fit a cascade for --strategy cascade on an exhaustive run (many candidates): its "
+                   "stages' timesteps and gaps; writes RUN_DIR/cascade.json")
+    p.add_argument("--first", type=int, default=1, metavar="K",
+                   help="with --cascade: timesteps of its first stage (default 1)")
+    p.add_argument("--miss-rate", type=float, default=None,
+                   help="with --first-look or --cascade: chance of leaving out the exhaustive winner (default 0.02 "
+                   "for a first look, 0.05 for a cascade)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def cmd_calibrate(args) -> int:
     import json
 
-    from .tasks.calibration import calibrate_run, first_look_of_run
+    from .tasks.calibration import calibrate_run, cascade_of_run, first_look_of_run
 
+    if args.first_look is not None and args.cascade:
+        raise UserError("fit a first look or a cascade, not both")
+    if args.miss_rate is not None and args.first_look is None and not args.cascade:
+        raise UserError("--miss-rate goes with --first-look or --cascade")
+    if args.cascade:
+        cascade = cascade_of_run(args.run_dir, args.first, 0.05 if args.miss_rate is None else args.miss_rate)
+        if args.json:
+            print(json.dumps(cascade.describe()))
+        else:
+            from pathlib import Path
+
+            stages = "; ".join(f"{len(stage['timesteps'])} timesteps, gap {stage['max_gap']:.3g}"
+                               for stage in cascade.stages)
+            print(f"cascade of {len(cascade.stages)} stages ({stages}), then the rest of the {cascade.grid}-point "
+                  f"grid; misses the exhaustive winner on at most {cascade.miss_rate:g} of images like these "
+                  f"(fitted on {cascade.fitted_on}); written to {Path(args.run_dir) / 'cascade.json'}")
+        return 0
     if args.first_look is not None:
-        first = first_look_of_run(args.run_dir, args.first_look, args.miss_rate)
+        first = first_look_of_run(args.run_dir, args.first_look, 0.02 if args.miss_rate is None else args.miss_rate)
         if args.json:
             print(json.dumps(first.to_dict()))
         else:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..adapters.schedules import even_subset
 from ..errors import UserError
 from . import probabilities
 
@@ -138,10 +139,12 @@ def fit_first_look(errors: np.ndarray, timesteps: Sequence[int], n_timesteps: in
     return FirstLook(tuple(int(timesteps[c]) for c in sorted(chosen)), threshold, miss_rate, grid, images, size)
 
 
-def _choose_timesteps(errors: np.ndarray, n_timesteps: int, miss_rate: float) -> list[int]:
-    """Grid columns added greedily, each the one that makes the mean conformal shortlist smallest on `errors`."""
+def _choose_timesteps(errors: np.ndarray, n_timesteps: int, miss_rate: float,
+                      winners: np.ndarray | None = None) -> list[int]:
+    """Grid columns added greedily, each the one that makes the mean conformal shortlist smallest on `errors`
+    (the shortlist that keeps `winners`, by default each image's lowest mean error over the grid)."""
     images, _, grid = errors.shape
-    winners = errors.mean(axis=2).argmin(axis=1)
+    winners = errors.mean(axis=2).argmin(axis=1) if winners is None else winners
     chosen: list[int] = []
     for _ in range(n_timesteps):
         best = None
@@ -155,3 +158,79 @@ def _choose_timesteps(errors: np.ndarray, n_timesteps: int, miss_rate: float) ->
                 best = (size, column)
         chosen.append(best[1])
     return chosen
+
+
+def doubling_stages(grid: int, first: int = 3) -> list[int]:
+    """A cascade's default stage sizes on a grid of `grid` points: first, 2 first, 4 first, ... below the grid."""
+    sizes = []
+    while first < grid:
+        sizes.append(first)
+        first *= 2
+    return sizes
+
+
+def fit_cascade(errors: np.ndarray, timesteps: Sequence[int], miss_rate: float = 0.05, first: int = 1,
+                stages: Sequence[int] | None = None, aggregate: str = "min", labels: Sequence[str] | None = None,
+                levels: Sequence[tuple[dict, np.ndarray, int]] = ()):
+    """Fit a Cascade (strategies.py) on held-out images scored exhaustively at `timesteps` (an even grid).
+
+    errors: [images, classes, grid] (or with a prompts axis before the grid). The stages: `first` timesteps
+    chosen greedily where the class information is (as the first look's), then even subsets of the grid of
+    `stages` sizes (default doubling_stages: 3, 6, 12, ... below the grid), each adding to the timesteps before
+    it, then the rest of the grid. `levels` (optional, before them): coarse levels, each (a family
+    {coarse label: [class labels]}, the coarse candidates' exhaustive errors [images, groups, (prompts,) grid] in
+    the family's order, how many timesteps it gets), with `labels` the class labels. The images are split in
+    two: every other one chooses timesteps, the others calibrate each stage's gap at the split-conformal
+    quantile of the exhaustive winner's gap (its group's, at a coarse level) at miss_rate / stages.
+    """
+    from .strategies import Cascade
+
+    errors = per_timestep(errors, aggregate)
+    images, classes, grid = errors.shape
+    if not np.isfinite(errors).all():
+        raise UserError("a cascade is fitted on exhaustive errors: every candidate at every grid timestep")
+    if grid != len(timesteps):
+        raise UserError(f"errors have {grid} timesteps but {len(timesteps)} are named")
+    if not 1 <= first < grid:
+        raise UserError(f"a cascade's first stage takes 1 to {grid - 1} timesteps")
+    if not 0 < miss_rate < 1:
+        raise UserError("the cascade's miss rate must lie in (0, 1)")
+    sizes = doubling_stages(grid) if stages is None else [int(k) for k in stages]
+    if any(not first < k < grid for k in sizes) or sizes != sorted(set(sizes)):
+        raise UserError(f"cascade stage sizes must rise between {first} (the first stage) and {grid} (the grid)")
+    if levels and labels is None:
+        raise UserError("coarse levels need the class labels")
+    n_stages = len(levels) + 1 + len(sizes)
+    each = miss_rate / n_stages
+    choose, calibrate = np.arange(0, images, 2), np.arange(1, images, 2)
+    if math.ceil((len(calibrate) + 1) * (1 - each)) > len(calibrate):
+        need = 2 * (math.ceil(1 / each) - 1)
+        raise UserError(f"{images} held-out images cannot bound a miss rate of {miss_rate} over {n_stages} stages: it "
+                        f"takes at least {need} (half of them choose timesteps, half set the gaps)")
+    winners = errors.mean(axis=2).argmin(axis=1)
+    fitted, families = [], []
+    for family, coarse_errors, k in levels:
+        coarse_errors = per_timestep(coarse_errors, aggregate)
+        if coarse_errors.shape != (images, len(family), grid):
+            raise UserError(f"a coarse level's errors must be [images, {len(family)} groups, {grid} timesteps]")
+        group_of = np.full(classes, -1)
+        index = {label: i for i, label in enumerate(labels)}
+        for g, members in enumerate(family.values()):
+            group_of[[index[m] for m in members]] = g
+        if (group_of < 0).any():
+            raise UserError("each coarse level must cover every class")
+        group_winners = group_of[winners]
+        chosen = _choose_timesteps(coarse_errors[choose], k, each, group_winners[choose])
+        gaps = relative_gaps(coarse_errors[calibrate], chosen)[np.arange(len(calibrate)), group_winners[calibrate]]
+        fitted.append({"timesteps": [int(timesteps[c]) for c in sorted(chosen)],
+                       "max_gap": conformal_quantile(gaps, each), "family": len(families)})
+        families.append(family)
+    columns = sorted(_choose_timesteps(errors[choose], first, each))
+    steps = [columns] + [sorted(set(columns) | set(even_subset(range(grid), k))) for k in sizes]
+    done: set[int] = set()
+    for cumulative in steps:
+        gaps = relative_gaps(errors[calibrate], cumulative)[np.arange(len(calibrate)), winners[calibrate]]
+        fitted.append({"timesteps": [int(timesteps[c]) for c in cumulative if c not in done],
+                       "max_gap": conformal_quantile(gaps, each), "family": None})
+        done |= set(cumulative)
+    return Cascade(fitted, grid, miss_rate, families, fitted_on=images)

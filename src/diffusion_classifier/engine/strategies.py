@@ -9,8 +9,10 @@ Decisions between rounds read the table, so strategies never touch the model.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -482,6 +484,123 @@ class CoarseToFine(Strategy):
                 "grid": self.grid, "then": self.then.describe()}
 
 
+class Cascade(Strategy):
+    """A conformal cascade (beyond the paper), for many candidates: shortlists sized by statistics, in stages.
+
+    Each stage scores the candidates still in at its timesteps, then keeps those whose mean error over every
+    timestep of the stages so far is within a relative gap `max_gap` of the best one still in; the last step
+    scores the survivors on the rest of the even grid of `grid` points, so the prediction is exhaustive
+    scoring's among them. Optional coarse levels come first (stages with a `family`: an index into
+    `families`, CoarseToFine's {coarse label: [class labels]} dicts): a level scores the coarse candidates
+    of the groups still holding a class at its own timesteps and keeps the classes of the groups within its
+    gap. A stage is a dict {"timesteps": [...], "max_gap": g, "family": None or an index}.
+
+    Fitted, not tuned: `fit_cascade` (shortlists.py) learns the timesteps and gaps from held-out images
+    scored exhaustively on the grid. The promise: on images exchangeable with those, the exhaustive winner
+    is dropped with probability at most `miss_rate` (each stage's gap is a split-conformal quantile at
+    miss_rate / stages, calibrated on the winner's gap to the best of all candidates, which is never
+    smaller than its gap to the best of those still in; a union bound over the stages).
+    """
+
+    def __init__(self, stages: Sequence[dict], grid: int, miss_rate: float, families: Sequence[dict] = (),
+                 fitted_on: int = 0, held_out: dict | None = None):
+        stages = [dict(stage) for stage in stages]
+        if not stages or not all({"timesteps", "max_gap"} <= set(stage) and stage["timesteps"] for stage in stages):
+            raise UserError("a cascade needs stages, each with timesteps and a max_gap")
+        if any(stage.get("family") is not None and not 0 <= stage["family"] < len(families) for stage in stages):
+            raise UserError("a cascade stage names a family it does not hold")
+        if not 0 < miss_rate < 1 or grid < 1:
+            raise UserError("a cascade needs a miss rate in (0, 1) and a grid of at least one timestep")
+        self.stages = [{"timesteps": [int(t) for t in stage["timesteps"]], "max_gap": float(stage["max_gap"]),
+                        "family": stage.get("family")} for stage in stages]
+        self.grid, self.miss_rate, self.families = int(grid), float(miss_rate), [dict(f) for f in families]
+        self.fitted_on, self.held_out = int(fitted_on), held_out
+        self._groups: list[list[tuple[int, list[int]]]] | None = None if self.families else []
+
+    def extra_candidates(self) -> list[str]:
+        return list(dict.fromkeys(label for family in self.families for label in family))
+
+    def resolve(self, labels):
+        if not self.families:
+            return self
+        index = {label: i for i, label in enumerate(labels)}
+        bound = copy.copy(self)
+        bound._groups = []
+        for family in self.families:
+            missing = [m for coarse, members in family.items() for m in [coarse, *members] if m not in index]
+            if missing:
+                raise UserError(f"cascade: {missing[0]!r} is not a candidate label")
+            bound._groups.append([(index[coarse], [index[m] for m in members]) for coarse, members in family.items()])
+        return bound
+
+    def rounds(self, table, schedule, aggregate, candidates=None):
+        if self._groups is None:
+            raise UserError("a cascade with coarse levels must be resolved against the candidate labels first")
+        grid = schedule.grid(self.grid, table.t_min)
+        points = np.asarray(grid)
+        coarse = {row for family in self._groups for row, _ in family}
+        alive = [c for c in _candidates(table, candidates) if c not in coarse]
+        done: list[int] = []
+        for number, stage in enumerate(self.stages):
+            if len(alive) <= 1:
+                break
+            timesteps = list(dict.fromkeys(int(points[np.abs(points - t).argmin()]) for t in stage["timesteps"]))
+            if stage["family"] is not None:
+                live = [(row, members) for row, members in self._groups[stage["family"]] if set(members) & set(alive)]
+                yield Round(tuple(row for row, _ in live), tuple(timesteps))
+                scores = table.class_scores(aggregate)[[row for row, _ in live]]
+                kept = {c for (_, members), gap in zip(live, _relative_gaps(scores)) if gap <= stage["max_gap"]
+                        for c in members}
+                covered = {c for _, members in self._groups[stage["family"]] for c in members}
+                dropped = [c for c in alive if c in covered and c not in kept]
+            else:
+                new = [t for t in timesteps if t not in done]
+                done += new
+                if new:
+                    yield Round(tuple(alive), tuple(new))
+                gaps = _relative_gaps(table.class_scores(aggregate)[alive])
+                dropped = [c for c, gap in zip(alive, gaps) if gap > stage["max_gap"]]
+            for c in dropped:
+                table.evidence[int(c)] = {"eliminated": True, "by": "cascade", "stage": number}
+            alive = [c for c in alive if c not in set(dropped)]
+        rest = [t for t in grid if t not in done]
+        if len(alive) > 1 and rest:
+            yield Round(tuple(alive), tuple(rest))
+        elif len(alive) == 1 and not done:  # a coarse level left one class: score it once so it ranks first
+            yield Round(tuple(alive), (grid[len(grid) // 2],))
+
+    def timestep_budget(self) -> int:
+        return self.grid
+
+    def describe(self):
+        return {"name": "cascade", "stages": self.stages, "grid": self.grid, "miss_rate": self.miss_rate,
+                "families": self.families, "fitted_on": self.fitted_on, "held_out": self.held_out}
+
+    def save(self, path: str | Path) -> None:
+        from ..runtime import atomic_write_text
+
+        atomic_write_text(json.dumps(self.describe(), indent=2) + "\n", path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Cascade:
+        try:
+            description = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read the cascade {path}: {exc}") from None
+        if not isinstance(description, dict) or description.pop("name", None) != "cascade":
+            raise UserError(f"{path} does not describe a cascade (calibrate --cascade writes one)")
+        try:
+            return cls(**description)
+        except TypeError as exc:
+            raise UserError(f"{path}: not a cascade: {exc}") from None
+
+
+def _relative_gaps(scores: np.ndarray) -> np.ndarray:
+    """Each score's gap to the best, relative to the best (the first look's and the cascade's yardstick)."""
+    best = scores.min()
+    return (scores - best) / max(abs(best), 1e-30)
+
+
 def _quantile(p: float, degrees_of_freedom: int | None) -> float:
     """The p-quantile of Student's t (a normal one for None)."""
     if degrees_of_freedom is None:
@@ -537,7 +656,7 @@ def strategy_from_description(description: dict) -> Strategy:
     settings = dict(description)
     name = settings.pop("name", None)
     kinds = {"exhaustive": Exhaustive, "fixed": FixedTimesteps, "staged": Staged, "elimination": Elimination,
-             "coarse-to-fine": CoarseToFine}
+             "coarse-to-fine": CoarseToFine, "cascade": Cascade}
     if name == "coarse-to-fine" and isinstance(settings.get("then"), dict):
         settings["then"] = strategy_from_description(settings["then"])
     if name == "elimination":

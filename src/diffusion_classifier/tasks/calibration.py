@@ -137,6 +137,22 @@ def first_look_of_run(run_dir: str | Path, n_timesteps: int = 2, miss_rate: floa
     return first
 
 
+CASCADE_FILE = "cascade.json"
+
+
+def cascade_of_run(run_dir: str | Path, first: int = 1, miss_rate: float = 0.05):
+    """Fit a cascade (shortlists.fit_cascade, its stages by default) on an exhaustive run's errors; write
+    RUN_DIR/cascade.json. As for a first look, the run's labels are not used."""
+    from ..engine.shortlists import fit_cascade
+    from . import task_of
+
+    config, rows = read_run(run_dir)
+    errors, grid = task_of(config).error_grids(config, rows)
+    cascade = fit_cascade(errors, grid, miss_rate, first, aggregate=config.get("aggregate", "min"))
+    cascade.save(Path(run_dir) / CASCADE_FILE)
+    return cascade
+
+
 def fitted_on(run_dir: str | Path) -> dict:
     """The settings of a run a temperature fitted on it holds for (classifier.stored_temperature_applies)."""
     with ResultsStore(run_dir) as store:
