@@ -226,9 +226,22 @@ def test_a_cascade_keeps_the_winner_at_its_miss_rate_and_picks_as_exhaustive_amo
             errors_of_one[rng.choice(200, 4, replace=False), 20:25] -= 0.3
         return errors
 
-    cascade = fit_cascade(images(400), GRID, miss_rate=0.1, first=2)
+    held_out = images(400)
+    cascade = fit_cascade(held_out, GRID, miss_rate=0.1, first=2)
     assert len(cascade.stages[0]["timesteps"]) == 2 and set(cascade.stages[0]["timesteps"]) <= set(GRID[20:25])
     assert cascade.fitted_on == 400 and all(0 <= stage["max_gap"] < float("inf") for stage in cascade.stages)
+    # each stage's gap is the conformal quantile of the winner's gap over every timestep scored up to it (as
+    # measured at run time), on the calibrating half, at the miss rate's share per stage
+    from diffusion_classifier.engine.shortlists import relative_gaps
+
+    calibrate = held_out[1::2]
+    winners = calibrate.mean(axis=2).argmin(axis=1)
+    so_far: list[int] = []
+    for stage in cascade.stages:
+        assert not {GRID.index(t) for t in stage["timesteps"]} & set(so_far)
+        so_far += [GRID.index(t) for t in stage["timesteps"]]
+        gaps = relative_gaps(calibrate, so_far)[np.arange(len(calibrate)), winners]
+        assert stage["max_gap"] == pytest.approx(conformal_quantile(gaps, 0.1 / len(cascade.stages)), rel=1e-12)
     agreed, nfe = 0, []
     for errors in images(300):
         winner = errors.mean(axis=1).argmin()

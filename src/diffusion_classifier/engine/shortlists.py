@@ -225,12 +225,16 @@ def fit_cascade(errors: np.ndarray, timesteps: Sequence[int], miss_rate: float =
         fitted.append({"timesteps": [int(timesteps[c]) for c in sorted(chosen)],
                        "max_gap": conformal_quantile(gaps, each), "family": len(families)})
         families.append(family)
-    columns = sorted(_choose_timesteps(errors[choose], first, each))
-    steps = [columns] + [sorted(set(columns) | set(even_subset(range(grid), k))) for k in sizes]
-    done: set[int] = set()
-    for cumulative in steps:
-        gaps = relative_gaps(errors[calibrate], cumulative)[np.arange(len(calibrate)), winners[calibrate]]
-        fitted.append({"timesteps": [int(timesteps[c]) for c in cumulative if c not in done],
-                       "max_gap": conformal_quantile(gaps, each), "family": None})
-        done |= set(cumulative)
+    # each stage's gap is calibrated on every timestep scored so far, as it is measured at run time
+    done = sorted(_choose_timesteps(errors[choose], first, each))
+    new = done
+    for k in [None, *sizes]:
+        if k is not None:
+            new = sorted(set(even_subset(range(grid), k)) - set(done))
+            if not new:  # the first stage already holds these timesteps: nothing to add (its share is unspent)
+                continue
+            done = sorted(set(done) | set(new))
+        gaps = relative_gaps(errors[calibrate], done)[np.arange(len(calibrate)), winners[calibrate]]
+        fitted.append({"timesteps": [int(timesteps[c]) for c in new], "max_gap": conformal_quantile(gaps, each),
+                       "family": None})
     return Cascade(fitted, grid, miss_rate, families, fitted_on=images)

@@ -503,7 +503,7 @@ class Cascade(Strategy):
     """
 
     def __init__(self, stages: Sequence[dict], grid: int, miss_rate: float, families: Sequence[dict] = (),
-                 fitted_on: int = 0, held_out: dict | None = None):
+                 fitted_on: int = 0):
         stages = [dict(stage) for stage in stages]
         if not stages or not all({"timesteps", "max_gap"} <= set(stage) and stage["timesteps"] for stage in stages):
             raise UserError("a cascade needs stages, each with timesteps and a max_gap")
@@ -514,7 +514,7 @@ class Cascade(Strategy):
         self.stages = [{"timesteps": [int(t) for t in stage["timesteps"]], "max_gap": float(stage["max_gap"]),
                         "family": stage.get("family")} for stage in stages]
         self.grid, self.miss_rate, self.families = int(grid), float(miss_rate), [dict(f) for f in families]
-        self.fitted_on, self.held_out = int(fitted_on), held_out
+        self.fitted_on = int(fitted_on)  # held-out images it was fitted on (0: set by hand)
         self._groups: list[list[tuple[int, list[int]]]] | None = None if self.families else []
 
     def extra_candidates(self) -> list[str]:
@@ -574,7 +574,7 @@ class Cascade(Strategy):
 
     def describe(self):
         return {"name": "cascade", "stages": self.stages, "grid": self.grid, "miss_rate": self.miss_rate,
-                "families": self.families, "fitted_on": self.fitted_on, "held_out": self.held_out}
+                "families": self.families, "fitted_on": self.fitted_on}
 
     def save(self, path: str | Path) -> None:
         from ..runtime import atomic_write_text
