@@ -286,7 +286,7 @@ def with_coarse(errors: np.ndarray, grid: list[int], coarse: np.ndarray, coarse_
 
 
 def compare(errors: np.ndarray, labels: np.ndarray, grid: list[int], strategies: dict, args, nfe_cap: int,
-            coarse: tuple | None = None, cascades: tuple = ((1, 0.05), (2, 0.05), (1, 0.1))) -> list[dict]:
+            coarse: tuple | None = None, cascades: tuple = ((1, 0.05), (2, 0.05), (1, 0.1), (2, 0.1))) -> list[dict]:
     """Every strategy replayed on the stored errors, the first looks and cascades ((first, miss rate) each)
     cross-fitted, the coarse-to-fine rows on the combined table (coarse: (combined errors, families, all labels,
     coarse grid size)); one row each."""

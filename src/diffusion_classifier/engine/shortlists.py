@@ -161,9 +161,10 @@ def _choose_timesteps(errors: np.ndarray, n_timesteps: int, miss_rate: float,
 
 
 def doubling_stages(grid: int, first: int = 3) -> list[int]:
-    """A cascade's default stage sizes on a grid of `grid` points: first, 2 first, 4 first, ... below the grid."""
+    """A cascade's default stage sizes on a grid of `grid` points: first, 2 first, 4 first, ... below 3/4 of the
+    grid (a stage nearly as large as the grid saves next to nothing and spends a share of the miss rate)."""
     sizes = []
-    while first < grid:
+    while 4 * first < 3 * grid:
         sizes.append(first)
         first *= 2
     return sizes
@@ -176,7 +177,7 @@ def fit_cascade(errors: np.ndarray, timesteps: Sequence[int], miss_rate: float =
 
     errors: [images, classes, grid] (or with a prompts axis before the grid). The stages: `first` timesteps
     chosen greedily where the class information is (as the first look's), then even subsets of the grid of
-    `stages` sizes (default doubling_stages: 3, 6, 12, ... below the grid), each adding to the timesteps before
+    `stages` sizes (default doubling_stages: 3, 6, 12, ... below 3/4 of the grid), each adding to the timesteps before
     it, then the rest of the grid. `levels` (optional, before them): coarse levels, each (a family
     {coarse label: [class labels]}, the coarse candidates' exhaustive errors [images, groups, (prompts,) grid] in
     the family's order, how many timesteps it gets), with `labels` the class labels. The images are split in
