@@ -384,7 +384,7 @@ def cascade_with_levels(errors, coarse, combined, labels, grid, fine, coarse_lab
     column = {label: i for i, label in enumerate(coarse_labels)}
     exhaustive = errors[:, :, 0].mean(axis=2).argmin(axis=1)
     rows = []
-    for k_first_item, k_pair, first in ((1, 2, 1), (2, 2, 1)):
+    for k_first_item, k_pair, first in ((1, 2, 1), (4, 4, 1)):
         predictions, nfe, fits = np.zeros(len(errors), int), np.zeros(len(errors)), []
         for held_out, scored in ((slice(0, None, 2), slice(1, None, 2)), (slice(1, None, 2), slice(0, None, 2))):
             levels = [(family, coarse[held_out][:, [column[c] for c in family]], k)
@@ -479,7 +479,7 @@ def triples_manifest(n: int, names: list[str]) -> str:
 def section_thousand(args, out: dict) -> None:
     """The 1,000-way task: a triples model (train --layout triples) on three-item test composites, an exhaustive
     pass on an even grid of --thousand-grid timesteps stored by `evaluate` (resumable, within --minutes), the
-    110 coarse classes at 10 timesteps (cached), and the strategies replayed."""
+    110 coarse classes on the whole grid (cached), and the strategies replayed."""
     from diffusion_classifier import load_denoiser
     from diffusion_classifier.training import triples
 
