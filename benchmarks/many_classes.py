@@ -285,28 +285,34 @@ def with_coarse(errors: np.ndarray, grid: list[int], coarse: np.ndarray, coarse_
     return combined
 
 
+def strategy_row(name: str, predictions: np.ndarray, nfe: np.ndarray, config: dict, labels: np.ndarray,
+                 exhaustive: np.ndarray, fits: list | None = None) -> dict:
+    """One table row (accuracy, its paired difference from exhaustive, agreement, NFE), printed as it goes."""
+    correct, agree = predictions == labels, predictions == exhaustive
+    difference, stderr = paired_difference(correct, exhaustive == labels)
+    row = {"strategy": name, "config": config, "images": len(predictions), "accuracy": float(correct.mean()),
+           "accuracy_standard_error": standard_error(correct),
+           "accuracy_minus_exhaustive": difference, "difference_standard_error": stderr,
+           "agreement": float(agree.mean()), "agreement_standard_error": standard_error(agree),
+           "nfe_mean": float(nfe.mean()), "nfe_p95": float(np.percentile(nfe, 95))}
+    if fits:
+        row["fits"] = fits
+    print(f"{name:<66} acc {row['accuracy']:.3f} ({difference:+.3f} +- {stderr:.3f})  agree {row['agreement']:.3f}"
+          f"  NFE {row['nfe_mean']:7.1f} (p95 {row['nfe_p95']:.0f})", flush=True)
+    return row
+
+
 def compare(errors: np.ndarray, labels: np.ndarray, grid: list[int], strategies: dict, args, nfe_cap: int,
             coarse: tuple | None = None, cascades: tuple = ((1, 0.05), (2, 0.05), (1, 0.1), (2, 0.1))) -> list[dict]:
     """Every strategy replayed on the stored errors, the first looks and cascades ((first, miss rate) each)
     cross-fitted, the coarse-to-fine rows on the combined table (coarse: (combined errors, families, all labels,
     coarse grid size)); one row each."""
     exhaustive = errors[:, :, 0].mean(axis=2).argmin(axis=1)
-    n, rows = len(errors), []
+    rows = []
     rate, miss = args.error_rate, args.miss_rate
 
     def add(name, predictions, nfe, config, fits=None):
-        correct, agree = predictions == labels, predictions == exhaustive
-        difference, stderr = paired_difference(correct, exhaustive == labels)
-        row = {"strategy": name, "config": config, "images": n, "accuracy": float(correct.mean()),
-               "accuracy_standard_error": standard_error(correct),
-               "accuracy_minus_exhaustive": difference, "difference_standard_error": stderr,
-               "agreement": float(agree.mean()), "agreement_standard_error": standard_error(agree),
-               "nfe_mean": float(nfe.mean()), "nfe_p95": float(np.percentile(nfe, 95))}
-        if fits:
-            row["fits"] = fits
-        rows.append(row)
-        print(f"{name:<66} acc {row['accuracy']:.3f} ({difference:+.3f} +- {stderr:.3f})  agree {row['agreement']:.3f}"
-              f"  NFE {row['nfe_mean']:7.1f} (p95 {row['nfe_p95']:.0f})", flush=True)
+        rows.append(strategy_row(name, predictions, nfe, config, labels, exhaustive, fits))
 
     for name, strategy in strategies.items():
         add(name, *replayed(strategy, errors, grid), strategy.describe())
@@ -393,20 +399,11 @@ def cascade_with_levels(errors, coarse, combined, labels, grid, fine, coarse_lab
                 fine + coarse_labels)
             predictions[scored], nfe[scored] = replayed_fine(cascade, combined[scored], grid, len(fine))
             fits.append(cascade.describe() | {"families": f"{len(families)} levels of coarse classes"})
-        correct = predictions == labels
-        difference, stderr = paired_difference(correct, exhaustive == labels)
         name = (f"cascade (fitted, miss 0.1) with coarse levels: first item at {k_first_item}, first two at "
                 f"{k_pair} timesteps, then first {first}, {doubling(len(grid))} and the grid")
-        rows.append({"strategy": name, "config": {"name": "cascade", "levels": [k_first_item, k_pair], "first": first,
-                                                  "miss_rate": 0.1, "fitted": "cross-fitted"},
-                     "images": len(errors), "accuracy": float(correct.mean()),
-                     "accuracy_standard_error": standard_error(correct), "accuracy_minus_exhaustive": difference,
-                     "difference_standard_error": stderr, "agreement": float(np.mean(predictions == exhaustive)),
-                     "agreement_standard_error": standard_error(predictions == exhaustive),
-                     "nfe_mean": float(nfe.mean()), "nfe_p95": float(np.percentile(nfe, 95)), "fits": fits})
-        print(f"{name:<66} acc {correct.mean():.3f} ({difference:+.3f} +- {stderr:.3f})  agree "
-              f"{np.mean(predictions == exhaustive):.3f}  NFE {nfe.mean():7.1f} (p95 {np.percentile(nfe, 95):.0f})",
-              flush=True)
+        config = {"name": "cascade", "levels": [k_first_item, k_pair], "first": first, "miss_rate": 0.1,
+                  "fitted": "cross-fitted"}
+        rows.append(strategy_row(name, predictions, nfe, config, labels, exhaustive, fits))
     return rows
 
 

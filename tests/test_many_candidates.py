@@ -310,3 +310,5 @@ def test_calibrate_fits_a_cascade_that_evaluate_uses(models, tmp_path, capsys):
         assert code != 0 and message in capsys.readouterr().err
     code = main(["calibrate", str(run_dir), "--cascade", "--miss-rate", "0.05"])
     assert code != 0 and "cannot bound a miss rate" in capsys.readouterr().err
+    code = main(["calibrate", str(run_dir), "--first", "2"])  # a cascade's setting without --cascade: refused
+    assert code != 0 and "--first goes with --cascade" in capsys.readouterr().err

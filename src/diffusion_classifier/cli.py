@@ -554,7 +554,7 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--cascade", action="store_true",
                    help="instead: fit a cascade for --strategy cascade on an exhaustive run (many candidates): its "
                    "stages' timesteps and gaps; writes RUN_DIR/cascade.json")
-    p.add_argument("--first", type=int, default=1, metavar="K",
+    p.add_argument("--first", type=int, default=None, metavar="K",
                    help="with --cascade: timesteps of its first stage (default 1)")
     p.add_argument("--miss-rate", type=float, default=None,
                    help="with --first-look or --cascade: chance of leaving out the exhaustive winner (default 0.02 "
@@ -571,8 +571,10 @@ def cmd_calibrate(args) -> int:
         raise UserError("fit a first look or a cascade, not both")
     if args.miss_rate is not None and args.first_look is None and not args.cascade:
         raise UserError("--miss-rate goes with --first-look or --cascade")
+    if args.first is not None and not args.cascade:
+        raise UserError("--first goes with --cascade")
     if args.cascade:
-        cascade = cascade_of_run(args.run_dir, args.first, 0.05 if args.miss_rate is None else args.miss_rate)
+        cascade = cascade_of_run(args.run_dir, args.first or 1, 0.05 if args.miss_rate is None else args.miss_rate)
         if args.json:
             print(json.dumps(cascade.describe()))
         else:

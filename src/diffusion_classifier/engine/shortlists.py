@@ -51,9 +51,7 @@ class FirstLook:
 
     def shortlist(self, table, alive: list[int], aggregate: str = "min") -> list[int]:
         """The candidates of `alive` within max_gap of the best, scored on what `table` holds so far."""
-        scores = table.class_scores(aggregate)[alive]
-        best = scores.min()
-        gaps = (scores - best) / max(abs(best), 1e-30)
+        gaps = gaps_to_best(table.class_scores(aggregate)[alive])
         for c, gap in zip(alive, gaps):
             if gap > self.max_gap:
                 table.evidence[int(c)] = {"eliminated": True, "by": "first look", "relative_gap": float(gap)}
@@ -97,11 +95,16 @@ def per_timestep(errors: np.ndarray, aggregate: str = "min") -> np.ndarray:
     return np.stack([probabilities.per_timestep_errors(e, aggregate) for e in errors])
 
 
+def gaps_to_best(scores: np.ndarray) -> np.ndarray:
+    """Each score's gap to the best along the last axis, relative to the best: the yardstick of the first look's
+    and the cascade's shortlists."""
+    best = scores.min(axis=-1, keepdims=True)
+    return (scores - best) / np.maximum(np.abs(best), 1e-30)
+
+
 def relative_gaps(errors: np.ndarray, columns: Sequence[int]) -> np.ndarray:
     """[images, candidates]: each candidate's mean error over `columns` relative to the image's best one."""
-    scores = errors[:, :, list(columns)].mean(axis=2)
-    best = scores.min(axis=1, keepdims=True)
-    return (scores - best) / np.maximum(np.abs(best), 1e-30)
+    return gaps_to_best(errors[:, :, list(columns)].mean(axis=2))
 
 
 def fit_first_look(errors: np.ndarray, timesteps: Sequence[int], n_timesteps: int = 2, miss_rate: float = 0.02,
@@ -210,12 +213,12 @@ def fit_cascade(errors: np.ndarray, timesteps: Sequence[int], miss_rate: float =
                         f"takes at least {need} (half of them choose timesteps, half set the gaps)")
     winners = errors.mean(axis=2).argmin(axis=1)
     fitted, families = [], []
+    index = {label: i for i, label in enumerate(labels or ())}
     for family, coarse_errors, k in levels:
         coarse_errors = per_timestep(coarse_errors, aggregate)
         if coarse_errors.shape != (images, len(family), grid):
             raise UserError(f"a coarse level's errors must be [images, {len(family)} groups, {grid} timesteps]")
         group_of = np.full(classes, -1)
-        index = {label: i for i, label in enumerate(labels)}
         for g, members in enumerate(family.values()):
             group_of[[index[m] for m in members]] = g
         if (group_of < 0).any():

@@ -19,7 +19,7 @@ import numpy as np
 from ..adapters.schedules import NoiseSchedule, as_schedule, even_subset
 from ..errors import UserError
 from . import probabilities
-from .shortlists import FirstLook
+from .shortlists import FirstLook, gaps_to_best
 
 
 @dataclass(frozen=True)
@@ -546,10 +546,12 @@ class Cascade(Strategy):
                 break
             timesteps = list(dict.fromkeys(int(points[np.abs(points - t).argmin()]) for t in stage["timesteps"]))
             if stage["family"] is not None:
-                live = [(row, members) for row, members in self._groups[stage["family"]] if set(members) & set(alive)]
+                still_in = set(alive)
+                live = [(row, members) for row, members in self._groups[stage["family"]]
+                        if not still_in.isdisjoint(members)]
                 yield Round(tuple(row for row, _ in live), tuple(timesteps))
                 scores = table.class_scores(aggregate)[[row for row, _ in live]]
-                kept = {c for (_, members), gap in zip(live, _relative_gaps(scores)) if gap <= stage["max_gap"]
+                kept = {c for (_, members), gap in zip(live, gaps_to_best(scores)) if gap <= stage["max_gap"]
                         for c in members}
                 covered = {c for _, members in self._groups[stage["family"]] for c in members}
                 dropped = [c for c in alive if c in covered and c not in kept]
@@ -558,11 +560,12 @@ class Cascade(Strategy):
                 done += new
                 if new:
                     yield Round(tuple(alive), tuple(new))
-                gaps = _relative_gaps(table.class_scores(aggregate)[alive])
+                gaps = gaps_to_best(table.class_scores(aggregate)[alive])
                 dropped = [c for c, gap in zip(alive, gaps) if gap > stage["max_gap"]]
             for c in dropped:
                 table.evidence[int(c)] = {"eliminated": True, "by": "cascade", "stage": number}
-            alive = [c for c in alive if c not in set(dropped)]
+            out = set(dropped)
+            alive = [c for c in alive if c not in out]
         rest = [t for t in grid if t not in done]
         if len(alive) > 1 and rest:
             yield Round(tuple(alive), tuple(rest))
@@ -593,12 +596,6 @@ class Cascade(Strategy):
             return cls(**description)
         except TypeError as exc:
             raise UserError(f"{path}: not a cascade: {exc}") from None
-
-
-def _relative_gaps(scores: np.ndarray) -> np.ndarray:
-    """Each score's gap to the best, relative to the best (the first look's and the cascade's yardstick)."""
-    best = scores.min()
-    return (scores - best) / max(abs(best), 1e-30)
 
 
 def _quantile(p: float, degrees_of_freedom: int | None) -> float:
