@@ -1,6 +1,7 @@
 """Elimination's promise with many candidates and few samples, and the first look's shortlist."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +212,8 @@ def _leaves(node):
     return [x for child in node for x in _leaves(child)] if isinstance(node, list) else [node]
 
 
-def test_a_cascade_keeps_the_winner_at_its_miss_rate_and_picks_as_exhaustive_among_the_rest():
+@pytest.mark.parametrize("calibration", ["joint", "union"])
+def test_a_cascade_keeps_the_winner_at_its_miss_rate_and_picks_as_exhaustive_among_the_rest(calibration):
     """200 candidates; class information at grid points 20-24 only, where the true class and three near-ties stand
     out (so exhaustive's pick among those four is down to noise). A cascade fitted on 400 held-out images agrees
     with exhaustive scoring on at least 1 - miss_rate of 300 fresh ones for a fraction of its cost, and where it
@@ -227,21 +229,33 @@ def test_a_cascade_keeps_the_winner_at_its_miss_rate_and_picks_as_exhaustive_amo
         return errors
 
     held_out = images(400)
-    cascade = fit_cascade(held_out, GRID, miss_rate=0.1, first=2)
+    cascade = fit_cascade(held_out, GRID, miss_rate=0.1, first=2, calibration=calibration)
     assert len(cascade.stages[0]["timesteps"]) == 2 and set(cascade.stages[0]["timesteps"]) <= set(GRID[20:25])
     assert cascade.fitted_on == 400 and all(0 <= stage["max_gap"] < float("inf") for stage in cascade.stages)
-    # each stage's gap is the conformal quantile of the winner's gap over every timestep scored up to it (as
-    # measured at run time), on the calibrating half, at the miss rate's share per stage
+    # the winner's gap over every timestep scored up to each stage (as measured at run time), on both halves
     from diffusion_classifier.engine.shortlists import relative_gaps
 
-    calibrate = held_out[1::2]
-    winners = calibrate.mean(axis=2).argmin(axis=1)
-    so_far: list[int] = []
+    winners = held_out.mean(axis=2).argmin(axis=1)
+    so_far, gaps = [], []
     for stage in cascade.stages:
         assert not {GRID.index(t) for t in stage["timesteps"]} & set(so_far)
         so_far += [GRID.index(t) for t in stage["timesteps"]]
-        gaps = relative_gaps(calibrate, so_far)[np.arange(len(calibrate)), winners]
-        assert stage["max_gap"] == pytest.approx(conformal_quantile(gaps, 0.1 / len(cascade.stages)), rel=1e-12)
+        gaps.append(relative_gaps(held_out, so_far)[np.arange(len(held_out)), winners])
+    gaps, max_gaps = np.array(gaps), np.array([stage["max_gap"] for stage in cascade.stages])
+    calibrating = gaps[:, 1::2]
+    if calibration == "union":  # each stage at the conformal quantile at the miss rate's share
+        expected = [conformal_quantile(stage, 0.1 / len(cascade.stages)) for stage in calibrating]
+        assert max_gaps == pytest.approx(expected, rel=1e-12)
+    else:  # the gaps are proportional to the choosing half's quantiles at one level, scaled so that the winner
+        # of at most 10% of the calibrating half (the conformal count) exceeds one of them
+        from diffusion_classifier.engine.shortlists import SCALE_LEVELS
+
+        levels = [np.quantile(gaps[:, 0::2], q, axis=1) for q in SCALE_LEVELS]
+        ratios = [max_gaps / scales for scales in levels if (scales > 0).all()]
+        assert any(np.ptp(r) < 1e-9 * r.max() for r in ratios)
+        n = calibrating.shape[1]
+        outside = (calibrating > max_gaps[:, None] * (1 + 1e-12)).any(axis=0).sum()
+        assert outside == n - math.ceil((n + 1) * 0.9)
     agreed, nfe = 0, []
     for errors in images(300):
         winner = errors.mean(axis=1).argmin()
@@ -253,6 +267,25 @@ def test_a_cascade_keeps_the_winner_at_its_miss_rate_and_picks_as_exhaustive_amo
     assert agreed / 300 >= 0.9 - 3 * np.sqrt(0.1 * 0.9 / 300)
     assert np.mean(nfe) < 0.2 * errors.size
     assert strategy_from_description(cascade.describe()).describe() == cascade.describe()
+
+
+def test_a_cascade_estimates_its_cost_on_held_out_images_and_picks_among_options_by_it():
+    """held_out_nfe, the NFE the fit expects on the images that chose its timesteps, is within 10% of replaying the
+    cascade on them; given options for its first stage, the fit returns the option it estimates cheapest."""
+    from diffusion_classifier.engine.shortlists import fit_cascade
+
+    rng = np.random.default_rng(2)
+    held_out = 1.0 + 0.05 * rng.standard_normal((300, 200, len(GRID)))
+    for errors_of_one in held_out:
+        errors_of_one[rng.choice(200, 4, replace=False), 20:25] -= 0.3
+    fits = {k: fit_cascade(held_out, GRID, miss_rate=0.1, first=k) for k in (1, 2, 3)}
+    for cascade in fits.values():
+        replayed = np.mean([replay(cascade, errors[:, None, :], GRID).nfe for errors in held_out[0::2]])
+        assert abs(cascade.held_out_nfe - replayed) < 0.1 * replayed
+    cheapest = min(fits.values(), key=lambda cascade: cascade.held_out_nfe)
+    assert fit_cascade(held_out, GRID, miss_rate=0.1, first=[1, 2, 3]).describe() == cheapest.describe()
+    with pytest.raises(UserError, match="cannot be empty"):
+        fit_cascade(held_out, GRID, miss_rate=0.1, first=[])
 
 
 def test_cascade_coarse_levels_and_its_file(models, tmp_path):
@@ -289,11 +322,13 @@ def test_calibrate_fits_a_cascade_that_evaluate_uses(models, tmp_path, capsys):
     from diffusion_classifier.cli import main
 
     names, data, run_dir = exhaustive_run(models, tmp_path, 4)
-    code = main(["calibrate", str(run_dir), "--cascade", "--miss-rate", "0.5", "--json"])
+    code = main(["calibrate", str(run_dir), "--cascade", "--miss-rate", "0.5", "--first", "1", "2", "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
     description = json.loads(out.strip().splitlines()[-1])
     assert description["name"] == "cascade" and description["grid"] == 8 and description["fitted_on"] == 24
+    assert description["calibration"] == "joint" and len(description["stages"][0]["timesteps"]) in (1, 2)
+    assert 0 < description["held_out_nfe"] <= 4 * 8
     assert (run_dir / "cascade.json").is_file()
     code = main(["evaluate", "--model", str(models["pixel_text"]), "--data", str(data), "--out",
                  str(tmp_path / "fast"), "--strategy", "cascade", "--cascade", str(run_dir), "--quiet", "--json"])

@@ -17,6 +17,7 @@ Elimination(first_look=...) runs it as its first round.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -173,21 +174,45 @@ def doubling_stages(grid: int, first: int = 3) -> list[int]:
     return sizes
 
 
-def fit_cascade(errors: np.ndarray, timesteps: Sequence[int], miss_rate: float = 0.05, first: int = 1,
-                stages: Sequence[int] | None = None, aggregate: str = "min", labels: Sequence[str] | None = None,
-                levels: Sequence[tuple[dict, np.ndarray, int]] = ()):
+def fit_cascade(errors: np.ndarray, timesteps: Sequence[int], miss_rate: float = 0.05,
+                first: int | Sequence[int] = 1, stages: Sequence[int] | None = None, aggregate: str = "min",
+                labels: Sequence[str] | None = None,
+                levels: Sequence[tuple[dict, np.ndarray, int | Sequence[int]]] = (), calibration: str = "joint"):
     """Fit a Cascade (strategies.py) on held-out images scored exhaustively at `timesteps` (an even grid).
 
     errors: [images, classes, grid] (or with a prompts axis before the grid). The stages: `first` timesteps
     chosen greedily where the class information is (as the first look's), then even subsets of the grid of
-    `stages` sizes (default doubling_stages: 3, 6, 12, ... below 3/4 of the grid), each adding to the timesteps before
-    it, then the rest of the grid. `levels` (optional, before them): coarse levels, each (a family
+    `stages` sizes (default doubling_stages above `first`: 3, 6, 12, ... below 3/4 of the grid), each adding to
+    the timesteps before it, then the rest of the grid. `levels` (optional, before them): coarse levels, each (a family
     {coarse label: [class labels]}, the coarse candidates' exhaustive errors [images, groups, (prompts,) grid] in
-    the family's order, how many timesteps it gets), with `labels` the class labels. The images are split in
-    two: every other one chooses timesteps, the others calibrate each stage's gap at the split-conformal
-    quantile of the exhaustive winner's gap (its group's, at a coarse level) at miss_rate / stages.
+    the family's order, how many timesteps it gets), with `labels` the class labels.
+
+    The images are split in two: every other one chooses the timesteps, the others set the gaps from the
+    exhaustive winner's gap (its group's, at a coarse level) at each stage. `calibration`:
+
+    * "joint" (default): one split-conformal quantile for all stages at once. Each stage's gap is a common
+      factor times its scale (the winner's gap quantile on the choosing half); the factor is the conformal
+      quantile at miss_rate of each calibration image's largest gap-to-scale ratio over the stages, so the
+      winner survives every stage with probability >= 1 - miss_rate without splitting the rate between them.
+    * "union": each stage at the conformal quantile at miss_rate / stages (a union bound; looser, and it
+      needs stages / miss_rate calibration images).
+
+    `first` and each level's timesteps may be lists of options: every combination is fitted and the one whose
+    NFE on the choosing half (held_out_nfe) is lowest is returned; the calibrating half plays no part in the
+    choice, so the promise holds for it.
     """
     from .strategies import Cascade
+
+    firsts = [int(k) for k in (first if isinstance(first, Sequence) else [first])]
+    options = [[int(k) for k in (ks if isinstance(ks, Sequence) else [ks])] for _, _, ks in levels]
+    if not firsts or not all(options):
+        raise UserError("a cascade's options for its first stage and levels cannot be empty")
+    if len(firsts) > 1 or any(len(ks) > 1 for ks in options):
+        fits = [fit_cascade(errors, timesteps, miss_rate, k, stages, aggregate, labels,
+                            [(family, coarse, ks) for (family, coarse, _), ks in zip(levels, combination)], calibration)
+                for k in firsts for combination in itertools.product(*options)]
+        return min(fits, key=lambda cascade: cascade.held_out_nfe)
+    first = firsts[0]
 
     errors = per_timestep(errors, aggregate)
     images, classes, grid = errors.shape
@@ -199,20 +224,23 @@ def fit_cascade(errors: np.ndarray, timesteps: Sequence[int], miss_rate: float =
         raise UserError(f"a cascade's first stage takes 1 to {grid - 1} timesteps")
     if not 0 < miss_rate < 1:
         raise UserError("the cascade's miss rate must lie in (0, 1)")
-    sizes = doubling_stages(grid) if stages is None else [int(k) for k in stages]
+    if calibration not in ("joint", "union"):
+        raise UserError(f"a cascade's calibration is 'joint' or 'union', not {calibration!r}")
+    sizes = [k for k in doubling_stages(grid) if k > first] if stages is None else [int(k) for k in stages]
     if any(not first < k < grid for k in sizes) or sizes != sorted(set(sizes)):
         raise UserError(f"cascade stage sizes must rise between {first} (the first stage) and {grid} (the grid)")
     if levels and labels is None:
         raise UserError("coarse levels need the class labels")
     n_stages = len(levels) + 1 + len(sizes)
-    each = miss_rate / n_stages
+    level = miss_rate / n_stages if calibration == "union" else miss_rate
     choose, calibrate = np.arange(0, images, 2), np.arange(1, images, 2)
-    if math.ceil((len(calibrate) + 1) * (1 - each)) > len(calibrate):
-        need = 2 * (math.ceil(1 / each) - 1)
-        raise UserError(f"{images} held-out images cannot bound a miss rate of {miss_rate} over {n_stages} stages: it "
-                        f"takes at least {need} (half of them choose timesteps, half set the gaps)")
+    if math.ceil((len(calibrate) + 1) * (1 - level)) > len(calibrate):
+        need = 2 * (math.ceil(1 / level) - 1)
+        over = f" over {n_stages} stages (a union bound)" if calibration == "union" else ""
+        raise UserError(f"{images} held-out images cannot bound a miss rate of {miss_rate}{over}: it takes at least "
+                        f"{need} (half of them choose timesteps, half set the gaps)")
     winners = errors.mean(axis=2).argmin(axis=1)
-    fitted, families = [], []
+    fitted, families, gaps, shape = [], [], [], []  # gaps: the winner's per stage; shape: what _pruned_cost needs
     index = {label: i for i, label in enumerate(labels or ())}
     for family, coarse_errors, k in levels:
         coarse_errors = per_timestep(coarse_errors, aggregate)
@@ -224,21 +252,81 @@ def fit_cascade(errors: np.ndarray, timesteps: Sequence[int], miss_rate: float =
         if (group_of < 0).any():
             raise UserError("each coarse level must cover every class")
         group_winners = group_of[winners]
-        chosen = _choose_timesteps(coarse_errors[choose], k, each, group_winners[choose])
-        gaps = relative_gaps(coarse_errors[calibrate], chosen)[np.arange(len(calibrate)), group_winners[calibrate]]
-        fitted.append({"timesteps": [int(timesteps[c]) for c in sorted(chosen)],
-                       "max_gap": conformal_quantile(gaps, each), "family": len(families)})
+        chosen = _choose_timesteps(coarse_errors[choose], k, level, group_winners[choose])
+        all_gaps = relative_gaps(coarse_errors, chosen)
+        gaps.append(all_gaps[np.arange(images), group_winners])
+        shape.append((len(chosen), group_of, all_gaps[choose]))
+        fitted.append({"timesteps": [int(timesteps[c]) for c in sorted(chosen)], "family": len(families)})
         families.append(family)
-    # each stage's gap is calibrated on every timestep scored so far, as it is measured at run time
-    done = sorted(_choose_timesteps(errors[choose], first, each))
+    # each stage's gap is measured on every timestep scored so far, as it is at run time
+    done = sorted(_choose_timesteps(errors[choose], first, level))
     new = done
     for k in [None, *sizes]:
         if k is not None:
             new = sorted(set(even_subset(range(grid), k)) - set(done))
-            if not new:  # the first stage already holds these timesteps: nothing to add (its share is unspent)
+            if not new:  # the first stage already holds these timesteps: nothing to add
                 continue
             done = sorted(set(done) | set(new))
-        gaps = relative_gaps(errors[calibrate], done)[np.arange(len(calibrate)), winners[calibrate]]
-        fitted.append({"timesteps": [int(timesteps[c]) for c in new], "max_gap": conformal_quantile(gaps, each),
-                       "family": None})
-    return Cascade(fitted, grid, miss_rate, families, fitted_on=images)
+        all_gaps = relative_gaps(errors, done)
+        gaps.append(all_gaps[np.arange(images), winners])
+        shape.append((len(new), None, all_gaps[choose]))
+        fitted.append({"timesteps": [int(timesteps[c]) for c in new], "family": None})
+    gaps = np.stack(gaps)
+    rest = grid - len(done)
+    if calibration == "union":
+        max_gaps = [conformal_quantile(stage[calibrate], level) for stage in gaps]
+        cost = _pruned_cost(shape, [conformal_quantile(stage[choose], level) for stage in gaps], rest)
+    else:
+        cost, scales = _cheapest_scales(gaps[:, choose], shape, rest, miss_rate)
+        factor = conformal_quantile((gaps[:, calibrate] / scales[:, None]).max(axis=0), miss_rate)
+        max_gaps = list(factor * scales)
+    for stage, max_gap in zip(fitted, max_gaps):
+        stage["max_gap"] = float(max_gap)
+    return Cascade(fitted, grid, miss_rate, families, fitted_on=images, calibration=calibration,
+                   held_out_nfe=round(cost, 1))
+
+
+SCALE_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
+
+
+def _cheapest_scales(winner_gaps: np.ndarray, shape: list, rest: int, miss_rate: float) -> tuple[float, np.ndarray]:
+    """A joint cascade's per-stage gap scales, chosen on the choosing half only (so the calibration stays valid),
+    and their NFE per image there.
+
+    Each candidate is the winner's gap quantile at one level (SCALE_LEVELS) per stage; each is scaled to keep
+    the winner on 1 - miss_rate of these images, and the one whose pruning costs least here wins. The relative
+    sizes of the gaps decide where the miss rate is spent, and no one level suits every task: a stage where
+    the winner's gap has a long tail needs a wide gap or it spends the whole rate."""
+    best = None
+    for q in SCALE_LEVELS:
+        scales = np.quantile(winner_gaps, q, axis=1)
+        scales = np.maximum(scales, 1e-3 * scales.max(initial=0.0) + 1e-12)  # a stage the winner always led
+        factor = conformal_quantile((winner_gaps / scales[:, None]).max(axis=0), miss_rate)
+        cost = _pruned_cost(shape, factor * scales, rest)
+        if best is None or cost < best[0]:
+            best = (cost, scales)
+    return best
+
+
+def _pruned_cost(shape: list, max_gaps: Sequence[float], rest: int) -> float:
+    """Mean NFE per image of a cascade with these gaps, on the images whose every candidate's gap per stage (to
+    the best of all, which the best still in rarely differs from) `shape` holds: (new timesteps, the class ->
+    group map of a coarse level or None, gaps [images, rows])."""
+    alive = None
+    cost = 0.0
+    for (new, group_of, stage_gaps), max_gap in zip(shape, max_gaps):
+        if alive is None:
+            alive = np.ones((len(stage_gaps), len(group_of) if group_of is not None else stage_gaps.shape[1]), bool)
+        busy = alive.sum(axis=1) > 1
+        if group_of is not None:
+            live = np.zeros((len(alive), stage_gaps.shape[1]), bool)
+            np.logical_or.at(live, (np.arange(len(alive))[:, None], group_of[None, :]), alive)
+            cost += new * float((live.sum(axis=1) * busy).sum())
+            kept = (stage_gaps <= max_gap)[:, group_of]
+        else:
+            cost += new * float((alive.sum(axis=1) * busy).sum())
+            kept = stage_gaps <= max_gap
+        alive &= kept | ~busy[:, None]
+    count = alive.sum(axis=1)
+    cost += rest * float((count * (count > 1)).sum())
+    return cost / len(alive)

@@ -497,13 +497,14 @@ class Cascade(Strategy):
 
     Fitted, not tuned: `fit_cascade` (shortlists.py) learns the timesteps and gaps from held-out images
     scored exhaustively on the grid. The promise: on images exchangeable with those, the exhaustive winner
-    is dropped with probability at most `miss_rate` (each stage's gap is a split-conformal quantile at
-    miss_rate / stages, calibrated on the winner's gap to the best of all candidates, which is never
-    smaller than its gap to the best of those still in; a union bound over the stages).
+    is dropped with probability at most `miss_rate`. The gaps are calibrated on the winner's gap to the best
+    of all candidates, which is never smaller than its gap to the best of those still in; `calibration` says
+    how the stages share the rate ("joint": one conformal quantile of the largest scaled gap over the stages;
+    "union": miss_rate / stages each; None: set by hand).
     """
 
     def __init__(self, stages: Sequence[dict], grid: int, miss_rate: float, families: Sequence[dict] = (),
-                 fitted_on: int = 0):
+                 fitted_on: int = 0, calibration: str | None = None, held_out_nfe: float | None = None):
         stages = [dict(stage) for stage in stages]
         if not stages or not all({"timesteps", "max_gap"} <= set(stage) and stage["timesteps"] for stage in stages):
             raise UserError("a cascade needs stages, each with timesteps and a max_gap")
@@ -515,6 +516,8 @@ class Cascade(Strategy):
                         "family": stage.get("family")} for stage in stages]
         self.grid, self.miss_rate, self.families = int(grid), float(miss_rate), [dict(f) for f in families]
         self.fitted_on = int(fitted_on)  # held-out images it was fitted on (0: set by hand)
+        self.calibration = calibration
+        self.held_out_nfe = held_out_nfe  # its mean NFE per image on the held-out images that chose its timesteps
         self._groups: list[list[tuple[int, list[int]]]] | None = None if self.families else []
 
     def extra_candidates(self) -> list[str]:
@@ -577,7 +580,8 @@ class Cascade(Strategy):
 
     def describe(self):
         return {"name": "cascade", "stages": self.stages, "grid": self.grid, "miss_rate": self.miss_rate,
-                "families": self.families, "fitted_on": self.fitted_on}
+                "families": self.families, "fitted_on": self.fitted_on, "calibration": self.calibration,
+                "held_out_nfe": self.held_out_nfe}
 
     def save(self, path: str | Path) -> None:
         from ..runtime import atomic_write_text

@@ -140,9 +140,9 @@ def first_look_of_run(run_dir: str | Path, n_timesteps: int = 2, miss_rate: floa
 CASCADE_FILE = "cascade.json"
 
 
-def cascade_of_run(run_dir: str | Path, first: int = 1, miss_rate: float = 0.05):
-    """Fit a cascade (shortlists.fit_cascade, its stages by default) on an exhaustive run's errors; write
-    RUN_DIR/cascade.json. As for a first look, the run's labels are not used."""
+def cascade_of_run(run_dir: str | Path, first: int | list[int] = 1, miss_rate: float = 0.05):
+    """Fit a cascade (shortlists.fit_cascade, its stages by default; `first` one size or options) on an exhaustive
+    run's errors; write RUN_DIR/cascade.json. As for a first look, the run's labels are not used."""
     from ..engine.shortlists import fit_cascade
     from . import task_of
 
