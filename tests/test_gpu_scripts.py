@@ -111,3 +111,21 @@ def test_gpu_pairs_tiny_trains_and_scores_without_the_text_encoder(tmp_path, mon
     with tarfile.open(out / "pairs-control.tar") as tar:  # weights and configs; no caption states (248 MB at full size)
         names = {Path(name).name for name in tar.getnames()}
     assert {"model_index.json", "diffusion_pytorch_model.safetensors"} <= names and "caption_states.pt" not in names
+
+
+def test_low_resolution_look_tiny(tmp_path):
+    """The low-resolution first look's benchmark: two exhaustive runs (16 and 8 px), looks fitted on each,
+    elimination replayed among their shortlists; a low look spends one evaluation per class and timestep, and
+    its cost weighs them by the measured ratio."""
+    out = tmp_path / "look.json"
+    _run("low_resolution_look", "--json", str(out))
+    result = json.loads(out.read_text())
+    meta, rows = result["meta"], {row["strategy"]: row for row in result["rows"]}
+    assert meta["images"] == 24 and meta["classes"] == 6 and 0 < meta["cost_ratio"]
+    assert rows["exhaustive 8"]["nfe_full_mean"] == 6 * 8
+    for k in (1, 2):
+        low = rows[f"first look {k} at 8 px (miss 0.25) + elimination 0.05"]
+        full = rows[f"first look {k} at full resolution (miss 0.25) + elimination 0.05"]
+        assert low["nfe_low_mean"] == 6 * k and full["nfe_low_mean"] == 0
+        assert low["cost_mean"] == pytest.approx(low["nfe_full_mean"] + meta["cost_ratio"] * 6 * k)
+        assert 0 <= low["agreement"] <= 1 and low["images"] == 24

@@ -551,6 +551,9 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--first-look", type=int, metavar="K", default=None,
                    help="instead: fit a first look of K timesteps for --strategy elimination --first-look on an "
                    "exhaustive run (many candidates); writes RUN_DIR/first_look.json")
+    p.add_argument("--look-run", metavar="LOW_RUN", default=None,
+                   help="with --first-look (latent models): an exhaustive run of the same images at a lower "
+                   "--resolution; the look is fitted on it against RUN_DIR's winners and scores at that resolution")
     p.add_argument("--cascade", action="store_true",
                    help="instead: fit a cascade for --strategy cascade on an exhaustive run (many candidates): its "
                    "stages' timesteps and gaps; writes RUN_DIR/cascade.json")
@@ -574,6 +577,8 @@ def cmd_calibrate(args) -> int:
         raise UserError("--miss-rate goes with --first-look or --cascade")
     if args.first is not None and not args.cascade:
         raise UserError("--first goes with --cascade")
+    if args.look_run is not None and args.first_look is None:
+        raise UserError("--look-run goes with --first-look")
     if args.cascade:
         cascade = cascade_of_run(args.run_dir, args.first or [1], 0.05 if args.miss_rate is None else args.miss_rate)
         if args.json:
@@ -589,13 +594,15 @@ def cmd_calibrate(args) -> int:
                   f"written to {Path(args.run_dir) / 'cascade.json'}")
         return 0
     if args.first_look is not None:
-        first = first_look_of_run(args.run_dir, args.first_look, 0.02 if args.miss_rate is None else args.miss_rate)
+        first = first_look_of_run(args.run_dir, args.first_look, 0.02 if args.miss_rate is None else args.miss_rate,
+                                  args.look_run)
         if args.json:
             print(json.dumps(first.to_dict()))
         else:
             from pathlib import Path
 
-            print(f"first look at timesteps {list(first.timesteps)}: keeps classes within {first.max_gap:.4g} "
+            at = f" at {first.resolution} px" if first.resolution else ""
+            print(f"first look{at} at timesteps {list(first.timesteps)}: keeps classes within {first.max_gap:.4g} "
                   f"(relative) of the best; mean shortlist {first.held_out_shortlist:.1f}; misses the exhaustive "
                   f"winner on at most {first.miss_rate:g} of images like these; written to "
                   f"{Path(args.run_dir) / 'first_look.json'}")

@@ -16,14 +16,16 @@ from .strategies import ScoreTable, Strategy
 
 
 def replay(strategy: Strategy, errors: np.ndarray, timesteps: list[int], schedule: NoiseSchedule | int = 1000,
-           aggregate: str = "min", t_min: int = 0) -> ScoreTable:
+           aggregate: str = "min", t_min: int = 0, candidates: list[int] | None = None) -> ScoreTable:
     """Run `strategy` against stored errors [classes, prompts, columns] measured at `timesteps`.
 
     `schedule`: the model's noise schedule, or its number of training timesteps (the grid is all a
-    strategy needs)."""
+    strategy needs). `candidates`: the rows the strategy starts from (default all; a first look's
+    shortlist made elsewhere, as a low-resolution look's)."""
     column_of = {int(t): i for i, t in enumerate(timesteps)}
     table = ScoreTable(errors.shape[0], errors.shape[1], t_min)
-    for round_ in strategy.rounds(table, as_schedule(schedule), aggregate):
+    start = {} if candidates is None else {"candidates": candidates}
+    for round_ in strategy.rounds(table, as_schedule(schedule), aggregate, **start):
         missing = [t for t in round_.timesteps if t not in column_of]
         if missing:
             raise UserError(f"the stored run has no errors at timesteps {missing[:5]}; replay needs a strategy "

@@ -71,6 +71,7 @@ class Job:
     t_min: int = 0
     explicit_noise: torch.Tensor | None = None
     name: str = ""  # the image's name in messages
+    candidates: list[int] | None = None  # the rows the strategy starts from (default all; a first look's shortlist)
 
 
 def check_robust_options(denoiser: Denoiser, config: ScoringConfig) -> None:
@@ -199,7 +200,9 @@ class ScoringEngine:
         for job in jobs:
             n_candidates, n_prompts = np.shape(job.rows)
             table = ScoreTable(n_candidates, n_prompts, job.t_min, with_null=job.null_row is not None)
-            running.append(_Running(job, table, strategy.rounds(table, self.schedule, aggregate)))
+            rounds = strategy.rounds(table, self.schedule, aggregate,
+                                     **({"candidates": job.candidates} if job.candidates is not None else {}))
+            running.append(_Running(job, table, rounds))
         while True:
             work = []
             for run in running:

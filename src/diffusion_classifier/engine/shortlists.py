@@ -39,10 +39,13 @@ class FirstLook:
     grid: int  # points of the even grid the winner was defined on (and the timesteps lie on)
     fitted_on: int  # held-out images
     held_out_shortlist: float  # mean shortlist size on those images
+    resolution: int | None = None  # pixels per side it scores at (latent models; None: the model's own)
 
     def __post_init__(self):
         if not self.timesteps or not 0 < self.miss_rate < 1 or not self.max_gap >= 0:
             raise UserError("a first look needs timesteps, a miss rate in (0, 1) and a non-negative max_gap")
+        if self.resolution is not None and self.resolution < 1:
+            raise UserError("a first look's resolution must be a positive number of pixels")
 
     def timesteps_on(self, grid: Sequence[int]) -> list[int]:
         """Its timesteps, each moved to the nearest point of `grid` (they lie on it when the grids agree)."""
@@ -109,11 +112,14 @@ def relative_gaps(errors: np.ndarray, columns: Sequence[int]) -> np.ndarray:
 
 
 def fit_first_look(errors: np.ndarray, timesteps: Sequence[int], n_timesteps: int = 2, miss_rate: float = 0.02,
-                   aggregate: str = "min") -> FirstLook:
+                   aggregate: str = "min", winners: Sequence[int] | None = None,
+                   resolution: int | None = None) -> FirstLook:
     """Fit a first look on held-out images scored exhaustively at `timesteps` (an even grid).
 
     errors: [images, candidates, grid] (or with a prompts axis before the grid). The exhaustive winner of each
-    image is its lowest mean error over the grid. The images are split in two: on every other image timesteps
+    image is its lowest mean error over the grid, or `winners` where given: a first look at a lower
+    `resolution` is fitted on errors scored at that resolution against the winners of exhaustive scoring at
+    the model's own (where its promise is about). The images are split in two: on every other image timesteps
     are added greedily, each time the one that makes the mean shortlist smallest at the conformal threshold;
     the threshold itself is then set on the other half, which took no part in choosing, so the conformal
     promise holds (choosing and calibrating on the same images makes the threshold optimistic). Only gaps
@@ -130,17 +136,22 @@ def fit_first_look(errors: np.ndarray, timesteps: Sequence[int], n_timesteps: in
         raise UserError(f"a first look takes 1 to {grid} timesteps")
     if not 0 < miss_rate < 1:
         raise UserError("the first look's miss rate must lie in (0, 1)")
+    if winners is None:
+        winners = errors.mean(axis=2).argmin(axis=1)
+    winners = np.asarray(winners, dtype=int)
+    if winners.shape != (images,) or not ((0 <= winners) & (winners < candidates)).all():
+        raise UserError(f"a first look's winners must be one candidate index per image ({images})")
     choose, calibrate = errors[0::2], errors[1::2]
     if math.ceil((len(calibrate) + 1) * (1 - miss_rate)) > len(calibrate):
         need = 2 * (math.ceil(1 / miss_rate) - 1)
         raise UserError(f"{images} held-out images cannot bound a miss rate of {miss_rate}: it takes at least {need} "
                         "(half of them choose the timesteps, half set the threshold)")
-    chosen = _choose_timesteps(choose, n_timesteps, miss_rate)
-    winners = calibrate.mean(axis=2).argmin(axis=1)
+    chosen = _choose_timesteps(choose, n_timesteps, miss_rate, winners[0::2])
     gaps = relative_gaps(calibrate, chosen)
-    threshold = conformal_quantile(gaps[np.arange(len(calibrate)), winners], miss_rate)
+    threshold = conformal_quantile(gaps[np.arange(len(calibrate)), winners[1::2]], miss_rate)
     size = float((gaps <= threshold).sum(axis=1).mean())
-    return FirstLook(tuple(int(timesteps[c]) for c in sorted(chosen)), threshold, miss_rate, grid, images, size)
+    return FirstLook(tuple(int(timesteps[c]) for c in sorted(chosen)), threshold, miss_rate, grid, images, size,
+                     resolution)
 
 
 def _choose_timesteps(errors: np.ndarray, n_timesteps: int, miss_rate: float,

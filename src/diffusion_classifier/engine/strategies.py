@@ -130,6 +130,11 @@ class Strategy:
         """Conditions a strategy scores besides the classes (coarse candidates); none by default."""
         return []
 
+    def low_resolution_look(self) -> FirstLook | None:
+        """A first look the caller runs before the rounds at another resolution (low_resolution.py); its
+        shortlist comes back as the rounds' candidates. None by default."""
+        return None
+
     def describe(self) -> dict:
         raise NotImplementedError
 
@@ -279,7 +284,8 @@ class Elimination(Strategy):
     (a threshold that kept the exhaustive winner on 1 - miss_rate of the held-out images: a conformal
     shortlist, sized per image by the statistics). Statistical elimination then goes on among them from
     `min_timesteps`. Its miss rate adds to error_rate in the promise. The first look is always spent in
-    full; `max_nfe` bounds what follows it.
+    full; `max_nfe` bounds what follows it. A first look with a `resolution` (latent models) is run by the
+    caller at that resolution before the rounds (low_resolution.py), which then start from its shortlist.
 
     `shortlist` (optional): after the first round keep only this many best candidates (a plain top-k,
     not a statistical test).
@@ -338,7 +344,14 @@ class Elimination(Strategy):
         groups = class_tree_indices(self.class_tree, range(table.n_classes)) if self.class_tree else None
         if groups is not None and candidates is not None:
             raise UserError("a class tree works on all candidates; it cannot follow a coarse-to-fine search")
-        if self.first_look is not None and len(alive) > 1:
+        if self.low_resolution_look() is not None:
+            if candidates is None:
+                raise UserError(f"this first look scores at {self.first_look.resolution} px: classify and evaluate "
+                                "run it before the rounds (a replay of stored errors cannot)")
+            if len(alive) == 1:  # the look left one class: score it once so that it ranks first
+                yield Round(tuple(alive), (grid[len(grid) // 2],))
+                return
+        if self.first_look is not None and self.first_look.resolution is None and len(alive) > 1:
             first = self.first_look.timesteps_on(grid)
             yield Round(tuple(alive), tuple(first))
             alive = self.first_look.shortlist(table, alive, aggregate)
@@ -386,6 +399,9 @@ class Elimination(Strategy):
                 table.evidence[int(alive[i])] = {"gap": float(mean[i]), "stderr": float(stderr[i]),
                                                         "timesteps": n, "eliminated": i not in keep}
             alive = [alive[i] for i in keep]
+
+    def low_resolution_look(self) -> FirstLook | None:
+        return self.first_look if self.first_look is not None and self.first_look.resolution is not None else None
 
     def timestep_budget(self) -> int:
         return self.max_timesteps

@@ -122,17 +122,38 @@ def calibrate_run(run_dir: str | Path, fit_fraction: float = 0.5, seed: int = 0,
 FIRST_LOOK_FILE = "first_look.json"
 
 
-def first_look_of_run(run_dir: str | Path, n_timesteps: int = 2, miss_rate: float = 0.02):
+def first_look_of_run(run_dir: str | Path, n_timesteps: int = 2, miss_rate: float = 0.02,
+                      look_run: str | Path | None = None):
     """Fit a first look (shortlists.fit_first_look) on an exhaustive run's errors; write RUN_DIR/first_look.json.
 
     The run's labels are not used: the first look learns where exhaustive scoring's winner sits, so any
-    images like the ones to be classified serve, labelled or not."""
-    from ..engine.shortlists import fit_first_look
+    images like the ones to be classified serve, labelled or not. With `look_run` (an exhaustive run of the
+    same images and candidates on the same grid, at a lower --resolution) the look is fitted on that run's
+    errors against this run's winners, and scores at its resolution."""
+    from ..engine.shortlists import fit_first_look, per_timestep
     from . import task_of
 
     config, rows = read_run(run_dir)
     errors, grid = task_of(config).error_grids(config, rows)
-    first = fit_first_look(errors, grid, n_timesteps, miss_rate, config.get("aggregate", "min"))
+    aggregate = config.get("aggregate", "min")
+    if look_run is None:
+        first = fit_first_look(errors, grid, n_timesteps, miss_rate, aggregate)
+    else:
+        look_config, look_rows = read_run(look_run)
+        look_errors, look_grid = task_of(look_config).error_grids(look_config, look_rows)
+        resolution, own = look_config.get("resolution"), config.get("resolution")
+        if resolution is None:
+            raise UserError(f"{look_run} was not scored at a chosen --resolution: a look run is an exhaustive run of "
+                            "the same images at a lower one")
+        if own is not None and resolution >= own:
+            raise UserError(f"{look_run} was scored at {resolution} px, not below {run_dir}'s {own} px")
+        if [r.id for r in look_rows if r.ok] != [r.id for r in rows if r.ok]:
+            raise UserError(f"{look_run} and {run_dir} do not hold the same images in the same order")
+        if look_config.get("labels") != config.get("labels") or len(look_grid) != len(grid):
+            raise UserError(f"{look_run} and {run_dir} must score the same candidates on grids of the same size")
+        winners = per_timestep(errors, aggregate).mean(axis=2).argmin(axis=1)  # as fit_first_look's own
+        first = fit_first_look(look_errors, look_grid, n_timesteps, miss_rate, aggregate, winners=winners,
+                               resolution=int(resolution))
     first.save(Path(run_dir) / FIRST_LOOK_FILE)
     return first
 

@@ -16,6 +16,7 @@ from ..adapters.loading import load_with_options
 from ..data import image_list, preprocess
 from ..engine import probabilities
 from ..engine.config import ScoringConfig
+from ..engine.low_resolution import LookResult, LowResolutionLook
 from ..engine.scoring import ScoringEngine, check_robust_options, prepare_images
 from ..engine.strategies import ScoreTable
 from ..errors import UserError, warn_once
@@ -144,6 +145,8 @@ class DiffusionClassifier:
             self.prompts_, flat = None, conditions
             self._rows = np.arange(len(flat)).reshape(-1, 1)
         self.engine = ScoringEngine.for_config(denoiser, denoiser.embed_conditions(flat), self.config)
+        look = self.strategy.low_resolution_look()
+        self._look = None if look is None else LowResolutionLook(denoiser, self.engine.conditions, self.config, look)
 
     @classmethod
     def from_pretrained(cls, model: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
@@ -177,12 +180,22 @@ class DiffusionClassifier:
         """Classify preprocessed images ([B, C, H, W] in [-1, 1])."""
         started = time.perf_counter() if started is None else started
         jobs = prepare_images(self.denoiser, self.config, pixels, self._rows, noise=noise, names=names)
+        looks: list[LookResult | None] = [None] * len(jobs)
+        if self._look is not None:  # a first look at a lower resolution picks the candidates the rounds start from
+            looks = self._look.run(pixels, self._rows, names)
+            LowResolutionLook.restrict(jobs, looks)
         tables = self.engine.score(jobs, self.strategy, self.config.aggregate)
         seconds = (time.perf_counter() - started) / max(1, len(tables))
-        return [self._result(name, table, seconds) for name, table in zip(names, tables)]
+        return [self._result(name, table, seconds, look) for name, table, look in zip(names, tables, looks)]
 
-    def _result(self, name: str, table: ScoreTable, seconds: float) -> Classification:
+    def _result(self, name: str, table: ScoreTable, seconds: float, look: LookResult | None = None) -> Classification:
         n = len(self.classes_)  # rows past the classes are coarse candidates: they count in the NFE only
+        extra = {}
+        if look is not None:  # its evaluations count in the NFE (said apart: each is cheaper), its verdicts as evidence
+            table.evidence.update(look.evidence)
+            extra["nfe_low_resolution"] = look.nfe
+        if table.evidence:
+            extra["evidence"] = {self.classes_[int(c)]: why for c, why in table.evidence.items() if c < n}
         errors = table.errors[:n]
         scores = probabilities.class_scores(errors, self.config.aggregate)
         order = probabilities.ranking(errors, self.config.aggregate)
@@ -192,10 +205,8 @@ class DiffusionClassifier:
             order[1:])]
         return Classification(image=name, prediction=self.classes_[order[0]], prediction_index=int(order[0]),
                               ranking=[(self.classes_[i], float(scores[i])) for i in order], mean_errors=scores,
-                              errors=errors.copy(), timesteps=list(table.timesteps), nfe=table.nfe,
-                              seconds=seconds, extra={"evidence": {self.classes_[int(c)]: why for c, why in
-                                                                   table.evidence.items() if c < n}}
-                              if table.evidence else {},
+                              errors=errors.copy(), timesteps=list(table.timesteps),
+                              nfe=table.nfe + (look.nfe if look else 0), seconds=seconds, extra=extra,
                               tied_with=tied, timesteps_per_label={c: int(n) for c, n in zip(self.classes_, counts)})
 
     def predict(self, images: Sequence) -> np.ndarray:
