@@ -33,6 +33,7 @@ import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -470,21 +471,25 @@ def section_simulation(args, out: dict) -> None:
     out["simulation"] = rows
 
 
-def triples_manifest(n: int, names: list[str]) -> str:
-    """n three-item test composites (triples.test_composites) as PNGs and a manifest labelled by the model's class
-    names."""
+THOUSAND_PART = 300  # composites per stored 1,000-way pass (a later part adds the next ones)
+
+
+def triples_manifest(start: int, stop: int, names: list[str]) -> str:
+    """Three-item test composites start..stop-1 (triples.test_composites, whose first n are the same for any
+    larger n) as PNGs and a manifest labelled by the model's class names."""
     from PIL import Image
 
     from diffusion_classifier.training import triples
 
-    relative = Path("runs") / "many_classes" / f"triples-test{n}" / "manifest.jsonl"
+    part = f"triples-test{stop}" if start == 0 else f"triples-test{start}-{stop}"
+    relative = Path("runs") / "many_classes" / part / "manifest.jsonl"
     path = ROOT / relative
     if not path.is_file():
         images, labels = fashion_mnist_arrays("test")
-        pictures, ids = triples.test_composites(images, labels, n)
+        pictures, ids = triples.test_composites(images, labels, stop)
         (path.parent / "images").mkdir(parents=True, exist_ok=True)
         lines = []
-        for i, (picture, k) in enumerate(zip(pictures, ids)):
+        for i, (picture, k) in enumerate(zip(pictures[start:], ids[start:]), start):
             Image.fromarray(picture).save(path.parent / f"images/{i:05d}.png")
             lines.append(json.dumps({"path": f"images/{i:05d}.png", "label": names[int(k)]}))
         atomic_write_text("\n".join(lines) + "\n", path)
@@ -496,6 +501,7 @@ def section_thousand(args, out: dict) -> None:
     pass on an even grid of --thousand-grid timesteps stored by `evaluate` (resumable, within --minutes), the
     110 coarse classes on the whole grid (cached), and the strategies replayed."""
     from diffusion_classifier import load_denoiser
+    from diffusion_classifier.data import manifest
     from diffusion_classifier.training import triples
 
     if not args.triples_model:
@@ -507,18 +513,29 @@ def section_thousand(args, out: dict) -> None:
     denoiser = load_denoiser(model, device=parse_device(args.device), dtype=args.dtype)
     names = denoiser.class_names
     fine = names[:triples.FINE]
-    data = triples_manifest(args.thousand_images, names)
-    run_dir = RUNS / (f"many-classes-{Path(model).name}-{model_fingerprint(model)[:10]}-test{args.thousand_images}"
-                      f"-grid{grid_size}")
-    run = EvaluationRun(model=model, data=data, out=run_dir.relative_to(ROOT), labels=tuple(fine),
-                        scoring={"strategy": Exhaustive(grid_size), "batch_size": args.batch_size})
     deadline = time.monotonic() + 60 * args.minutes
-    while time.monotonic() < deadline:
-        metrics = run_evaluation(run, denoiser=denoiser, progress=False, max_new=args.chunk)
-        print(f"1,000-way pass: {metrics['images']} images stored, accuracy {metrics['accuracy']:.3f}", flush=True)
-        if metrics.get("complete"):
+    parts, datasets = [], []
+    for start in range(0, args.thousand_images, THOUSAND_PART):  # parts of 300: a larger pass keeps the stored ones
+        stop = min(start + THOUSAND_PART, args.thousand_images)
+        data = triples_manifest(start, stop, names)
+        span = f"test{stop}" if start == 0 else f"test{start}-{stop}"
+        run_dir = RUNS / f"many-classes-{Path(model).name}-{model_fingerprint(model)[:10]}-{span}-grid{grid_size}"
+        run = EvaluationRun(model=model, data=data, out=run_dir.relative_to(ROOT), labels=tuple(fine),
+                            scoring={"strategy": Exhaustive(grid_size), "batch_size": args.batch_size})
+        while time.monotonic() < deadline:
+            metrics = run_evaluation(run, denoiser=denoiser, progress=False, max_new=args.chunk)
+            print(f"1,000-way pass, composites {start}-{stop}: {metrics['images']} stored, accuracy "
+                  f"{metrics['accuracy']:.3f}", flush=True)
+            if metrics.get("complete"):
+                break
+        if not (ROOT / run.out / "run.json").is_file():  # out of time before this part began
             break
-    errors, labels, grid = stored_grid(run.out)
+        parts.append(stored_grid(run.out))
+        datasets.append(manifest(ROOT / data))
+    errors, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    grid = parts[0][2]
+    if any(p[2] != grid for p in parts):
+        raise SystemExit("the 1,000-way parts were stored on different grids")
     coarse_labels = names[triples.FINE:]
     # the coarse grid must lie on the fine one: even grids nest when the fine size is an odd multiple of the coarse
     coarse_points = max(c for c in range(1, min(COARSE_GRID, grid_size) + 1)
@@ -526,11 +543,11 @@ def section_thousand(args, out: dict) -> None:
     coarse_grid = as_grid(coarse_points)
     if not set(coarse_grid) <= set(grid):
         raise SystemExit(f"the coarse timesteps {coarse_grid} are not all on the {grid_size}-point grid")
-    from diffusion_classifier.data import manifest
-
     # the coarse candidates on the whole grid: a cascade's coarse levels choose their timesteps from it
-    coarse = cached_errors("many_classes_triples_coarse_grid.npz", model, lambda: denoiser, coarse_labels, None,
-                           manifest(ROOT / data), len(errors), grid, args)
+    every_part = SimpleNamespace(items=[item for dataset in datasets for item in dataset.items])
+    cache = f"many_classes_triples_coarse_grid_{model_fingerprint(model)[:10]}.npz"  # one per model
+    coarse = cached_errors(cache, model, lambda: denoiser, coarse_labels, None,
+                           every_part, len(errors), grid, args)
     if args.store_only:
         return
     strategies = {f"exhaustive {k} (even subset)": FixedTimesteps(even_subset(grid, k)) for k in (2, 5)

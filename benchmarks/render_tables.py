@@ -127,8 +127,8 @@ def headline() -> str:
         meta = many["thousand_meta"]
         for r in many["thousand"]:
             name = r["strategy"]
-            if name == f"exhaustive {meta['grid']}" or name.startswith(
-                    "cascade (fitted, miss 0.1, joint) with coarse levels"):
+            if name == f"exhaustive {meta['grid']}" or (name.startswith("cascade (fitted, miss")
+                                                        and "joint) with coarse levels" in name):
                 rows.append((f"triples model ({meta.get('training', 'ours')}), 1,000-way, {name}",
                              f"{pct(r['accuracy'], r['accuracy_standard_error'])}, agrees with exhaustive "
                              f"{pct(r['agreement'])}", f"{r['images']} composites, {r['nfe_mean']:,.0f} NFE / image"))

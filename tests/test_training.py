@@ -478,3 +478,21 @@ def test_triples_layout_trains_a_1110_class_model_whose_coarse_classes_score(tmp
     result = clf.classify(random_images(1, size=24, mode="L"))[0]
     assert result.nfe == 10 + 2 * 10 + 2 * 10 * 2  # 10 first items; the 20 first-twos under the best 2; 2 x 10 triples
     assert len(result.ranking) == 1000 and result.prediction in names[:1000]
+
+
+def test_triples_test_composites_extend_without_changing_the_first_ones():
+    """The 1,000-way benchmark stores its pass in parts of 300 composites: the first n composites (pictures and
+    classes) are the same for any larger n, and no test item is used twice."""
+    from diffusion_classifier.training import triples
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 40)
+    images = rng.integers(0, 256, (len(labels), 4, 4), dtype=np.uint8)
+    images[:, 0, 0] = np.arange(len(labels)) % 256  # each item recognisable
+    images[:, 0, 1] = np.arange(len(labels)) // 256
+    small, small_ids = triples.test_composites(images, labels, 30)
+    large, large_ids = triples.test_composites(images, labels, 60)
+    assert (large[:30] == small).all() and (large_ids[:30] == small_ids).all()
+    items = large[:, 0, 0::4].astype(int) + 256 * large[:, 0, 1::4].astype(int)  # the items of each composite
+    assert len(np.unique(items)) == items.size
+    assert ((items // 40) == np.stack([large_ids // 100, large_ids // 10 % 10, large_ids % 10], axis=1)).all()

@@ -346,8 +346,8 @@ class Elimination(Strategy):
             raise UserError("a class tree works on all candidates; it cannot follow a coarse-to-fine search")
         if self.low_resolution_look() is not None:
             if candidates is None:
-                raise UserError(f"this first look scores at {self.first_look.resolution} px: classify and evaluate "
-                                "run it before the rounds (a replay of stored errors cannot)")
+                raise UserError(f"this first look scores at {self.first_look.resolution} px: image classification "
+                                "runs it before the rounds; image-text matching and a replay of stored errors cannot")
             if len(alive) == 1:  # the look left one class: score it once so that it ranks first
                 yield Round(tuple(alive), (grid[len(grid) // 2],))
                 return
