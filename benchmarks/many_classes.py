@@ -342,9 +342,9 @@ def compare(errors: np.ndarray, labels: np.ndarray, grid: list[int], strategies:
 
         name = (f"cascade (fitted, miss {miss}, {CALIBRATIONS[calibration]}): first {options(first)}, then "
                 f"{doubling(len(grid))} and the grid")
-        add(name, *cross_fitted(lambda fitted: fitted, fit_one, errors, grid),
-            {"name": "cascade", "first": first, "miss_rate": miss, "calibration": calibration,
-             "fitted": "cross-fitted"})
+        predictions, nfe, fits = cross_fitted(lambda fitted: fitted, fit_one, errors, grid)
+        add(name, predictions, nfe, {"name": "cascade", "first": first, "miss_rate": miss,
+                                     "calibration": calibration, "fitted": "cross-fitted"}, fits)
     if coarse is not None:
         combined, families, labels_all, coarse_points = coarse
         for keep in (2, 3, 5):

@@ -589,9 +589,9 @@ def cmd_calibrate(args) -> int:
             stages = "; ".join(f"{len(stage['timesteps'])} timesteps, gap {stage['max_gap']:.3g}"
                                for stage in cascade.stages)
             print(f"cascade of {len(cascade.stages)} stages ({stages}), then the rest of the {cascade.grid}-point "
-                  f"grid; about {cascade.held_out_nfe:.0f} NFE per image on held-out images; misses the exhaustive "
-                  f"winner on at most {cascade.miss_rate:g} of images like these (fitted on {cascade.fitted_on}); "
-                  f"written to {Path(args.run_dir) / 'cascade.json'}")
+                  f"grid; {cascade.held_out_nfe:.0f} NFE per image on the held-out images that chose its timesteps "
+                  f"(new images cost more); misses the exhaustive winner on at most {cascade.miss_rate:g} of images "
+                  f"like these (fitted on {cascade.fitted_on}); written to {Path(args.run_dir) / 'cascade.json'}")
         return 0
     if args.first_look is not None:
         first = first_look_of_run(args.run_dir, args.first_look, 0.02 if args.miss_rate is None else args.miss_rate,

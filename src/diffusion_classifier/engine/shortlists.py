@@ -202,9 +202,10 @@ def fit_cascade(errors: np.ndarray, timesteps: Sequence[int], miss_rate: float =
     exhaustive winner's gap (its group's, at a coarse level) at each stage. `calibration`:
 
     * "joint" (default): one split-conformal quantile for all stages at once. Each stage's gap is a common
-      factor times its scale (the winner's gap quantile on the choosing half); the factor is the conformal
-      quantile at miss_rate of each calibration image's largest gap-to-scale ratio over the stages, so the
-      winner survives every stage with probability >= 1 - miss_rate without splitting the rate between them.
+      factor times its scale (the winner's gap quantile on the choosing half, at the level that prunes most
+      cheaply there: _cheapest_scales); the factor is the conformal quantile at miss_rate of each calibration
+      image's largest gap-to-scale ratio over the stages, so the winner survives every stage with probability
+      >= 1 - miss_rate without splitting the rate between them.
     * "union": each stage at the conformal quantile at miss_rate / stages (a union bound; looser, and it
       needs stages / miss_rate calibration images).
 
