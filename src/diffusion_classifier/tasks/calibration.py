@@ -151,6 +151,8 @@ def first_look_of_run(run_dir: str | Path, n_timesteps: int = 2, miss_rate: floa
             raise UserError(f"{look_run} and {run_dir} do not hold the same images in the same order")
         if look_config.get("labels") != config.get("labels") or len(look_grid) != len(grid):
             raise UserError(f"{look_run} and {run_dir} must score the same candidates on grids of the same size")
+        if look_config.get("model_weights_sha256") != config.get("model_weights_sha256"):
+            raise UserError(f"{look_run} and {run_dir} were scored by different models")
         winners = per_timestep(errors, aggregate).mean(axis=2).argmin(axis=1)  # as fit_first_look's own
         first = fit_first_look(look_errors, look_grid, n_timesteps, miss_rate, aggregate, winners=winners,
                                resolution=int(resolution))
