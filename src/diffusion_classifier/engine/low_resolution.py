@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..adapters.denoiser import Conditions, Denoiser
 from ..errors import UserError
 from .config import ScoringConfig
-from .scoring import Job, ScoringEngine, prepare_images
+from .scoring import ScoringEngine, prepare_images
 from .shortlists import FirstLook
 from .strategies import FixedTimesteps
 
@@ -55,15 +55,8 @@ class LowResolutionLook:
                               align_corners=False)
         jobs = prepare_images(self.denoiser, self.config, small, rows, names=names)
         tables = self.engine.score(jobs, FixedTimesteps(self.timesteps), self.config.aggregate)
-        results = []
+        by, results = f"first look at {self.look.resolution} px", []
         for table in tables:
             kept = self.look.shortlist(table, list(range(table.n_classes)), self.config.aggregate)
-            by = f"first look at {self.look.resolution} px"
             results.append(LookResult(kept, table.nfe, {c: {**why, "by": by} for c, why in table.evidence.items()}))
         return results
-
-    @staticmethod
-    def restrict(jobs: list[Job], looks: Sequence[LookResult]) -> None:
-        """Start each job's rounds from its look's shortlist."""
-        for job, look in zip(jobs, looks):
-            job.candidates = look.shortlist

@@ -24,8 +24,7 @@ def replay(strategy: Strategy, errors: np.ndarray, timesteps: list[int], schedul
     shortlist made elsewhere, as a low-resolution look's)."""
     column_of = {int(t): i for i, t in enumerate(timesteps)}
     table = ScoreTable(errors.shape[0], errors.shape[1], t_min)
-    start = {} if candidates is None else {"candidates": candidates}
-    for round_ in strategy.rounds(table, as_schedule(schedule), aggregate, **start):
+    for round_ in strategy.rounds(table, as_schedule(schedule), aggregate, candidates):
         missing = [t for t in round_.timesteps if t not in column_of]
         if missing:
             raise UserError(f"the stored run has no errors at timesteps {missing[:5]}; replay needs a strategy "

@@ -200,9 +200,7 @@ class ScoringEngine:
         for job in jobs:
             n_candidates, n_prompts = np.shape(job.rows)
             table = ScoreTable(n_candidates, n_prompts, job.t_min, with_null=job.null_row is not None)
-            rounds = strategy.rounds(table, self.schedule, aggregate,
-                                     **({"candidates": job.candidates} if job.candidates is not None else {}))
-            running.append(_Running(job, table, rounds))
+            running.append(_Running(job, table, strategy.rounds(table, self.schedule, aggregate, job.candidates)))
         while True:
             work = []
             for run in running:

@@ -183,7 +183,8 @@ class DiffusionClassifier:
         looks: list[LookResult | None] = [None] * len(jobs)
         if self._look is not None:  # a first look at a lower resolution picks the candidates the rounds start from
             looks = self._look.run(pixels, self._rows, names)
-            LowResolutionLook.restrict(jobs, looks)
+            for job, look in zip(jobs, looks):
+                job.candidates = look.shortlist
         tables = self.engine.score(jobs, self.strategy, self.config.aggregate)
         seconds = (time.perf_counter() - started) / max(1, len(tables))
         return [self._result(name, table, seconds, look) for name, table, look in zip(names, tables, looks)]
