@@ -64,8 +64,10 @@ MODEL = "fashion-mnist-pairs"
 TEMPLATE = "{left} to the left of {right}"
 PAIRS = [(a, b) for a in range(10) for b in range(10) if a != b]  # class index -> (left item, right item)
 GRID = 50
-# cascades: (first stage's timesteps, or options for it chosen on held-out images; miss rate; calibration)
-CASCADES = ((1, 0.05, "union"), (1, 0.05, "joint"), (2, 0.05, "joint"), (1, 0.1, "union"), (1, 0.1, "joint"))
+# cascades: (first stage's timesteps, or options for it chosen on held-out images; miss rate; calibration; and
+# optionally the folds of the cross-fitting and how many random fold assignments to average over)
+CASCADES = ((1, 0.05, "union"), (1, 0.05, "joint"), (2, 0.05, "joint"), (1, 0.1, "union"), (1, 0.1, "joint"),
+            (1, 0.05, "joint", 2, 5), (1, 0.05, "joint", 6, 3))
 CALIBRATIONS = {"joint": "joint", "union": "union bound"}
 LEVEL_OPTIONS = (1, 2, 3, 4, 6)  # a coarse level's timesteps, chosen on held-out images
 
@@ -270,15 +272,42 @@ def replayed_fine(strategy, errors: np.ndarray, grid: list[int], n_classes: int)
     return np.array(predictions), np.array(nfe)
 
 
-def cross_fitted(make_strategy, fit, errors: np.ndarray, grid: list[int]) -> tuple[np.ndarray, np.ndarray, list]:
-    """A strategy fitted on held-out images, replayed on the others: fitted on the even-indexed images and
-    replayed on the odd ones, then the other way round (every image predicted by a fit it took no part in)."""
-    predictions, nfe, fits = np.zeros(len(errors), int), np.zeros(len(errors), int), []
-    for held_out, scored in ((slice(0, None, 2), slice(1, None, 2)), (slice(1, None, 2), slice(0, None, 2))):
-        fitted = fit(errors[held_out])
-        predictions[scored], nfe[scored] = replayed(make_strategy(fitted), errors[scored], grid)
-        fits.append(fitted.describe() if isinstance(fitted, Cascade) else fitted.to_dict())
-    return predictions, nfe, fits
+def cross_fitted(make_strategy, fit, errors: np.ndarray, grid: list[int], folds: int = 2,
+                 repeats: int = 1) -> tuple[np.ndarray, np.ndarray, list]:
+    """A strategy fitted on held-out images, replayed on the others, every image predicted by a fit it took no part
+    in: by default fitted on the even-indexed images and replayed on the odd ones, then the other way round; else
+    over `folds` folds, for `repeats` random fold assignments (fold_assignments). Predictions and NFE per image,
+    [repeats, images] when repeated; the fits of the first assignment's first two folds."""
+    n = len(errors)
+    predictions, nfe, fits = np.zeros((repeats, n), int), np.zeros((repeats, n), int), []
+    for repeat, parts in enumerate(fold_assignments(n, folds, repeats)):
+        for scored in parts:
+            fitted = fit(errors[np.setdiff1d(np.arange(n), scored)])
+            predictions[repeat, scored], nfe[repeat, scored] = replayed(make_strategy(fitted), errors[scored], grid)
+            if repeat == 0 and len(fits) < 2:  # the first two folds' fits are kept (the file stays small)
+                fits.append(fitted.describe() if isinstance(fitted, Cascade) else fitted.to_dict())
+    return (predictions[0], nfe[0], fits) if repeats == 1 else (predictions, nfe, fits)
+
+
+def fold_assignments(n: int, folds: int, repeats: int) -> list[list[np.ndarray]]:
+    """Per repeat, the images each fold scores: the odd-indexed, then the even-indexed ones for one repeat of two
+    folds (each half fitted on the other), else a random assignment per repeat (seeds 0, 1, ...)."""
+    if folds == 2 and repeats == 1:
+        return [[np.arange(1, n, 2), np.arange(0, n, 2)]]
+    assignments = []
+    for seed in range(repeats):
+        order = np.random.default_rng(seed).permutation(n)
+        assignments.append([np.sort(order[f::folds]) for f in range(folds)])
+    return assignments
+
+
+def fitted_how(folds: int | str, repeats: int) -> str:
+    if folds == "fresh":
+        return (f"fitted on composites 0-{FRESH_FROM - 1}, scored on fresh ones: those from {FRESH_FROM}, scored "
+                "after its structure was fixed")
+    if (folds, repeats) == (2, 1):
+        return "fitted"
+    return f"fitted on {folds - 1}/{folds} of the composites, {repeats} random fold assignment" + "s" * (repeats > 1)
 
 
 def with_coarse(errors: np.ndarray, grid: list[int], coarse: np.ndarray, coarse_grid: list[int]) -> np.ndarray:
@@ -292,14 +321,22 @@ def with_coarse(errors: np.ndarray, grid: list[int], coarse: np.ndarray, coarse_
 
 def strategy_row(name: str, predictions: np.ndarray, nfe: np.ndarray, config: dict, labels: np.ndarray,
                  exhaustive: np.ndarray, fits: list | None = None) -> dict:
-    """One table row (accuracy, its paired difference from exhaustive, agreement, NFE), printed as it goes."""
-    correct, agree = predictions == labels, predictions == exhaustive
+    """One table row (accuracy, its paired difference from exhaustive, agreement, NFE), printed as it goes.
+
+    predictions and nfe: per image, or [repeats, images] for a fitted strategy cross-fitted over several random
+    fold assignments: each image's outcome is then its mean over the repeats (standard errors over images),
+    NFE the mean and 95th percentile over every (repeat, image)."""
+    predictions, nfe = np.atleast_2d(predictions), np.asarray(nfe, dtype=float)
+    correct, agree = (predictions == labels).mean(axis=0), (predictions == exhaustive).mean(axis=0)
     difference, stderr = paired_difference(correct, exhaustive == labels)
-    row = {"strategy": name, "config": config, "images": len(predictions), "accuracy": float(correct.mean()),
+    row = {"strategy": name, "config": config, "images": predictions.shape[1], "accuracy": float(correct.mean()),
            "accuracy_standard_error": standard_error(correct),
            "accuracy_minus_exhaustive": difference, "difference_standard_error": stderr,
            "agreement": float(agree.mean()), "agreement_standard_error": standard_error(agree),
            "nfe_mean": float(nfe.mean()), "nfe_p95": float(np.percentile(nfe, 95))}
+    if len(predictions) > 1:
+        row["repeats"] = len(predictions)
+        row["nfe_mean_per_repeat"] = [float(x) for x in np.reshape(nfe, (len(predictions), -1)).mean(axis=1)]
     if fits:
         row["fits"] = fits
     print(f"{name:<66} acc {row['accuracy']:.3f} ({difference:+.3f} +- {stderr:.3f})  agree {row['agreement']:.3f}"
@@ -336,15 +373,16 @@ def compare(errors: np.ndarray, labels: np.ndarray, grid: list[int], strategies:
                 print(f"{name}: skipped ({exc})", flush=True)
                 continue
             add(name, predictions, nfe, {**make(None).describe(), "first_look": "cross-fitted"}, fits)
-    for first, miss, calibration in cascades:
+    for first, miss, calibration, *protocol in cascades:
         def fit_one(held_out, first=first, miss=miss, calibration=calibration):
             return fit_cascade(held_out, grid, miss, first, calibration=calibration)
 
-        name = (f"cascade (fitted, miss {miss}, {CALIBRATIONS[calibration]}): first {options(first)}, then "
-                f"{doubling(len(grid))} and the grid")
-        predictions, nfe, fits = cross_fitted(lambda fitted: fitted, fit_one, errors, grid)
-        add(name, predictions, nfe, {"name": "cascade", "first": first, "miss_rate": miss,
-                                     "calibration": calibration, "fitted": "cross-fitted"}, fits)
+        folds, repeats = protocol or (2, 1)
+        name = (f"cascade ({fitted_how(folds, repeats)}, miss {miss}, {CALIBRATIONS[calibration]}): first "
+                f"{options(first)}, then {doubling(len(grid))} and the grid")
+        predictions, nfe, fits = cross_fitted(lambda fitted: fitted, fit_one, errors, grid, folds, repeats)
+        add(name, predictions, nfe, {"name": "cascade", "first": first, "miss_rate": miss, "calibration": calibration,
+                                     "fitted": "cross-fitted", "folds": folds, "repeats": repeats}, fits)
     if coarse is not None:
         combined, families, labels_all, coarse_points = coarse
         for keep in (2, 3, 5):
@@ -397,32 +435,78 @@ def section_strategies(args, out: dict) -> None:
                    "error_rate": rate, "miss_rate": args.miss_rate}
 
 
-def cascade_with_levels(errors, coarse, combined, labels, grid, fine, coarse_labels, families) -> list[dict]:
-    """Cascades whose coarse levels (first item, then first two items: the triples model's partial classes)
-    come before the fine stages, cross-fitted over two halves as the other fitted rows: the union bound with 4
-    timesteps per level (the best of 7 settings tried on these composites before the joint calibration), and
-    the joint calibration with each level's timesteps chosen among LEVEL_OPTIONS on held-out images."""
+# cascades with the triples model's coarse levels: (the levels' timesteps, each level a (family, count or options);
+# first fine stage; miss rate; calibration; folds of the cross-fitting; random fold assignments averaged over)
+LEVELS_ONCE = ((0, 4), (1, 4))
+LEVELS_CHOSEN = ((0, LEVEL_OPTIONS), (1, LEVEL_OPTIONS))
+LEVELS_TWICE = ((0, 2), (0, 4), (1, 2), (1, 4))  # each family twice, doubling: 2 timesteps, then 4 more
+LEVELS_TWICE_CHOSEN = ((0, (1, 2, 3)), (0, (2, 4)), (1, (1, 2, 3)), (1, (2, 4)))
+LEVEL_CASCADES = ((LEVELS_ONCE, 1, 0.1, "union", 2, 1), (LEVELS_CHOSEN, 1, 0.1, "joint", 2, 1),
+                  (LEVELS_CHOSEN, 1, 0.05, "joint", 2, 1),
+                  (LEVELS_TWICE, 3, 0.05, "joint", 2, 3), (LEVELS_TWICE, 3, 0.05, "joint", 6, 3),
+                  (LEVELS_TWICE, 3, 0.1, "joint", 6, 3), (LEVELS_TWICE_CHOSEN, 3, 0.05, "joint", 6, 1),
+                  (LEVELS_TWICE, 3, 0.05, "joint", "fresh", 1), (LEVELS_TWICE_CHOSEN, 3, 0.05, "joint", "fresh", 1))
+# LEVELS_TWICE was chosen looking at composites 0-599; the "fresh" rows test it on composites scored afterwards
+FRESH_FROM = 600
+
+
+def level_name(levels, first, miss, calibration, folds, repeats, picked, grid: int) -> str:
+    """A row's name: each coarse level's timesteps (options chosen on held-out images: "1/2/3"; a family's return:
+    "+4"), the fine stages after them and how the cascade was fitted."""
+    from diffusion_classifier.engine.shortlists import doubling_stages
+
+    seen, parts = set(), []
+    for family, k in levels:
+        count = str(k) if isinstance(k, int) else "/".join(map(str, k))
+        parts.append(f"{'first item' if family == 0 else 'first two'} at {'+' if family in seen else ''}{count}")
+        seen.add(family)
+    chosen = any(not isinstance(k, int) for _, k in levels)
+    at = ", ".join(parts) + (f" timesteps (chosen on held-out: {picked})" if chosen else " timesteps")
+    return (f"cascade ({fitted_how(folds, repeats)}, miss {miss}, {CALIBRATIONS[calibration]}) with coarse levels: "
+            f"{at}, then first {first}, {'/'.join(str(k) for k in doubling_stages(grid) if k > first)} and the grid")
+
+
+def cascade_with_levels(errors, coarse, combined, labels, grid, fine, coarse_labels, families,
+                        cascades=LEVEL_CASCADES) -> list[dict]:
+    """Cascades whose coarse levels (first item, then first two items: the triples model's partial classes) come
+    before the fine stages, cross-fitted: each image replayed by a cascade fitted on the other folds. The union bound
+    with 4 timesteps per level (the best of 7 settings tried on these composites before the joint calibration); the
+    joint calibration with each level's timesteps chosen among LEVEL_OPTIONS on held-out images; each level twice
+    (one of about ten structures tried on composites 0-599 this way), fitted on half and on 5/6 of the composites:
+    the conformal gaps are a tail quantile, so the cost depends on the calibration set, and these rows average over
+    random fold assignments; and fitted on composites 0-599, scored on the ones after (where the pass holds them),
+    which played no part in choosing the structure."""
     column = {label: i for i, label in enumerate(coarse_labels)}
     exhaustive = errors[:, :, 0].mean(axis=2).argmin(axis=1)
+    every = np.arange(len(errors))
     rows = []
-    for ks, miss, calibration in (((4, 4), 0.1, "union"), ((LEVEL_OPTIONS, LEVEL_OPTIONS), 0.1, "joint"),
-                                  ((LEVEL_OPTIONS, LEVEL_OPTIONS), 0.05, "joint")):
-        predictions, nfe, fits = np.zeros(len(errors), int), np.zeros(len(errors)), []
-        for held_out, scored in ((slice(0, None, 2), slice(1, None, 2)), (slice(1, None, 2), slice(0, None, 2))):
-            levels = [(family, coarse[held_out][:, [column[c] for c in family]], k) for family, k in zip(families, ks)]
-            cascade = fit_cascade(errors[held_out], grid, miss, 1, labels=fine, levels=levels,
-                                  calibration=calibration).resolve(fine + coarse_labels)
-            predictions[scored], nfe[scored] = replayed_fine(cascade, combined[scored], grid, len(fine))
-            fits.append(cascade.describe() | {"families": f"{len(families)} levels of coarse classes"})
-        picked = " and ".join("/".join(str(len(stage["timesteps"])) for stage in fit["stages"][:len(families)])
+    for levels, first, miss, calibration, folds, repeats in cascades:
+        if folds == "fresh":  # fitted on the composites before FRESH_FROM, scored on those after
+            if len(errors) <= FRESH_FROM:
+                continue
+            plan = [[(every[:FRESH_FROM], every[FRESH_FROM:])]]
+        else:
+            plan = [[(np.setdiff1d(every, scored), scored) for scored in parts]
+                    for parts in fold_assignments(len(errors), folds, repeats)]
+        predictions, nfe, fits = np.zeros((repeats, len(errors)), int), np.zeros((repeats, len(errors))), []
+        for repeat, parts in enumerate(plan):
+            for held_out, scored in parts:
+                fitted_levels = [(families[f], coarse[held_out][:, [column[c] for c in families[f]]], k)
+                                 for f, k in levels]
+                cascade = fit_cascade(errors[held_out], grid, miss, first, labels=fine, levels=fitted_levels,
+                                      calibration=calibration).resolve(fine + coarse_labels)
+                predictions[repeat, scored], nfe[repeat, scored] = replayed_fine(cascade, combined[scored], grid,
+                                                                                  len(fine))
+                if repeat == 0 and len(fits) < 2:
+                    fits.append(cascade.describe() | {"families": f"{len(families)} levels of coarse classes"})
+        picked = " and ".join("/".join(str(len(stage["timesteps"])) for stage in fit["stages"][:len(levels)])
                               for fit in fits)
-        at = (f"first item at {ks[0]}, first two at {ks[1]} timesteps" if isinstance(ks[0], int) else
-              f"timesteps per level chosen on held-out among {options(LEVEL_OPTIONS).split(' ')[0]} (picked {picked})")
-        name = (f"cascade (fitted, miss {miss}, {CALIBRATIONS[calibration]}) with coarse levels: {at}, then first 1, "
-                f"{doubling(len(grid))} and the grid")
-        config = {"name": "cascade", "levels": ks, "first": 1, "miss_rate": miss, "calibration": calibration,
-                  "fitted": "cross-fitted"}
-        rows.append(strategy_row(name, predictions, nfe, config, labels, exhaustive, fits))
+        config = {"name": "cascade", "levels": [[f, k] for f, k in levels], "first": first, "miss_rate": miss,
+                  "calibration": calibration, "fitted": "cross-fitted", "folds": folds, "repeats": repeats}
+        name = level_name(levels, first, miss, calibration, folds, repeats, picked, len(grid))
+        kept = np.concatenate([scored for _, scored in plan[0]])  # the images this row predicts
+        rows.append(strategy_row(name, predictions[:, kept], nfe[:, kept], config, labels[kept], exhaustive[kept],
+                                 fits))
     return rows
 
 

@@ -246,13 +246,14 @@ def test_a_cascade_keeps_the_winner_at_its_miss_rate_and_picks_as_exhaustive_amo
     if calibration == "union":  # each stage at the conformal quantile at the miss rate's share
         expected = [conformal_quantile(stage, 0.1 / len(cascade.stages)) for stage in calibrating]
         assert max_gaps == pytest.approx(expected, rel=1e-12)
-    else:  # the gaps are proportional to the choosing half's quantiles at one level, scaled so that the winner
-        # of at most 10% of the calibrating half (the conformal count) exceeds one of them
+    else:  # each stage's gap is one common factor times the choosing half's quantile of its winner's gap at one of
+        # the levels (a level per stage), the factor such that the winner of at most 10% of the calibrating half
+        # (the conformal count) exceeds one of them
         from diffusion_classifier.engine.shortlists import SCALE_LEVELS
 
-        levels = [np.quantile(gaps[:, 0::2], q, axis=1) for q in SCALE_LEVELS]
-        ratios = [max_gaps / scales for scales in levels if (scales > 0).all()]
-        assert any(np.ptp(r) < 1e-9 * r.max() for r in ratios)
+        levels = np.array([np.quantile(gaps[:, 0::2], q, axis=1) for q in SCALE_LEVELS])  # [levels, stages]
+        factors = max_gaps[0] / levels[:, 0][levels[:, 0] > 0]
+        assert any(np.isclose(max_gaps[:, None] / factor, levels.T, rtol=1e-9).any(axis=1).all() for factor in factors)
         n = calibrating.shape[1]
         outside = (calibrating > max_gaps[:, None] * (1 + 1e-12)).any(axis=0).sum()
         assert outside == n - math.ceil((n + 1) * 0.9)
@@ -310,6 +311,50 @@ def test_a_cascade_estimates_its_cost_on_held_out_images_and_picks_among_options
     assert fit_cascade(held_out, GRID, miss_rate=0.1, first=[1, 2, 3]).describe() == cheapest.describe()
     with pytest.raises(UserError, match="cannot be empty"):
         fit_cascade(held_out, GRID, miss_rate=0.1, first=[])
+
+
+def test_a_coarse_family_that_comes_back_adds_timesteps_for_the_groups_still_in():
+    """Coarse levels of one family twice (1 timestep for every group, then 2 more): the second level scores only the
+    groups still in, at timesteps the first did not use, and prunes on the mean over all three; the cascade keeps
+    exhaustive's winner on at least 1 - miss_rate of fresh images."""
+    from diffusion_classifier.engine.shortlists import fit_cascade, gaps_to_best
+
+    rng = np.random.default_rng(3)
+    grid = as_schedule(1000).grid(20, 0)
+    labels = [f"class {c}" for c in range(40)]
+    family = {f"group {g}": labels[4 * g:4 * g + 4] for g in range(10)}
+
+    def images(n):
+        """[n, 40 classes + 10 groups, 20]: a true class, its group's coarse candidate a little better than the rest."""
+        errors = 1.0 + 0.05 * rng.standard_normal((n, 50, 20))
+        for errors_of_one, truth in zip(errors, rng.integers(0, 40, n)):
+            errors_of_one[truth, 5:15] -= 0.06
+            errors_of_one[40 + truth // 4, 5:15] -= 0.04
+        return errors
+
+    held_out = images(200)
+    cascade = fit_cascade(held_out[:, :40], grid, 0.1, labels=labels,
+                          levels=[(family, held_out[:, 40:], 1), (family, held_out[:, 40:], 2)])
+    first, second = cascade.stages[:2]
+    assert cascade.families == [family] and first["family"] == second["family"] == 0
+    assert len(first["timesteps"]) == 1 and len(second["timesteps"]) == 2
+    assert not set(first["timesteps"]) & set(second["timesteps"])
+    cascade = cascade.resolve(labels + list(family))
+    coarse_columns = [grid.index(t) for t in first["timesteps"] + second["timesteps"]]
+    agreed = 0
+    for errors in images(100):
+        table = replay(cascade, errors[:, None, :], grid)
+        scored = table.evaluated[40:, 0].sum(axis=1)  # timesteps each group's coarse candidate was scored at
+        assert (scored >= 1).all() and set(scored) <= {1, 3}  # never one timestep twice
+        live = np.flatnonzero(scored == 3)
+        if len(live) > 1:  # the second level kept the classes of the groups within its gap over all three timesteps
+            gaps = gaps_to_best(errors[40 + live][:, coarse_columns].mean(axis=1))
+            kept = live[gaps <= second["max_gap"]]
+            dropped = {c for c, why in table.evidence.items() if why.get("stage") == 1}
+            assert dropped == {c for g in live if g not in kept for c in range(4 * g, 4 * g + 4)}
+        prediction = next(c for c in table.ranking() if c < 40)
+        agreed += prediction == errors[:40].mean(axis=1).argmin()
+    assert agreed / 100 >= 0.9 - 3 * np.sqrt(0.1 * 0.9 / 100)
 
 
 def test_cascade_coarse_levels_and_its_file(models, tmp_path):
@@ -371,3 +416,41 @@ def test_calibrate_fits_a_cascade_that_evaluate_uses(models, tmp_path, capsys):
     assert code != 0 and "cannot bound a miss rate" in capsys.readouterr().err
     code = main(["calibrate", str(run_dir), "--first", "2"])  # a cascade's setting without --cascade: refused
     assert code != 0 and "--first goes with --cascade" in capsys.readouterr().err
+
+
+def test_the_benchmarks_cross_fitting_predicts_each_image_by_fits_it_took_no_part_in():
+    """benchmarks/many_classes.py: each fold assignment splits the images into folds that each image is in once;
+    a fit never sees the images it predicts; repeated assignments are averaged per image in a row."""
+    from benchmarks.many_classes import cross_fitted, fold_assignments, strategy_row
+    from diffusion_classifier.engine.strategies import Exhaustive
+
+    assert [list(part) for part in fold_assignments(6, 2, 1)[0]] == [[1, 3, 5], [0, 2, 4]]
+    assignments = fold_assignments(50, 6, 3)
+    for parts in assignments:
+        assert sorted(np.concatenate(parts)) == list(range(50)) and len(parts) == 6
+    assert not all((a == b).all() for a, b in zip(assignments[0], assignments[1]))
+    assert all((a == b).all() for a, b in zip(assignments[0], fold_assignments(50, 6, 3)[0]))  # seeded
+
+    rng = np.random.default_rng(4)
+    grid = as_schedule(1000).grid(5, 0)
+    errors = 1.0 + 0.1 * rng.random((50, 4, 1, 5))
+    errors[:, 0, 0, 0] = np.arange(50)  # each image's id, where a fit can read it
+    seen = []
+
+    class Fitted:
+        def to_dict(self):
+            return {}
+
+    def fit(held_out):
+        seen.append(set(held_out[:, 0, 0, 0].astype(int)))
+        return Fitted()
+
+    predictions, nfe, _ = cross_fitted(lambda fitted: Exhaustive(5), fit, errors, grid, folds=5, repeats=2)
+    assert predictions.shape == nfe.shape == (2, 50) and (nfe == 4 * 5).all()
+    for held_out, scored in zip(seen, [part for parts in fold_assignments(50, 5, 2) for part in parts]):
+        assert not held_out & set(scored) and len(held_out | set(scored)) == 50
+    labels = np.zeros(3, int)
+    row = strategy_row("r", np.array([[0, 1, 0], [0, 0, 1]]), np.array([[1, 2, 3], [4, 5, 6]]), {}, labels,
+                       np.zeros(3, int))
+    assert row["accuracy"] == pytest.approx(4 / 6) and row["agreement"] == pytest.approx(4 / 6)
+    assert row["repeats"] == 2 and row["nfe_mean_per_repeat"] == [2.0, 5.0] and row["nfe_mean"] == 3.5

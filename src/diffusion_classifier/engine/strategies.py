@@ -509,7 +509,8 @@ class Cascade(Strategy):
     scoring's among them. Optional coarse levels come first (stages with a `family`: an index into
     `families`, CoarseToFine's {coarse label: [class labels]} dicts): a level scores the coarse candidates
     of the groups still holding a class at its own timesteps and keeps the classes of the groups within its
-    gap. A stage is a dict {"timesteps": [...], "max_gap": g, "family": None or an index}.
+    gap; a later level of the same family scores the groups still in at more timesteps and prunes on all of
+    them. A stage is a dict {"timesteps": [...], "max_gap": g, "family": None or an index}.
 
     Fitted, not tuned: `fit_cascade` (shortlists.py) learns the timesteps and gaps from held-out images
     scored exhaustively on the grid. The promise: on images exchangeable with those, the exhaustive winner
@@ -534,7 +535,7 @@ class Cascade(Strategy):
         self.fitted_on = int(fitted_on)  # held-out images it was fitted on (0: set by hand)
         self.calibration = calibration
         # its mean NFE per image on the held-out images that chose its timesteps: for comparing fits, and
-        # optimistic for new images (they cost 10-65% more in benchmarks/many_classes.py)
+        # optimistic for new images (they cost 10-90% more in benchmarks/many_classes.py)
         self.held_out_nfe = held_out_nfe
         self._groups: list[list[tuple[int, list[int]]]] | None = None if self.families else []
 
@@ -562,6 +563,7 @@ class Cascade(Strategy):
         coarse = {row for family in self._groups for row, _ in family}
         alive = [c for c in _candidates(table, candidates) if c not in coarse]
         done: list[int] = []
+        family_done: dict[int, set[int]] = {}  # a family's timesteps scored so far (a later stage may add more)
         for number, stage in enumerate(self.stages):
             if len(alive) <= 1:
                 break
@@ -570,7 +572,11 @@ class Cascade(Strategy):
                 still_in = set(alive)
                 live = [(row, members) for row, members in self._groups[stage["family"]]
                         if not still_in.isdisjoint(members)]
-                yield Round(tuple(row for row, _ in live), tuple(timesteps))
+                seen = family_done.setdefault(stage["family"], set())
+                new = [t for t in timesteps if t not in seen]
+                seen.update(new)
+                if new:  # the groups still live were live at the family's earlier stages: they hold those timesteps
+                    yield Round(tuple(row for row, _ in live), tuple(new))
                 scores = table.class_scores(aggregate)[[row for row, _ in live]]
                 kept = {c for (_, members), gap in zip(live, gaps_to_best(scores)) if gap <= stage["max_gap"]
                         for c in members}
