@@ -56,7 +56,8 @@ def test_a_stored_run_is_named_for_what_it_holds(run):
     assert Path(config["model"]).name in name
     assert config["model_weights_sha256"][:10] in name
     count = config.get("images", config.get("examples"))
-    assert re.search(rf"-(test|train){count}-", name), (name, count)
+    span = re.search(r"-(?:test|train)(\d+)(?:-(\d+))?-", name)  # a count, or a part of a larger pass: start-stop
+    assert span and count == (int(span[2]) - int(span[1]) if span[2] else int(span[1])), (name, count)
     strategy = config["strategy"]
     timesteps = strategy.get("n_timesteps") or len(strategy.get("timesteps", []))
     assert name.endswith((f"grid{timesteps}", f"t{timesteps}")), (name, strategy)
