@@ -504,7 +504,7 @@ def cascade_with_levels(errors, coarse, combined, labels, grid, fine, coarse_lab
         config = {"name": "cascade", "levels": [[f, k] for f, k in levels], "first": first, "miss_rate": miss,
                   "calibration": calibration, "fitted": "cross-fitted", "folds": folds, "repeats": repeats}
         name = level_name(levels, first, miss, calibration, folds, repeats, picked, len(grid))
-        kept = np.concatenate([scored for _, scored in plan[0]])  # the images this row predicts
+        kept = np.sort(np.concatenate([scored for _, scored in plan[0]]))  # the images this row predicts
         rows.append(strategy_row(name, predictions[:, kept], nfe[:, kept], config, labels[kept], exhaustive[kept],
                                  fits))
     return rows

@@ -333,12 +333,13 @@ def _cheapest_scales(winner_gaps: np.ndarray, shape: list, rest: int, miss_rate:
     halves = [np.arange(0, winner_gaps.shape[1], 2), np.arange(1, winner_gaps.shape[1], 2)]
     rate = max(miss_rate, 1 / len(halves[1]))  # the halves are small; a rate they cannot bound takes their largest
 
+    shapes = [[(new, group_of, scores[use]) for new, group_of, scores in shape] for use in halves]
+
     def cost(scales):
         total = 0.0
-        for fit, use in (halves, halves[::-1]):
+        for fit, use, use_shape in ((halves[0], halves[1], shapes[1]), (halves[1], halves[0], shapes[0])):
             factor = conformal_quantile((winner_gaps[:, fit] / scales[:, None]).max(axis=0), rate)
-            total += _pruned_cost([(new, group_of, scores[use]) for new, group_of, scores in shape], factor * scales,
-                                  rest) * len(use)
+            total += _pruned_cost(use_shape, factor * scales, rest) * len(use)
         return total / winner_gaps.shape[1]
 
     best = min(((cost(scales), scales) for scales in candidates), key=lambda pair: pair[0])
