@@ -418,6 +418,72 @@ def test_calibrate_fits_a_cascade_that_evaluate_uses(models, tmp_path, capsys):
     assert code != 0 and "--first goes with --cascade" in capsys.readouterr().err
 
 
+def test_calibrate_fits_coarse_levels_from_a_run_that_scored_the_coarse_labels(models, tmp_path, capsys):
+    """calibrate --cascade --families: the coarse labels' rows of one exhaustive run feed the levels (the same fit as
+    fit_cascade on those rows), the other labels are the classes; evaluate then runs the cascade on the classes."""
+    from diffusion_classifier.cli import main
+    from diffusion_classifier.engine.shortlists import fit_cascade
+    from diffusion_classifier.store import read_run
+    from diffusion_classifier.tasks import task_of
+
+    from .conftest import image_folder
+
+    classes = ["red cat", "red dog", "blue cat", "blue dog", "green cat", "green dog"]
+    colour = {f"a {c} thing": [f"{c} cat", f"{c} dog"] for c in ("red", "blue", "green")}
+    animal = {"a cat": classes[0::2], "a dog": classes[1::2]}
+    (tmp_path / "families.json").write_text(json.dumps([colour, animal]))
+    data = image_folder(tmp_path / "data", classes, 2, size=8, mode="L")
+    run_dir = tmp_path / "run"
+    scoring = ["--model", str(models["pixel_text"]), "--template", "a photo of {}.", "--quiet"]
+    assert main(["evaluate", "--data", str(data), "--out", str(run_dir), "--timesteps", "8", *scoring,
+                 "--labels", ",".join([*animal, *classes, *colour])]) == 0  # coarse labels anywhere among the classes
+    capsys.readouterr()
+    code = main(["calibrate", str(run_dir), "--cascade", "--families", str(tmp_path / "families.json"),
+                 "--levels", "1:1", "0:1/2", "1:2", "--first", "1", "--miss-rate", "0.5", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    description = json.loads(out.strip().splitlines()[-1])
+    assert [stage["family"] for stage in description["stages"][:3]] == [0, 1, 0]
+    assert description["families"] == [animal, colour]  # in the order the levels first use them
+    assert all(stage["family"] is None for stage in description["stages"][3:])
+
+    code = main(["calibrate", str(run_dir), "--cascade", "--families", str(tmp_path / "families.json"),
+                 "--miss-rate", "0.5", "--json"])  # the defaults: each family twice (2, then 4 more), first 1-3
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    default = json.loads(out.strip().splitlines()[-1])
+    assert [(stage["family"], len(stage["timesteps"])) for stage in default["stages"][:4]] == [
+        (0, 2), (0, 4), (1, 2), (1, 4)]
+    assert default["families"] == [colour, animal] and 1 <= len(default["stages"][4]["timesteps"]) <= 3
+
+    config, rows = read_run(run_dir)
+    errors, grid = task_of(config).error_grids(config, rows)
+    row = {label: i for i, label in enumerate(config["labels"])}
+    direct = fit_cascade(errors[:, [row[c] for c in classes]], grid, 0.5, 1, labels=classes,
+                         levels=[(animal, errors[:, [row[g] for g in animal]], 1),
+                                 (colour, errors[:, [row[g] for g in colour]], [1, 2]),
+                                 (animal, errors[:, [row[g] for g in animal]], 2)])
+    assert direct.describe() == description
+
+    code = main(["evaluate", "--data", str(data), "--out", str(tmp_path / "fast"), *scoring, "--labels",
+                 ",".join(classes), "--strategy", "cascade", "--cascade", str(run_dir), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["images"] == 12
+
+    (tmp_path / "more.json").write_text(json.dumps({**colour, "a purple thing": ["red cat"]}))
+    (tmp_path / "stray.json").write_text(json.dumps({"a cat": ["red cat", "pink cat"], "a dog": classes[1::2]}))
+    for argv, message in ((["--families", str(tmp_path / "more.json")], "did not score the coarse label 'a purple"),
+                          (["--families", str(tmp_path / "stray.json")], "holds 'pink cat', which is not a class"),
+                          (["--families", str(tmp_path / "families.json"), "--levels", "2:2"], "names family 2"),
+                          (["--families", str(tmp_path / "families.json"), "--levels", "0-2"], "FAMILY:TIMESTEPS"),
+                          (["--levels", "0:2"], "--levels goes with --families")):
+        code = main(["calibrate", str(run_dir), "--cascade", "--miss-rate", "0.5", *argv])
+        assert code != 0 and message in capsys.readouterr().err
+    code = main(["calibrate", str(run_dir), "--families", str(tmp_path / "families.json")])
+    assert code != 0 and "--families goes with --cascade" in capsys.readouterr().err
+
+
 def test_the_benchmarks_cross_fitting_predicts_each_image_by_fits_it_took_no_part_in():
     """benchmarks/many_classes.py: each fold assignment splits the images into folds that each image is in once;
     a fit never sees the images it predicts; repeated assignments are averaged per image in a row."""

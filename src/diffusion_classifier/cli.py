@@ -558,8 +558,16 @@ def _add_calibrate(sub) -> None:
                    help="instead: fit a cascade for --strategy cascade on an exhaustive run (many candidates): its "
                    "stages' timesteps and gaps; writes RUN_DIR/cascade.json")
     p.add_argument("--first", type=int, nargs="+", default=None, metavar="K",
-                   help="with --cascade: timesteps of its first stage (default 1); several: the one whose cost on "
-                   "the held-out images is lowest")
+                   help="with --cascade: timesteps of its first stage (default 1, with --families 1 2 3); several: "
+                   "the one whose cost on the held-out images is lowest")
+    p.add_argument("--families", metavar="FILE",
+                   help="with --cascade: coarse levels before the fine stages, from a JSON file of families "
+                   "({coarse label: [class labels]}, or a list of them); RUN_DIR must have scored each coarse label "
+                   "as a candidate beside the classes (evaluate --labels naming both)")
+    p.add_argument("--levels", nargs="+", metavar="F:K", default=None,
+                   help="with --families: the coarse levels in order, each family F (numbered from 0) with K "
+                   "timesteps, or options K/K/... chosen on held-out images; a family given again adds timesteps "
+                   "for its groups still in (default: each family twice, F:2 F:4)")
     p.add_argument("--miss-rate", type=float, default=None,
                    help="with --first-look or --cascade: chance of leaving out the exhaustive winner (default 0.02 "
                    "for a first look, 0.05 for a cascade)")
@@ -579,14 +587,22 @@ def cmd_calibrate(args) -> int:
         raise UserError("--first goes with --cascade")
     if args.look_run is not None and args.first_look is None:
         raise UserError("--look-run goes with --first-look")
+    if args.families is not None and not args.cascade:
+        raise UserError("--families goes with --cascade")
+    if args.levels is not None and args.families is None:
+        raise UserError("--levels goes with --families")
     if args.cascade:
-        cascade = cascade_of_run(args.run_dir, args.first or [1], 0.05 if args.miss_rate is None else args.miss_rate)
+        families = _families(args.families) if args.families else None
+        levels = [_level(spec) for spec in args.levels] if args.levels else None
+        cascade = cascade_of_run(args.run_dir, args.first, 0.05 if args.miss_rate is None else args.miss_rate,
+                                 families, levels)
         if args.json:
             print(json.dumps(cascade.describe()))
         else:
             from pathlib import Path
 
-            stages = "; ".join(f"{len(stage['timesteps'])} timesteps, gap {stage['max_gap']:.3g}"
+            stages = "; ".join(("" if stage["family"] is None else f"family {stage['family']}: ")
+                               + f"{len(stage['timesteps'])} timesteps, gap {stage['max_gap']:.3g}"
                                for stage in cascade.stages)
             print(f"cascade of {len(cascade.stages)} stages ({stages}), then the rest of the {cascade.grid}-point "
                   f"grid; {cascade.held_out_nfe:.0f} NFE per image on the held-out images that chose its timesteps "
@@ -617,6 +633,29 @@ def cmd_calibrate(args) -> int:
             print(f"  {when:<18} on {result['held_out_images']} held-out images: NLL {result[when]['nll']:.4f}  "
                   f"ECE {result[when]['ece']:.4f}")
     return 0
+
+
+def _families(path: str) -> list[dict]:
+    families = _read_json(path, "families")
+    families = [families] if isinstance(families, dict) else families
+    if not isinstance(families, list) or not families or not all(
+            isinstance(family, dict) and family and all(
+                isinstance(members, list) and members and all(isinstance(m, str) for m in members)
+                for members in family.values()) for family in families):
+        raise UserError(f"{path}: families are {{coarse label: [class labels]}} objects (one, or a list of them)")
+    return families
+
+
+def _level(spec: str) -> tuple[int, list[int]]:
+    """'F:K' or 'F:K/K/...' (a family and its timesteps, or options) as (F, [K, ...])."""
+    family, _, options = spec.partition(":")
+    try:
+        level = int(family), [int(k) for k in options.split("/")]
+    except ValueError:
+        level = None
+    if level is None or level[0] < 0 or min(level[1]) < 1:
+        raise UserError(f"--levels takes FAMILY:TIMESTEPS such as 0:2 or 1:2/4, not {spec!r}")
+    return level
 
 
 class _HelpFormatter(argparse.HelpFormatter):

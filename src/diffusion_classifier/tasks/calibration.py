@@ -163,17 +163,69 @@ def first_look_of_run(run_dir: str | Path, n_timesteps: int = 2, miss_rate: floa
 CASCADE_FILE = "cascade.json"
 
 
-def cascade_of_run(run_dir: str | Path, first: int | list[int] = 1, miss_rate: float = 0.05):
+# each family twice (2 timesteps for every group, then 4 more for the groups still in) and a first fine stage of
+# 1-3 timesteps chosen on held-out images: the structure that cost least at 1,000 classes (docs/results.md)
+DEFAULT_LEVELS = ((2,), (4,))
+DEFAULT_FIRST_WITH_LEVELS = (1, 2, 3)
+
+
+def cascade_of_run(run_dir: str | Path, first: int | list[int] | None = None, miss_rate: float = 0.05,
+                   families: list[dict] | None = None, levels: list[tuple[int, list[int]]] | None = None):
     """Fit a cascade (shortlists.fit_cascade, its stages by default; `first` one size or options) on an exhaustive
-    run's errors; write RUN_DIR/cascade.json. As for a first look, the run's labels are not used."""
+    run's errors; write RUN_DIR/cascade.json. As for a first look, the run's labels are not used.
+
+    With `families` (CoarseToFine's {coarse label: [class labels]} dicts) the cascade has coarse levels: the run
+    must have scored every coarse label as a candidate beside the classes (evaluate --labels naming both); the
+    classes are the run's other labels. `levels`: (family index, timesteps or options) per level, in order (default
+    each family twice, DEFAULT_LEVELS); `first` defaults to 1, or to options 1-3 with levels."""
     from ..engine.shortlists import fit_cascade
     from . import task_of
 
     config, rows = read_run(run_dir)
     errors, grid = task_of(config).error_grids(config, rows)
-    cascade = fit_cascade(errors, grid, miss_rate, first, aggregate=config.get("aggregate", "min"))
+    aggregate = config.get("aggregate", "min")
+    if not families:
+        if levels:
+            raise UserError("coarse levels need the families they score (--families)")
+        cascade = fit_cascade(errors, grid, miss_rate, 1 if first is None else first, aggregate=aggregate)
+    else:
+        labels = _run_labels(config, errors.shape[1], run_dir)
+        classes, coarse_errors = _split_coarse(labels, errors, families, run_dir)
+        if levels is None:
+            levels = [(f, list(ks)) for f in range(len(families)) for ks in DEFAULT_LEVELS]
+        for number, _ in levels:
+            if not 0 <= number < len(families):
+                raise UserError(f"a coarse level names family {number}; there are {len(families)} (numbered from 0)")
+        fine = errors[:, [labels.index(c) for c in classes]]
+        cascade = fit_cascade(fine, grid, miss_rate, list(DEFAULT_FIRST_WITH_LEVELS) if first is None else first,
+                              aggregate=aggregate, labels=classes,
+                              levels=[(families[f], coarse_errors[f], ks) for f, ks in levels])
     cascade.save(Path(run_dir) / CASCADE_FILE)
     return cascade
+
+
+def _run_labels(config: dict, candidates: int, run_dir: str | Path) -> list[str]:
+    labels = config.get("labels")
+    if not isinstance(labels, list) or len(labels) != candidates:
+        raise UserError(f"{run_dir} does not record its {candidates} candidates' labels")
+    return [str(label) for label in labels]
+
+
+def _split_coarse(labels: list[str], errors: np.ndarray, families: list[dict], run_dir: str | Path):
+    """(the class labels: the run's labels no family names as coarse, each family's coarse errors in its order)."""
+    coarse = {label for family in families for label in family}
+    missing = sorted(coarse - set(labels))
+    if missing:
+        raise UserError(f"{run_dir} did not score the coarse label {missing[0]!r}: evaluate with --labels (or "
+                        "--labels-file) naming the classes and every coarse label")
+    classes = [label for label in labels if label not in coarse]
+    known = set(classes)
+    for family in families:
+        for group, members in family.items():
+            stray = [m for m in members if m not in known]
+            if stray:
+                raise UserError(f"coarse group {group!r} holds {stray[0]!r}, which is not a class of {run_dir}")
+    return classes, [errors[:, [labels.index(group) for group in family]] for family in families]
 
 
 def fitted_on(run_dir: str | Path) -> dict:
