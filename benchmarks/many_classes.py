@@ -259,12 +259,16 @@ def as_grid(points: int) -> list[int]:
     return as_schedule(1000).grid(points, 0)
 
 
-def replayed_fine(strategy, errors: np.ndarray, grid: list[int], n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def replayed_fine(strategy, errors: np.ndarray, grid: list[int], n_classes: int,
+                  coarse_rows: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """As replayed, for tables whose rows past the classes are coarse candidates (never predicted); a coarse
-    candidate asked for at a timestep the coarse pass did not score would read NaN, which is refused."""
+    candidate asked for at a timestep the coarse pass did not score would read NaN, which is refused.
+    `coarse_rows`: the coarse rows the strategy scores (default every row past the classes): the others are left
+    out, as a classifier holds only its strategy's coarse candidates (a cascade takes any other row for a class)."""
+    candidates = None if coarse_rows is None else list(range(n_classes)) + list(coarse_rows)
     predictions, nfe = [], []
     for e in errors:
-        table = replay(strategy, e, grid)
+        table = replay(strategy, e, grid, candidates=candidates)
         if np.isnan(table.errors[table.evaluated]).any():
             raise SystemExit("a strategy asked for coarse errors the coarse pass did not score")
         predictions.append(next(c for c in table.ranking() if c < n_classes))
@@ -448,17 +452,31 @@ LEVEL_CASCADES = ((LEVELS_ONCE, 1, 0.1, "union", 2, 1), (LEVELS_CHOSEN, 1, 0.1, 
                   (LEVELS_TWICE, 3, 0.05, "joint", "fresh", 1), (LEVELS_TWICE_CHOSEN, 3, 0.05, "joint", "fresh", 1))
 # LEVELS_TWICE was chosen looking at composites 0-599; the "fresh" rows test it on composites scored afterwards
 FRESH_FROM = 600
+# with --learned-coarse: its families (learn-coarse: "*, b, *" then "*, *, c", the model's training never named
+# them) follow the model's two, so family 3 is the third item; it goes after the first item, before the first two
+LEVELS_THIRD = ((0, 2), (0, 4), (3, 2), (3, 4), (1, 2), (1, 4))
+LEARNED_CASCADES = ((LEVELS_THIRD, 3, 0.05, "joint", 6, 3), (LEVELS_THIRD, 3, 0.05, "joint", "fresh", 1))
 
 
-def level_name(levels, first, miss, calibration, folds, repeats, picked, grid: int) -> str:
+def family_name(family: dict) -> str:
+    """A triples family by the positions its coarse labels name: "first item", "first two", and those a triples
+    model's training never names (learn-coarse's): "third item (learned)", ..."""
+    known = tuple(part != "*" for part in next(iter(family)).split(", "))
+    return {(True, False, False): "first item", (True, True, False): "first two",
+            (False, True, False): "middle item (learned)", (False, False, True): "third item (learned)"}.get(
+        known, "a family")
+
+
+def level_name(levels, first, miss, calibration, folds, repeats, picked, grid: int,
+               names=("first item", "first two")) -> str:
     """A row's name: each coarse level's timesteps (options chosen on held-out images: "1/2/3"; a family's return:
-    "+4"), the fine stages after them and how the cascade was fitted."""
+    "+4"), the fine stages after them and how the cascade was fitted. `names`: the families' names."""
     from diffusion_classifier.engine.shortlists import doubling_stages
 
     seen, parts = set(), []
     for family, k in levels:
         count = str(k) if isinstance(k, int) else "/".join(map(str, k))
-        parts.append(f"{'first item' if family == 0 else 'first two'} at {'+' if family in seen else ''}{count}")
+        parts.append(f"{names[family]} at {'+' if family in seen else ''}{count}")
         seen.add(family)
     chosen = any(not isinstance(k, int) for _, k in levels)
     at = ", ".join(parts) + (f" timesteps (chosen on held-out: {picked})" if chosen else " timesteps")
@@ -495,15 +513,17 @@ def cascade_with_levels(errors, coarse, combined, labels, grid, fine, coarse_lab
                                  for f, k in levels]
                 cascade = fit_cascade(errors[held_out], grid, miss, first, labels=fine, levels=fitted_levels,
                                       calibration=calibration).resolve(fine + coarse_labels)
+                rows_used = [len(fine) + column[c] for c in cascade.extra_candidates()]
                 predictions[repeat, scored], nfe[repeat, scored] = replayed_fine(cascade, combined[scored], grid,
-                                                                                  len(fine))
+                                                                                  len(fine), rows_used)
                 if repeat == 0 and len(fits) < 2:
                     fits.append(cascade.describe() | {"families": f"{len(families)} levels of coarse classes"})
         picked = " and ".join("/".join(str(len(stage["timesteps"])) for stage in fit["stages"][:len(levels)])
                               for fit in fits)
         config = {"name": "cascade", "levels": [[f, k] for f, k in levels], "first": first, "miss_rate": miss,
                   "calibration": calibration, "fitted": "cross-fitted", "folds": folds, "repeats": repeats}
-        name = level_name(levels, first, miss, calibration, folds, repeats, picked, len(grid))
+        name = level_name(levels, first, miss, calibration, folds, repeats, picked, len(grid),
+                          [family_name(f) for f in families])
         kept = np.sort(np.concatenate([scored for _, scored in plan[0]]))  # the images this row predicts
         rows.append(strategy_row(name, predictions[:, kept], nfe[:, kept], config, labels[kept], exhaustive[kept],
                                  fits))
@@ -632,6 +652,9 @@ def section_thousand(args, out: dict) -> None:
     cache = f"many_classes_triples_coarse_grid_{model_fingerprint(model)[:10]}.npz"  # one per model
     coarse = cached_errors(cache, model, lambda: denoiser, coarse_labels, None,
                            every_part, len(errors), grid, args)
+    # learn-coarse's families for the same network: scored and cached like the model's own, levels of their own
+    learned = learned_coarse(args.learned_coarse, denoiser, every_part, len(errors), grid, args) if (
+        args.learned_coarse) else None
     if args.store_only:
         return
     strategies = {f"exhaustive {k} (even subset)": FixedTimesteps(even_subset(grid, k)) for k in (2, 5)
@@ -640,17 +663,25 @@ def section_thousand(args, out: dict) -> None:
     strategies["staged (the paper's ImageNet schedule shape: keep 500/50/10/1)"] = Staged(
         [max(1, grid_size // 20), max(1, grid_size // 10), grid_size // 2, grid_size], [500, 50, 10, 1])
     strategies[f"elimination {args.error_rate}, t bound"] = Elimination(args.error_rate, max_timesteps=grid_size)
+    families, coarse_labels = triples.coarse_families(names), list(coarse_labels)
     combined = with_coarse(errors, grid, coarse, grid)
-    families = triples.coarse_families(names)
     rows = compare(errors, labels, grid, strategies, args, 400,
-                   (combined, families, fine + list(coarse_labels), coarse_points),
+                   (combined, families, fine + coarse_labels, coarse_points),
                    cascades=((1, 0.1, "union"), (1, 0.1, "joint")))
-    out["thousand"] = rows + cascade_with_levels(errors, coarse, combined, labels, grid, fine, list(coarse_labels),
-                                                 families)
+    cascades = LEVEL_CASCADES
+    if learned:  # the model's families, then the learned ones (LEARNED_CASCADES number them so)
+        learned_families, learned_labels, learned_errors = learned
+        coarse, coarse_labels = np.concatenate([coarse, learned_errors], axis=1), coarse_labels + learned_labels
+        families, cascades = families + learned_families, LEVEL_CASCADES + LEARNED_CASCADES
+        combined = with_coarse(errors, grid, coarse, grid)
+    out["thousand"] = rows + cascade_with_levels(errors, coarse, combined, labels, grid, fine, coarse_labels,
+                                                 families, cascades)
     exhaustive = errors[:, :, 0].mean(axis=2).argmin(axis=1)
     out["thousand_meta"] = {"images": len(errors), "grid": grid_size, "classes": triples.FINE, "model": str(model),
                             "weights": model_fingerprint(model), "coarse_grid": coarse_points,
                             "exhaustive_accuracy": float(np.mean(exhaustive == labels))}
+    if LEARNED_META:
+        out["thousand_meta"]["learned_coarse"] = dict(LEARNED_META)
     summary = Path(model) / "training_summary.json"  # a local training run says how it was trained
     if summary.is_file():
         trained = json.loads(summary.read_text())
@@ -658,6 +689,35 @@ def section_thousand(args, out: dict) -> None:
         out["thousand_meta"]["training"] = (
             f"{config['architecture']} at {config['resolution']} px, {trained['epochs']:.0f} epochs of 60,000 "
             f"composites in {trained['train_seconds'] / 60:.0f} {trained['device'].upper()}-minutes")
+
+
+def learned_coarse(directory: str, denoiser, every_part, n: int, grid: list[int], args):
+    """(families, labels, errors [n, labels, 1, grid]) of a learn-coarse model extending `denoiser` (refused unless its
+    network and classes are the same, so the stored fine pass stands for it), its new classes cached like the
+    model's own coarse ones; its training summary goes in the section's metadata."""
+    import torch
+
+    from diffusion_classifier import load_denoiser
+    from diffusion_classifier.training.coarse import FAMILIES_FILE
+
+    extended = load_denoiser(directory, device=denoiser.device, dtype=args.dtype)
+    names = denoiser.class_names
+    base, other = denoiser.network.state_dict(), extended.network.state_dict()
+    same = extended.class_names[:len(names)] == names and set(base) == set(other) and all(
+        torch.equal(base[k], other[k][:len(base[k])] if k == "class_embedding.weight" else other[k]) for k in base)
+    if not same:
+        raise SystemExit(f"{directory} does not extend {args.triples_model} (learn-coarse --model it writes one)")
+    families = json.loads((Path(directory) / FAMILIES_FILE).read_text())
+    labels = list(extended.class_names[len(names):])
+    cache = f"many_classes_triples_learned_grid_{model_fingerprint(directory)[:10]}.npz"
+    errors = cached_errors(cache, directory, lambda: extended, labels, None, every_part, n, grid, args)
+    summary = Path(directory) / "coarse_summary.json"
+    LEARNED_META.update(json.loads(summary.read_text()) if summary.is_file() else {}, model=str(directory),
+                        weights=model_fingerprint(directory), families=[family_name(f) for f in families])
+    return families, labels, errors
+
+
+LEARNED_META: dict = {}
 
 
 def main() -> None:
@@ -674,6 +734,8 @@ def main() -> None:
     parser.add_argument("--triples-model", help="thousand: a model trained with `train --layout triples`")
     parser.add_argument("--thousand-images", type=int, default=300)
     parser.add_argument("--thousand-grid", type=int, default=20, help="thousand: the exhaustive pass's grid")
+    parser.add_argument("--learned-coarse", help="thousand: a learn-coarse model extending --triples-model (its "
+                        "coarse families, e.g. the third item, become levels of their own rows)")
     parser.add_argument("--coarse", action="store_true", help="strategies: add the coarse-to-fine rows (scores the "
                         "20 partial captions at 10 timesteps of the stored images first, cached); pass: score them "
                         "after the pass")

@@ -520,6 +520,12 @@ def render_many_classes(many):
               "coarse levels choose theirs from all of it; first-look and cascade rows fitted on the other half of "
               "the images unless they say otherwise, averaged per image over the random fold assignments they name; "
               "a max_nfe caps what follows the first look)\n")
+        learned = meta.get("learned_coarse")
+        if learned:
+            print(f"Rows naming a learned family also score the coarse classes `learn-coarse` added to the same "
+                  f"model ({', '.join(learned['families'])}: {learned['coarse_labels']} classes, {learned['steps']:,} "
+                  f"steps in {learned['seconds'] / 60:.0f} CPU-minutes, the network frozen, so the 1,000 classes "
+                  "score as in the pass), on the whole grid.\n")
         print(f"| strategy | accuracy | vs exhaustive-{meta['grid']} (paired) | agrees with exhaustive-{meta['grid']} "
               "| mean NFE | p95 NFE |")
         print("|---|---|---|---|---|---|")

@@ -432,6 +432,8 @@ def test_calibrate_fits_coarse_levels_from_a_run_that_scored_the_coarse_labels(m
     colour = {f"a {c} thing": [f"{c} cat", f"{c} dog"] for c in ("red", "blue", "green")}
     animal = {"a cat": classes[0::2], "a dog": classes[1::2]}
     (tmp_path / "families.json").write_text(json.dumps([colour, animal]))
+    (tmp_path / "colour.json").write_text(json.dumps(colour))
+    (tmp_path / "animal.json").write_text(json.dumps([animal]))
     data = image_folder(tmp_path / "data", classes, 2, size=8, mode="L")
     run_dir = tmp_path / "run"
     scoring = ["--model", str(models["pixel_text"]), "--template", "a photo of {}.", "--quiet"]
@@ -447,8 +449,9 @@ def test_calibrate_fits_coarse_levels_from_a_run_that_scored_the_coarse_labels(m
     assert description["families"] == [animal, colour]  # in the order the levels first use them
     assert all(stage["family"] is None for stage in description["stages"][3:])
 
-    code = main(["calibrate", str(run_dir), "--cascade", "--families", str(tmp_path / "families.json"),
-                 "--miss-rate", "0.5", "--json"])  # the defaults: each family twice (2, then 4 more), first 1-3
+    code = main(["calibrate", str(run_dir), "--cascade", "--families", str(tmp_path / "colour.json"),
+                 str(tmp_path / "animal.json"), "--miss-rate", "0.5", "--json"])  # the defaults: each family twice
+    # (2, then 4 more), first 1-3; two files: their families in order
     out, err = capsys.readouterr()
     assert code == 0, err
     default = json.loads(out.strip().splitlines()[-1])
@@ -520,3 +523,20 @@ def test_the_benchmarks_cross_fitting_predicts_each_image_by_fits_it_took_no_par
                        np.zeros(3, int))
     assert row["accuracy"] == pytest.approx(4 / 6) and row["agreement"] == pytest.approx(4 / 6)
     assert row["repeats"] == 2 and row["nfe_mean_per_repeat"] == [2.0, 5.0] and row["nfe_mean"] == 3.5
+
+
+def test_the_benchmarks_replay_leaves_out_coarse_rows_the_cascade_does_not_score():
+    """benchmarks/many_classes.py: a cascade takes any candidate outside its families for a class, so a replay on a
+    table holding other families' coarse rows must leave them out, as a classifier would never hold them."""
+    from benchmarks.many_classes import replayed_fine, with_coarse
+    from diffusion_classifier import Cascade
+
+    rng = np.random.default_rng(0)
+    grid = [100, 300, 500, 700, 900]
+    errors = rng.random((3, 4, 1, 5)) + 1.0
+    other_family = rng.random((3, 2, 1, 5)) + 1.0  # two coarse rows of a family this cascade does not use
+    cascade = Cascade([{"timesteps": [500], "max_gap": 1e9}], grid=5, miss_rate=0.1)
+    alone = replayed_fine(cascade, errors, grid, 4)
+    combined = with_coarse(errors, grid, other_family, grid)
+    np.testing.assert_array_equal(replayed_fine(cascade, combined, grid, 4, coarse_rows=[])[1], alone[1])
+    assert (replayed_fine(cascade, combined, grid, 4)[1] > alone[1]).all()  # what the benchmark counted before

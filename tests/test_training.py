@@ -496,3 +496,74 @@ def test_triples_test_composites_extend_without_changing_the_first_ones():
     items = large[:, 0, 0::4].astype(int) + 256 * large[:, 0, 1::4].astype(int)  # the items of each composite
     assert len(np.unique(items)) == items.size
     assert ((items // 40) == np.stack([large_ids // 100, large_ids // 10 % 10, large_ids % 10], axis=1)).all()
+
+
+def _fine_errors(model, labels, image) -> np.ndarray:
+    from diffusion_classifier.engine.strategies import FixedTimesteps
+
+    clf = DiffusionClassifier.from_pretrained(model, labels=labels, strategy=FixedTimesteps([100, 500, 900]))
+    return clf.classify(image)[0].errors
+
+
+def test_learn_coarse_adds_trained_rows_and_leaves_the_classes_as_they_were(models, tmp_path, capsys):
+    """learn-coarse: one new class per coarse label (its row moved off its members' mean by training), the
+    families written beside the model, and the model's own classes scoring exactly as before."""
+    from .conftest import CLASSES, image_folder
+
+    base = models["pixel_class"]
+    families = [{"a pet": ["cat", "dog"], "a wild one": ["bird", "fish"]}, {"a swimmer": ["fish"]}]
+    (tmp_path / "families.json").write_text(json.dumps(families))
+    data = image_folder(tmp_path / "data", CLASSES, 3, size=8, mode="L")
+    code = main(["learn-coarse", "--model", str(base), "--families", str(tmp_path / "families.json"), "--data",
+                 str(data), "--out", str(tmp_path / "out"), "--max-steps", "3", "--batch-size", "4", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 3
+    extended, original = load_denoiser(tmp_path / "out"), load_denoiser(base)
+    assert extended.class_names == [*CLASSES, "a pet", "a wild one", "a swimmer"]
+    assert json.loads((tmp_path / "out" / "coarse_families.json").read_text()) == families
+    rows, old = extended.network.class_embedding.weight.detach(), original.network.class_embedding.weight.detach()
+    torch.testing.assert_close(rows[:4], old, rtol=0, atol=0)
+    start = torch.stack([old[[0, 1]].mean(0), old[[2, 3]].mean(0), old[3]])
+    assert (rows[4:] - start).abs().amax(dim=1).min() > 1e-4  # every new row was trained
+    image = random_images(1, size=8, mode="L")
+    np.testing.assert_array_equal(_fine_errors(tmp_path / "out", CLASSES, image), _fine_errors(base, CLASSES, image))
+    clf = DiffusionClassifier.from_pretrained(tmp_path / "out", labels=CLASSES + ["a pet"], strategy=Exhaustive(2))
+    assert np.isfinite(clf.classify(image)[0].errors).all()
+
+    for bad, message in (([{"cat": ["dog"]}], "'cat' is already a class"),
+                         ([{"a thing": ["cat", "horse"]}], "'horse', which is not a class"),
+                         ([{"a thing": []}], "families are")):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        code = main(["learn-coarse", "--model", str(base), "--families", str(tmp_path / "bad.json"), "--data",
+                     str(data), "--out", str(tmp_path / "out2"), "--max-steps", "1", "--quiet"])
+        assert code != 0 and message in capsys.readouterr().err
+    code = main(["learn-coarse", "--model", str(base), "--families", str(tmp_path / "families.json"), "--data",
+                 str(data), "--out", str(data), "--max-steps", "1", "--quiet"])
+    assert code != 0 and "not written by learn-coarse" in capsys.readouterr().err
+    code = main(["learn-coarse", "--model", str(models["pixel_text"]), "--families", str(tmp_path / "families.json"),
+                 "--data", str(data), "--out", str(tmp_path / "out3"), "--max-steps", "1", "--quiet"])
+    assert code != 0 and "class-conditional UNet" in capsys.readouterr().err
+
+
+def test_learn_coarse_on_a_triples_model_learns_classes_its_training_never_named(tmp_path):
+    """The triples layout: composites drawn as the model trained; "*, *, c" groups (third item only) become classes
+    the coarse levels of a cascade can score, the 1,110 trained ones untouched."""
+    from diffusion_classifier.training import triples
+    from diffusion_classifier.training.coarse import learn_coarse_classes
+
+    items = _pair_items()
+    items = LabelledImages(items.items, items.labels, [f"item{c}" for c in range(10)], items.ids)
+    config = TrainConfig(conditioning="class", architecture="class-tiny", layout="triples", resolution=8,
+                         batch_size=8, warmup_steps=1, checkpoint_minutes=100, max_steps=1)
+    train(items, tmp_path / "m", config, progress=False)
+    names = load_denoiser(tmp_path / "m").class_names
+    third = {f"*, *, item{c}": [n for n in names[:triples.FINE] if n.endswith(f", item{c}")] for c in range(10)}
+    summary = learn_coarse_classes(tmp_path / "m", [third], items, tmp_path / "out", layout="triples", max_steps=2,
+                                   batch_size=8, progress=None)
+    assert summary["steps"] == 2 and summary["coarse_labels"] == 10
+    extended = load_denoiser(tmp_path / "out")
+    assert extended.num_classes == triples.N_CLASSES + 10 and extended.class_names[-1] == "*, *, item9"
+    image = random_images(1, size=24, mode="L")
+    np.testing.assert_array_equal(_fine_errors(tmp_path / "out", names[:20], image),
+                                  _fine_errors(tmp_path / "m", names[:20], image))

@@ -54,6 +54,48 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _add_learn_coarse(sub) -> None:
+    p = sub.add_parser("learn-coarse", help="learn coarse classes for a trained class-conditional model",
+                       description="Add coarse classes (groups of the model's classes, for cascade levels) to a "
+                                   "class-conditional UNet model: one new class-embedding row each, fitted by the "
+                                   "denoising loss on images of its members with the network frozen, so the "
+                                   "model's own classes score exactly as before. Writes the extended model and "
+                                   "its families (coarse_families.json) to --out.")
+    p.add_argument("--model", required=True, help="a class-conditional UNet pipeline (train --conditioning class)")
+    p.add_argument("--families", required=True, metavar="FILE",
+                   help="JSON file of families: {coarse label: [class names]} (or a list of them); new labels only")
+    p.add_argument("--data", required=True, help="'fashion-mnist' or an ImageFolder directory named by the classes")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="split of a built-in dataset")
+    p.add_argument("--layout", default="single", choices=["single", "triples"],
+                   help="triples: the data are items, drawn into three-item composites as a triples model trained")
+    p.add_argument("--out", required=True, help="output directory (the extended model)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training time (default 10)")
+    p.add_argument("--max-steps", type=_at_least_one, default=None, help="stop after this many steps instead")
+    p.add_argument("--batch-size", type=_at_least_one, default=128, help="images per step (default 128)")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate of the new rows (default 3e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the batches, coarse labels and noise")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def cmd_learn_coarse(args) -> int:
+    import json
+
+    from .data import load_dataset
+    from .training.coarse import learn_coarse_classes
+
+    if args.minutes <= 0 or args.lr <= 0:
+        raise UserError("--minutes and --lr must be positive")
+    families = _families(args.families)
+    dataset = load_dataset(args.data, args.split)
+    summary = learn_coarse_classes(args.model, families, dataset, args.out, args.layout, args.minutes,
+                                   args.max_steps, args.batch_size, args.lr, args.seed, args.threads, args.device,
+                                   progress=None if args.quiet else lambda line: print(line, flush=True))
+    print(json.dumps(summary))
+    return 0
+
+
 def _at_least_one(text: str) -> int:
     try:
         value = int(text)
@@ -560,10 +602,11 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--first", type=int, nargs="+", default=None, metavar="K",
                    help="with --cascade: timesteps of its first stage (default 1, with --families 1 2 3); several: "
                    "the one whose cost on the held-out images is lowest")
-    p.add_argument("--families", metavar="FILE",
-                   help="with --cascade: coarse levels before the fine stages, from a JSON file of families "
-                   "({coarse label: [class labels]}, or a list of them); RUN_DIR must have scored each coarse label "
-                   "as a candidate beside the classes (evaluate --labels naming both)")
+    p.add_argument("--families", metavar="FILE", nargs="+",
+                   help="with --cascade: coarse levels before the fine stages, from JSON files of families "
+                   "({coarse label: [class labels]}, or a list of them; several files: their families in order, "
+                   "e.g. learn-coarse's coarse_families.json after the model's own); RUN_DIR must have scored each "
+                   "coarse label as a candidate beside the classes (evaluate --labels naming both)")
     p.add_argument("--levels", nargs="+", metavar="F:K", default=None,
                    help="with --families: the coarse levels in order, each family F (numbered from 0) with K "
                    "timesteps, or options K/K/... chosen on held-out images; a family given again adds timesteps "
@@ -592,7 +635,7 @@ def cmd_calibrate(args) -> int:
     if args.levels is not None and args.families is None:
         raise UserError("--levels goes with --families")
     if args.cascade:
-        families = _families(args.families) if args.families else None
+        families = [family for path in args.families for family in _families(path)] if args.families else None
         levels = [_level(spec) for spec in args.levels] if args.levels else None
         cascade = cascade_of_run(args.run_dir, args.first, 0.05 if args.miss_rate is None else args.miss_rate,
                                  families, levels)
@@ -723,6 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_calibrate(sub)
     _add_train(sub)
+    _add_learn_coarse(sub)
     _add_serve(sub)
     _add_estimate(sub)
     for command in sub.choices.values():  # --verbose also after the command; SUPPRESS keeps the top-level value
@@ -731,7 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"classify": cmd_classify, "match": cmd_match, "evaluate": cmd_evaluate, "report": cmd_report,
-            "calibrate": cmd_calibrate, "train": cmd_train, "serve": cmd_serve, "estimate": cmd_estimate}
+            "calibrate": cmd_calibrate, "train": cmd_train, "learn-coarse": cmd_learn_coarse, "serve": cmd_serve,
+            "estimate": cmd_estimate}
 
 
 def _quiet_libraries() -> None:
