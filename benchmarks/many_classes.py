@@ -21,7 +21,13 @@ Sections:
   * states: the text encoder's token states of the 90 captions and the 20 partial ones, written to --states,
     so that a machine without the encoder (the GPU machine: 88 MB cannot travel) scores the pairs model from
     them (`--states` with pass, strategies --coarse);
-  * thousand: the 1,000-way task (section_thousand).
+  * thousand: the 1,000-way task (section_thousand); with --learned-coarse, a `learn-coarse` extension of the
+    triples model whose learned families get cascade rows of their own:
+        python -m diffusion_classifier learn-coarse --model train-runs/triples16 --families positions.json \
+            --data fashion-mnist --layout triples --out train-runs/triples16-positions --minutes 15
+        python -m benchmarks.many_classes --sections thousand --triples-model train-runs/triples16 \
+            --thousand-images 900 --learned-coarse train-runs/triples16-positions --batch-size 2048 --chunk 120
+    (positions.json: training.triples.position_families of the model's class names, written as JSON.)
 With --store-only the passes and coarse caches are scored and nothing is replayed (a GPU lease's share).
 Writes results/many_classes.json.
 """
@@ -455,7 +461,8 @@ FRESH_FROM = 600
 # with --learned-coarse: its families (learn-coarse: "*, b, *" then "*, *, c", the model's training never named
 # them) follow the model's two, so family 3 is the third item; it goes after the first item, before the first two
 LEVELS_THIRD = ((0, 2), (0, 4), (3, 2), (3, 4), (1, 2), (1, 4))
-LEARNED_CASCADES = ((LEVELS_THIRD, 3, 0.05, "joint", 6, 3), (LEVELS_THIRD, 3, 0.05, "joint", "fresh", 1))
+LEARNED_CASCADES = ((LEVELS_THIRD, 3, 0.05, "joint", 2, 3), (LEVELS_THIRD, 3, 0.05, "joint", 6, 3),
+                    (LEVELS_THIRD, 3, 0.05, "joint", "fresh", 1))
 
 
 def family_name(family: dict) -> str:
@@ -517,7 +524,7 @@ def cascade_with_levels(errors, coarse, combined, labels, grid, fine, coarse_lab
                 predictions[repeat, scored], nfe[repeat, scored] = replayed_fine(cascade, combined[scored], grid,
                                                                                   len(fine), rows_used)
                 if repeat == 0 and len(fits) < 2:
-                    fits.append(cascade.describe() | {"families": f"{len(families)} levels of coarse classes"})
+                    fits.append(cascade.describe() | {"families": f"{len(cascade.families)} levels of coarse classes"})
         picked = " and ".join("/".join(str(len(stage["timesteps"])) for stage in fit["stages"][:len(levels)])
                               for fit in fits)
         config = {"name": "cascade", "levels": [[f, k] for f, k in levels], "first": first, "miss_rate": miss,

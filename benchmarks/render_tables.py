@@ -130,7 +130,8 @@ def headline() -> str:
             name = r["strategy"]
             if name == f"exhaustive {meta['grid']}" or (name.startswith(("cascade (fitted, miss 0.05, joint) with",
                                                                          "cascade (fitted on composites"))
-                                                        and "miss 0.05, joint" in name):
+                                                        and "miss 0.05, joint" in name) or (
+                    "(learned)" in name and name.startswith("cascade (fitted on 5/6")):
                 rows.append((f"triples model ({meta.get('training', 'ours')}), 1,000-way, {name}",
                              f"{pct(r['accuracy'], r['accuracy_standard_error'])}, agrees with exhaustive "
                              f"{pct(r['agreement'])}", f"{r['images']} composites, {r['nfe_mean']:,.0f} NFE / image"))

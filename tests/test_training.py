@@ -558,7 +558,9 @@ def test_learn_coarse_on_a_triples_model_learns_classes_its_training_never_named
                          batch_size=8, warmup_steps=1, checkpoint_minutes=100, max_steps=1)
     train(items, tmp_path / "m", config, progress=False)
     names = load_denoiser(tmp_path / "m").class_names
-    third = {f"*, *, item{c}": [n for n in names[:triples.FINE] if n.endswith(f", item{c}")] for c in range(10)}
+    middle, third = triples.position_families(names)
+    assert third == {f"*, *, item{c}": [n for n in names[:triples.FINE] if n.endswith(f", item{c}")] for c in range(10)}
+    assert middle["*, item3, *"][:2] == ["item0, item3, item0", "item0, item3, item1"] and len(middle) == 10
     summary = learn_coarse_classes(tmp_path / "m", [third], items, tmp_path / "out", layout="triples", max_steps=2,
                                    batch_size=8, progress=None)
     assert summary["steps"] == 2 and summary["coarse_labels"] == 10

@@ -128,6 +128,17 @@ def coarse_families(names: list[str]) -> list[dict[str, list[str]]]:
     return [first_over_triples, second]
 
 
+def position_families(names: list[str]) -> list[dict[str, list[str]]]:
+    """Families a triples model's training never names, for `learn-coarse`: by the middle item ("*, Bag, *"), then
+    by the third ("*, *, Bag"), each over the 1,000 triples."""
+    items = [names[c].split(", ")[2] for c in range(N_ITEMS)]
+    middle = {f"*, {items[b]}, *": [names[100 * a + 10 * b + c] for a in range(N_ITEMS) for c in range(N_ITEMS)]
+              for b in range(N_ITEMS)}
+    third = {f"*, *, {items[c]}": [names[100 * a + 10 * b + c] for a in range(N_ITEMS) for b in range(N_ITEMS)]
+             for c in range(N_ITEMS)}
+    return [middle, third]
+
+
 def test_composites(images: np.ndarray, labels: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """n composites [n, 28, 84] of test items (each used at most once) with their triple ids, classes uniform."""
     rng = np.random.default_rng(seed)
