@@ -95,6 +95,8 @@ def learn_coarse_classes(model: str | Path, families: list[dict], dataset: Label
     if not isinstance(denoiser, ClassUNetDenoiser):
         raise UserError(f"{model}: coarse classes are learned for class-conditional UNet pipelines (ours); this is "
                         f"a {type(denoiser).__name__}")
+    if denoiser.vae is not None:
+        raise UserError(f"{model} is a latent model; coarse classes are learned for pixel-space ones for now")
     class_names = list(denoiser.class_names or [])
     network = denoiser.network.float().eval()
     table = network.class_embedding.weight.detach().clone()
@@ -114,12 +116,12 @@ def learn_coarse_classes(model: str | Path, families: list[dict], dataset: Label
     counts = torch.tensor([len(h) for h in holding])
 
     generator = torch.Generator().manual_seed(seed)
-    height = network.config.sample_size[0] if isinstance(network.config.sample_size, (list, tuple)) else int(
-        network.config.sample_size)
+    size = network.config.sample_size
+    size = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
     if layout == "triples":
         if len(class_names) < triples.N_CLASSES:
             raise UserError(f"{model} is not a triples model (it has {len(class_names)} classes)")
-        items = preprocess(dataset.items, height, channels=1)
+        items = preprocess(dataset.items, size[0], channels=1)  # each item at the model's height, side by side
         sampler = triples.TripleSampler(items, torch.as_tensor(dataset.labels), coarse_prob=0.0)
 
         def draw(size):
@@ -129,8 +131,7 @@ def learn_coarse_classes(model: str | Path, families: list[dict], dataset: Label
         missing = [n for n in dataset.class_names if n not in known]
         if missing:
             raise UserError(f"the data's class {missing[0]!r} is not a class of the model")
-        images = preprocess(dataset.items, tuple(network.config.sample_size) if isinstance(
-            network.config.sample_size, (list, tuple)) else height, channels=network.config.in_channels)
+        images = preprocess(dataset.items, size, channels=network.config.in_channels)
         ids = torch.tensor([known[dataset.class_names[k]] for k in dataset.labels])
         usable = torch.nonzero(counts[ids] > 0).flatten()
         if len(usable) == 0:
