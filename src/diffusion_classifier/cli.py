@@ -644,7 +644,10 @@ def cmd_calibrate(args) -> int:
         else:
             from pathlib import Path
 
-            stages = "; ".join(("" if stage["family"] is None else f"family {stage['family']}: ")
+            def level(family: dict) -> str:
+                return f"{next(iter(family))!r} and {len(family) - 1} more coarse: "
+
+            stages = "; ".join(("" if stage["family"] is None else level(cascade.families[stage["family"]]))
                                + f"{len(stage['timesteps'])} timesteps, gap {stage['max_gap']:.3g}"
                                for stage in cascade.stages)
             print(f"cascade of {len(cascade.stages)} stages ({stages}), then the rest of the {cascade.grid}-point "
