@@ -458,9 +458,10 @@ LEVEL_CASCADES = ((LEVELS_ONCE, 1, 0.1, "union", 2, 1), (LEVELS_CHOSEN, 1, 0.1, 
                   (LEVELS_TWICE, 3, 0.05, "joint", "fresh", 1), (LEVELS_TWICE_CHOSEN, 3, 0.05, "joint", "fresh", 1))
 # LEVELS_TWICE was chosen looking at composites 0-599; the "fresh" rows test it on composites scored afterwards
 FRESH_FROM = 600
-# with --learned-coarse: its families (learn-coarse: "*, b, *" then "*, *, c", the model's training never named
-# them) follow the model's two, so family 3 is the third item; it goes after the first item, before the first two
-LEVELS_THIRD = ((0, 2), (0, 4), (3, 2), (3, 4), (1, 2), (1, 4))
+# with --learned-coarse: its families (learn-coarse's "*, *, c", which the model's training never named) follow
+# the model's two; THIRD stands for the third item's, placed after the first item, before the first two
+THIRD = "third item (learned)"
+LEVELS_THIRD = ((0, 2), (0, 4), (THIRD, 2), (THIRD, 4), (1, 2), (1, 4))
 LEARNED_CASCADES = ((LEVELS_THIRD, 3, 0.05, "joint", 2, 3), (LEVELS_THIRD, 3, 0.05, "joint", 6, 3),
                     (LEVELS_THIRD, 3, 0.05, "joint", "fresh", 1))
 
@@ -676,19 +677,25 @@ def section_thousand(args, out: dict) -> None:
                    (combined, families, fine + coarse_labels, coarse_points),
                    cascades=((1, 0.1, "union"), (1, 0.1, "joint")))
     cascades = LEVEL_CASCADES
-    if learned:  # the model's families, then the learned ones (LEARNED_CASCADES number them so)
-        learned_families, learned_labels, learned_errors = learned
+    if learned:  # the model's families, then the learned ones
+        learned_families, learned_labels, learned_errors, learned_meta = learned
         coarse, coarse_labels = np.concatenate([coarse, learned_errors], axis=1), coarse_labels + learned_labels
-        families, cascades = families + learned_families, LEVEL_CASCADES + LEARNED_CASCADES
+        families = families + learned_families
         combined = with_coarse(errors, grid, coarse, grid)
+        named = [family_name(f) for f in families]
+        if THIRD in named:
+            cascades += tuple((tuple((named.index(f) if f == THIRD else f, k) for f, k in levels), *rest)
+                              for levels, *rest in LEARNED_CASCADES)
+        else:
+            print(f"1,000-way: {args.learned_coarse} holds no third-item family; its rows are skipped", flush=True)
     out["thousand"] = rows + cascade_with_levels(errors, coarse, combined, labels, grid, fine, coarse_labels,
                                                  families, cascades)
     exhaustive = errors[:, :, 0].mean(axis=2).argmin(axis=1)
     out["thousand_meta"] = {"images": len(errors), "grid": grid_size, "classes": triples.FINE, "model": str(model),
                             "weights": model_fingerprint(model), "coarse_grid": coarse_points,
                             "exhaustive_accuracy": float(np.mean(exhaustive == labels))}
-    if LEARNED_META:
-        out["thousand_meta"]["learned_coarse"] = dict(LEARNED_META)
+    if learned:
+        out["thousand_meta"]["learned_coarse"] = learned[3]
     summary = Path(model) / "training_summary.json"  # a local training run says how it was trained
     if summary.is_file():
         trained = json.loads(summary.read_text())
@@ -699,9 +706,9 @@ def section_thousand(args, out: dict) -> None:
 
 
 def learned_coarse(directory: str, denoiser, every_part, n: int, grid: list[int], args):
-    """(families, labels, errors [n, labels, 1, grid]) of a learn-coarse model extending `denoiser` (refused unless its
-    network and classes are the same, so the stored fine pass stands for it), its new classes cached like the
-    model's own coarse ones; its training summary goes in the section's metadata."""
+    """(families, labels, errors [n, labels, 1, grid], metadata) of a learn-coarse model extending `denoiser`
+    (refused unless its network and classes are the same, so the stored fine pass stands for it), its new classes
+    cached like the model's own coarse ones; the metadata is its training summary."""
     import torch
 
     from diffusion_classifier import load_denoiser
@@ -719,12 +726,9 @@ def learned_coarse(directory: str, denoiser, every_part, n: int, grid: list[int]
     cache = f"many_classes_triples_learned_grid_{model_fingerprint(directory)[:10]}.npz"
     errors = cached_errors(cache, directory, lambda: extended, labels, None, every_part, n, grid, args)
     summary = Path(directory) / "coarse_summary.json"
-    LEARNED_META.update(json.loads(summary.read_text()) if summary.is_file() else {}, model=str(directory),
-                        weights=model_fingerprint(directory), families=[family_name(f) for f in families])
-    return families, labels, errors
-
-
-LEARNED_META: dict = {}
+    meta = {**(json.loads(summary.read_text()) if summary.is_file() else {}), "model": str(directory),
+            "weights": model_fingerprint(directory), "families": [family_name(f) for f in families]}
+    return families, labels, errors, meta
 
 
 def main() -> None:

@@ -541,6 +541,9 @@ def test_learn_coarse_adds_trained_rows_and_leaves_the_classes_as_they_were(mode
     code = main(["learn-coarse", "--model", str(base), "--families", str(tmp_path / "families.json"), "--data",
                  str(data), "--out", str(data), "--max-steps", "1", "--quiet"])
     assert code != 0 and "not written by learn-coarse" in capsys.readouterr().err
+    code = main(["learn-coarse", "--model", str(base), "--families", str(tmp_path / "families.json"), "--data",
+                 str(data), "--out", str(tmp_path / "diverged"), "--max-steps", "3", "--lr", "1e30", "--quiet"])
+    assert code != 0 and "training diverged" in capsys.readouterr().err and not (tmp_path / "diverged").exists()
     code = main(["learn-coarse", "--model", str(models["pixel_text"]), "--families", str(tmp_path / "families.json"),
                  "--data", str(data), "--out", str(tmp_path / "out3"), "--max-steps", "1", "--quiet"])
     assert code != 0 and "class-conditional UNet" in capsys.readouterr().err

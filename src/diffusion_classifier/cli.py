@@ -70,7 +70,7 @@ def _add_learn_coarse(sub) -> None:
                    help="triples: the data are items, drawn into three-item composites as a triples model trained")
     p.add_argument("--out", required=True, help="output directory (the extended model)")
     p.add_argument("--minutes", type=float, default=10.0, help="training time (default 10)")
-    p.add_argument("--max-steps", type=_at_least_one, default=None, help="stop after this many steps instead")
+    p.add_argument("--max-steps", type=_at_least_one, default=None, help="also stop after this many steps")
     p.add_argument("--batch-size", type=_at_least_one, default=128, help="images per step (default 128)")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate of the new rows (default 3e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batches, coarse labels and noise")

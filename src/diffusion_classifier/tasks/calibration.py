@@ -165,14 +165,14 @@ CASCADE_FILE = "cascade.json"
 
 # each family twice (2 timesteps for every group, then 4 more for the groups still in) and a first fine stage of
 # 1-3 timesteps chosen on held-out images: the structure that cost least at 1,000 classes (docs/results.md)
-DEFAULT_LEVELS = ((2,), (4,))
+DEFAULT_LEVELS = (2, 4)
 DEFAULT_FIRST_WITH_LEVELS = (1, 2, 3)
 
 
 def cascade_of_run(run_dir: str | Path, first: int | list[int] | None = None, miss_rate: float = 0.05,
-                   families: list[dict] | None = None, levels: list[tuple[int, list[int]]] | None = None):
+                   families: list[dict] | None = None, levels: list[tuple[int, int | list[int]]] | None = None):
     """Fit a cascade (shortlists.fit_cascade, its stages by default; `first` one size or options) on an exhaustive
-    run's errors; write RUN_DIR/cascade.json. As for a first look, the run's labels are not used.
+    run's errors; write RUN_DIR/cascade.json. As for a first look, the images' true labels are not used.
 
     With `families` (CoarseToFine's {coarse label: [class labels]} dicts) the cascade has coarse levels: the run
     must have scored every coarse label as a candidate beside the classes (evaluate --labels naming both); the
@@ -192,11 +192,12 @@ def cascade_of_run(run_dir: str | Path, first: int | list[int] | None = None, mi
         labels = _run_labels(config, errors.shape[1], run_dir)
         classes, coarse_errors = _split_coarse(labels, errors, families, run_dir)
         if levels is None:
-            levels = [(f, list(ks)) for f in range(len(families)) for ks in DEFAULT_LEVELS]
+            levels = [(f, k) for f in range(len(families)) for k in DEFAULT_LEVELS]
         for number, _ in levels:
             if not 0 <= number < len(families):
                 raise UserError(f"a coarse level names family {number}; there are {len(families)} (numbered from 0)")
-        fine = errors[:, [labels.index(c) for c in classes]]
+        row = {label: i for i, label in enumerate(labels)}
+        fine = errors[:, [row[c] for c in classes]]
         cascade = fit_cascade(fine, grid, miss_rate, list(DEFAULT_FIRST_WITH_LEVELS) if first is None else first,
                               aggregate=aggregate, labels=classes,
                               levels=[(families[f], coarse_errors[f], ks) for f, ks in levels])
@@ -225,7 +226,8 @@ def _split_coarse(labels: list[str], errors: np.ndarray, families: list[dict], r
             stray = [m for m in members if m not in known]
             if stray:
                 raise UserError(f"coarse group {group!r} holds {stray[0]!r}, which is not a class of {run_dir}")
-    return classes, [errors[:, [labels.index(group) for group in family]] for family in families]
+    row = {label: i for i, label in enumerate(labels)}
+    return classes, [errors[:, [row[group] for group in family]] for family in families]
 
 
 def fitted_on(run_dir: str | Path) -> dict:

@@ -18,7 +18,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..adapters.class_unet import ClassUNetDenoiser
@@ -152,7 +151,9 @@ def learn_coarse_classes(model: str | Path, families: list[dict], dataset: Label
     began, step, losses = time.monotonic(), 0, []
     while time.monotonic() - began < 60 * minutes and (max_steps is None or step < max_steps):
         x0, fine = draw(batch_size)
-        usable_rows = counts[fine] > 0
+        usable_rows = counts[fine] > 0  # triples: composites whose class no group holds teach nothing
+        if not usable_rows.any():
+            continue
         x0, fine = x0[usable_rows], fine[usable_rows]
         choice = (torch.rand(len(fine), generator=generator) * counts[fine]).long()
         coarse = options[fine, choice]
@@ -164,12 +165,14 @@ def learn_coarse_classes(model: str | Path, families: list[dict], dataset: Label
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach())  # brought to the host only when reported
         step += 1
         if progress and step % 500 == 0:
-            progress(f"step {step}: loss {np.mean(losses[-500:]):.5f} ({time.monotonic() - began:.0f} s)")
+            progress(f"step {step}: loss {torch.stack(losses[-500:]).mean():.5f} ({time.monotonic() - began:.0f} s)")
     if step == 0:
         raise UserError("no training step fitted in the time given")
+    if not torch.isfinite(embedding.new).all():
+        raise UserError("training diverged (the new rows are not finite): lower --lr; nothing was written")
 
     rows = torch.cat([table, embedding.new.detach()]).cpu()
     plain = torch.nn.Embedding(*rows.shape)
@@ -184,7 +187,7 @@ def learn_coarse_classes(model: str | Path, families: list[dict], dataset: Label
                                other={**denoiser.info.other, "coarse_classes": {"learned": labels, "steps": step}})
     _write(ClassUNetDenoiser(network, denoiser.scheduler, info=info), out, families)
     summary = {"coarse_labels": len(labels), "steps": step, "seconds": round(time.monotonic() - began, 1),
-               "final_loss": float(np.mean(losses[-min(len(losses), 200):])), "out": str(out)}
+               "final_loss": float(torch.stack(losses[-200:]).mean()), "out": str(out)}
     atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "coarse_summary.json")
     return summary
 
